@@ -1,0 +1,72 @@
+"""Client side of the store's distributed locks (DESIGN.md decision 3; Lua in mm/lua/locks.lua).
+
+A lock is queued (FIFO, readers queue behind a waiting writer), leased (a dead holder's lease
+expires and it is evicted), fenced (each grant has a token that data functions check) and
+instrumented (every acquisition records contention, wait and hold time, and whether the
+previous holder was another CPU, in /proc/lock_stat's columns).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from mmsvc.mm.errors import KernelError
+from mmsvc.store.redis_store import RedisStore
+
+DEFAULT_LEASE_MS = 30_000
+
+
+@dataclass
+class Held:
+    """A granted lock: the fencing token and what lock_stat needs at release."""
+
+    key: str
+    mode: str
+    token: int
+    contended: bool
+    bounce: int
+    wait_us: float
+    granted_at: float
+
+
+class Locks:
+    """Acquire/release locks of the store on behalf of one CPU (worker)."""
+
+    def __init__(self, store: RedisStore, cpu: int, lease_ms: int = DEFAULT_LEASE_MS) -> None:
+        self.store = store
+        self.cpu = cpu
+        self.lease_ms = lease_ms
+
+    async def acquire(self, key: str, mode: str = "w") -> Held:
+        wid = uuid.uuid4().hex[:16]
+        t0 = time.perf_counter()
+        res = await self.store.fcall("lk_acquire", key, mode, self.cpu, wid, self.lease_ms)
+        if int(res[0]) == 1:
+            return Held(key, mode, int(res[1]), False, int(res[2]), 0.0, time.perf_counter())
+        # Queued: the releaser hands us the token on our private list.
+        popped = await self.store.client.blpop([f"{key}:w:{wid}"], timeout=self.lease_ms / 1000)
+        if popped is None:
+            await self.store.fcall("lk_cancel", key, wid, self.lease_ms)
+            raise KernelError("EAGAIN", f"timed out waiting for lock {key}")
+        tok, bounce = popped[1].decode().split("|")
+        now = time.perf_counter()
+        return Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now)
+
+    async def release(self, held: Held) -> None:
+        hold_us = (time.perf_counter() - held.granted_at) * 1e6
+        await self.store.fcall(
+            "lk_release", held.key, held.token, int(held.contended), held.bounce,
+            f"{held.wait_us:.3f}", f"{hold_us:.3f}", self.lease_ms,
+        )
+
+    @asynccontextmanager
+    async def hold(self, key: str, mode: str = "w") -> AsyncIterator[Held]:
+        held = await self.acquire(key, mode)
+        try:
+            yield held
+        finally:
+            await self.release(held)

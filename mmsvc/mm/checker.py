@@ -1,0 +1,182 @@
+"""The consistency checker of spec §8.5: A1-A8 always, Q1-Q8 when quiescent.
+
+It reads the whole machine (every struct page, list, batch, page table and VMA) and recomputes
+what the counters and counts must be.  Violations are reported, never repaired.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from mmsvc.mm.machine import Machine
+from mmsvc.mm.mm_struct import load_mm, pt_read
+from mmsvc.mm.page import CHUNK_PAGES, LRU, PG, RECORD_SIZE, VMSTAT_EVENTS, Page, PTEBit
+from mmsvc.mm.types import CheckReport
+from mmsvc.mm.vma import VM
+from mmsvc.mm.vmstat import lruvec_metas
+from mmsvc.store import keys
+from mmsvc.store.redis_store import RedisStore
+
+PageRef = tuple[int, int]  # (lruvec id, index)
+
+
+async def _load_pages(store: RedisStore, m: Machine, lv: int, top: int) -> dict[int, Page]:
+    pipe = store.client.pipeline(transaction=False)
+    chunks = range((top + CHUNK_PAGES - 1) // CHUNK_PAGES)
+    for c in chunks:
+        pipe.get(f"{m.lv_key(lv)}:pg:{c}")
+    pages: dict[int, Page] = {}
+    for c, raw in zip(chunks, await pipe.execute(), strict=True):
+        raw = raw or b""
+        for i in range(len(raw) // RECORD_SIZE):
+            idx = c * CHUNK_PAGES + i
+            if idx < top:
+                pages[idx] = Page.decode(raw[i * RECORD_SIZE:(i + 1) * RECORD_SIZE])
+    return pages
+
+
+async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> CheckReport:
+    rep = CheckReport(quiescent=quiescent)
+    v = rep.violations
+    metas = await lruvec_metas(store, m)
+    pages: dict[PageRef, Page] = {}
+    for lv, meta in metas.items():
+        for idx, p in (await _load_pages(store, m, lv, meta.get("top", 0))).items():
+            pages[(lv, idx)] = p
+    live = {ref: p for ref, p in pages.items() if p.flags & PG.INUSE}
+    rep.pages_checked = len(live)
+
+    # References each page must hold: mappings, page cache, batch entries (A6).
+    batch_refs: Counter[PageRef] = Counter()
+    pending = 0
+    cpus = [int(c) for c in await store.client.smembers(f"{keys.machine(m.mid)}:cpus")]
+    for lv in metas:
+        for cpu in cpus:
+            for which in ("mlb", "lab"):
+                entries = await store.client.lrange(f"{m.lv_key(lv)}:{which}:{cpu}", 0, -1)
+                pending += len(entries)
+                for e in entries:
+                    batch_refs[(lv, int(e.decode().split("|")[0]))] += 1
+    cache_refs: set[PageRef] = set()
+    for f in m.files.values():
+        for val in (await store.client.hgetall(f"{keys.file(m.mid, f.fid)}:pc")).values():
+            s = val.decode()
+            if not s.startswith("busy|"):
+                lv, idx = s.split("|")
+                cache_refs.add((int(lv), int(idx)))
+
+    # M(p): ptes in VM_LOCKED vmas outside a VM_IO window; mapcounts from page tables.
+    locked_maps: Counter[PageRef] = Counter()
+    mapcounts: Counter[PageRef] = Counter()
+    pids = [int(p) for p in await store.client.smembers(f"{keys.machine(m.mid)}:procs")]
+    any_alive = False
+    for pid in pids:
+        mm = await load_mm(store, m, pid, allow_dead=True)
+        any_alive = any_alive or bool(mm.geti("alive"))
+        if quiescent and mm.geti("locked_vm") != mm.locked_pages_total:  # Q7
+            v.append(f"Q7 pid {pid}: locked_vm {mm.geti('locked_vm')} != "
+                     f"{mm.locked_pages_total} pages in VM_LOCKED vmas")
+        for vma in mm.vmas:
+            ptes = await pt_read(store, mm.key, vma.start, vma.end)
+            for p in ptes.values():
+                if p.bits & PTEBit.ZERO:
+                    continue
+                mapcounts[(p.lv, p.idx)] += 1
+                if (vma.flags & (VM.LOCKED | VM.IO)) == VM.LOCKED:
+                    locked_maps[(p.lv, p.idx)] += 1
+
+    # A1 / A3 per lruvec (one zone per node: nr_mlock summed per node).
+    mlock_by_node: Counter[int] = Counter()
+    meta_mlock_by_node: Counter[int] = Counter()
+    for lv, meta in metas.items():
+        node, _ = m.lv_identity(lv)
+        meta_mlock_by_node[node] += meta.get("nr_mlock", 0)
+        sizes: Counter[int] = Counter()
+        for (plv, _), p in live.items():
+            if plv == lv and p.flags & PG.LRU:
+                sizes[int(p.lru_list)] += 1
+            if plv == lv and p.flags & PG.MLOCKED:
+                mlock_by_node[node] += 1
+        for lru in LRU:
+            if lru == LRU.NONE:
+                continue
+            if meta.get(f"n{int(lru)}", 0) != sizes[int(lru)]:
+                v.append(f"A3 lruvec {lv} list {lru.name}: size {meta.get(f'n{int(lru)}', 0)} "
+                         f"!= {sizes[int(lru)]} pages on it")
+        _check_links(lv, meta, live, v)
+        used = sum(1 for (plv, _) in live if plv == lv)
+        if meta.get("used", 0) != used:
+            v.append(f"A6 lruvec {lv}: {meta.get('used', 0)} frames accounted, {used} in use")
+    for node in range(m.cfg.nodes):
+        if mlock_by_node[node] != meta_mlock_by_node[node]:
+            v.append(f"A1 node {node}: nr_mlock {meta_mlock_by_node[node]} != "
+                     f"{mlock_by_node[node]} PG_mlocked pages")
+    ev = Counter({name: sum(meta.get(f"ev:{name}", 0) for meta in metas.values())
+                  for name in VMSTAT_EVENTS})
+    balance = (ev["unevictable_pgs_mlocked"] - ev["unevictable_pgs_munlocked"]
+               - ev["unevictable_pgs_stranded"] - ev["unevictable_pgs_cleared"])
+    total_mlocked = sum(mlock_by_node.values())
+    if balance != total_mlocked:  # A2 (§7.3)
+        v.append(f"A2 mlocked-munlocked-stranded-cleared = {balance} != {total_mlocked} "
+                 "PG_mlocked pages")
+
+    for ref, p in live.items():
+        lv, idx = ref
+        name = f"page {lv}:{idx}"
+        lru_unev = p.has(PG.LRU) and p.has(PG.UNEVICTABLE)
+        if lru_unev and p.has(PG.ACTIVE):
+            v.append(f"A4 {name}: active and unevictable on the LRU")
+        if lru_unev and p.prev < 0:
+            v.append(f"A5 {name}: mlock_count {p.prev} < 0")
+        if p.has(PG.MLOCKED) and p.has(PG.TAIL):
+            v.append(f"A7 {name}: PG_mlocked on a THP tail")
+        expected = mapcounts[ref] + (1 if ref in cache_refs else 0) + batch_refs[ref]
+        if p.mapcount != mapcounts[ref]:
+            v.append(f"A6 {name}: mapcount {p.mapcount} != {mapcounts[ref]} ptes")
+        if p.refcount != expected:
+            v.append(f"A6 {name}: refcount {p.refcount} != {expected} "
+                     f"(maps {mapcounts[ref]}, cache {int(ref in cache_refs)}, "
+                     f"batches {batch_refs[ref]})")
+        if not quiescent:
+            continue
+        M = locked_maps[ref]
+        if p.has(PG.LRU) and p.has(PG.MLOCKED) and not p.has(PG.UNEVICTABLE):
+            v.append(f"Q1 {name}: mlocked page on an evictable list")
+        if lru_unev and not p.has(PG.MLOCKED) and not p.has(PG.UNEVICTABLE_MAPPING):
+            v.append(f"Q2 {name}: stranded on the unevictable LRU without PG_mlocked")
+        if lru_unev and p.has(PG.MLOCKED) and p.prev > M:
+            v.append(f"Q3 {name}: mlock_count {p.prev} > {M} locked mappings (overcount)")
+        if p.has(PG.MLOCKED) and M == 0 and not p.has(PG.UNEVICTABLE_MAPPING):
+            v.append(f"Q4 {name}: PG_mlocked with no VM_LOCKED mapping")
+        if M >= 1 and (not p.has(PG.MLOCKED) or (lru_unev and p.prev < M)):
+            rep.undercounts += 1  # Q5: allowed, reclaim repairs it
+    for ref, p in pages.items():
+        if not p.flags & PG.INUSE and p.flags:
+            v.append(f"A8 free page {ref}: flags {p.flags:#x} left set")
+    if quiescent:
+        if pending:
+            v.append(f"Q6 {pending} batch entries still pending after drain")
+        if not any_alive and total_mlocked:
+            v.append(f"Q8 all processes exited but {total_mlocked} pages are mlocked")
+    return rep
+
+
+def _check_links(lv: int, meta: dict[str, int], live: dict[PageRef, Page], v: list[str]) -> None:
+    """Walk each evictable list from its head: every linked page must be on that list."""
+    for lru in (LRU.INACTIVE_ANON, LRU.ACTIVE_ANON, LRU.INACTIVE_FILE, LRU.ACTIVE_FILE):
+        seen: set[int] = set()
+        prev = -1
+        idx = meta.get(f"h{int(lru)}", -1)
+        while idx >= 0:
+            p = live.get((lv, idx))
+            if p is None or idx in seen:
+                v.append(f"A4 lruvec {lv} list {lru.name}: broken link at {idx}")
+                break
+            if p.lru_list != lru or p.prev != prev:
+                v.append(f"A4 lruvec {lv} list {lru.name}: page {idx} linked but on "
+                         f"{p.lru_list.name} (prev {p.prev} != {prev})")
+            seen.add(idx)
+            prev, idx = idx, p.next
+        if meta.get(f"t{int(lru)}", -1) != prev:
+            v.append(f"A4 lruvec {lv} list {lru.name}: tail {meta.get(f't{int(lru)}', -1)} "
+                     f"!= last linked {prev}")

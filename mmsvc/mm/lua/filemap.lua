@@ -1,0 +1,48 @@
+-- mm/filemap.c + the i_mmap tree: a file's page cache and its rmap (file slot F).
+--
+-- F:pc    hash  index -> "lv|idx" (a page in the cache) or "busy|<owner>" (being read in,
+--               the emulated locked page: other faulters retry)
+-- F:immap hash  "<pid>|<vma>" -> "pgoff|npages"  (the i_mmap interval tree, spec §1.8)
+
+-- pc_lookup(F; owner, index...) -> per index: "lv|idx", "busy", or "new" (now reserved by owner)
+redis.register_function('pc_lookup', function(keys, args)
+  local F, owner = keys[1], args[1]
+  local out = {}
+  for i = 2, #args do
+    local v = redis.call('HGET', F .. ':pc', args[i])
+    if not v then
+      redis.call('HSET', F .. ':pc', args[i], 'busy|' .. owner)
+      out[#out + 1] = 'new'
+    elseif string.sub(v, 1, 5) == 'busy|' then
+      if string.sub(v, 6) == owner then out[#out + 1] = 'new' else out[#out + 1] = 'busy' end
+    else
+      out[#out + 1] = v
+    end
+  end
+  return out
+end)
+
+-- pc_peek(F; index...) -> per index "lv|idx" or false: lookups that reserve nothing.
+redis.register_function{function_name = 'pc_peek', flags = {'no-writes'},
+  callback = function(keys, args)
+    local out = {}
+    for i = 1, #args do
+      local v = redis.call('HGET', keys[1] .. ':pc', args[i])
+      if v and string.sub(v, 1, 5) == 'busy|' then v = false end
+      out[i] = v or false
+    end
+    return out
+  end}
+
+-- pc_commit(F; owner, index, "lv|idx" | "", ...): publish pages read in (or drop reservations).
+redis.register_function('pc_commit', function(keys, args)
+  local F, owner = keys[1], args[1]
+  for i = 2, #args, 2 do
+    local cur = redis.call('HGET', F .. ':pc', args[i])
+    if cur == 'busy|' .. owner then
+      if args[i + 1] == '' then redis.call('HDEL', F .. ':pc', args[i])
+      else redis.call('HSET', F .. ':pc', args[i], args[i + 1]) end
+    end
+  end
+  return 1
+end)

@@ -1,0 +1,149 @@
+-- Distributed, queued, fenced, instrumented locks (DESIGN.md decision 3; spec §1.8).
+--
+-- A lock L is a family of keys in the slot of the data it protects:
+--   L          hash  mode ('' free, 'r' readers, 'w' writer), tok (fencing counter), last (cpu)
+--   L:h        zset  holder token -> lease expiry (ms); an expired holder is evicted
+--   L:q        list  FIFO of waiters "wid|mode|cpu" (readers behind a queued writer wait: fair)
+--   L:w:<wid>  list  where a waiter is handed its token
+--   L:st       hash  lock_stat columns
+-- Mutex = writer-only use of the same structure.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function lk_purge(L, now)
+  local expired = redis.call('ZRANGEBYSCORE', L .. ':h', '-inf', now)
+  if #expired > 0 then
+    redis.call('ZREM', L .. ':h', unpack(expired))
+    redis.call('HINCRBY', L .. ':st', 'expired', #expired)
+    if redis.call('ZCARD', L .. ':h') == 0 then redis.call('HSET', L, 'mode', '') end
+  end
+end
+
+local function lk_mode(L)
+  local m = redis.call('HGET', L, 'mode')
+  if not m or redis.call('ZCARD', L .. ':h') == 0 then return '' end
+  return m
+end
+
+local function lk_grant(L, mode, cpu, lease_ms, now)
+  local tok = redis.call('HINCRBY', L, 'tok', 1)
+  redis.call('ZADD', L .. ':h', now + lease_ms, tok)
+  local last = redis.call('HGET', L, 'last')
+  redis.call('HSET', L, 'mode', mode, 'last', cpu)
+  local bounce = 0
+  if last and last ~= tostring(cpu) then bounce = 1 end
+  return tok, bounce
+end
+
+-- Grantable now, without jumping a queue (fairness: readers queue behind a waiting writer).
+local function lk_free_for(L, mode)
+  if redis.call('LLEN', L .. ':q') > 0 then return false end
+  local m = lk_mode(L)
+  return m == '' or (m == 'r' and mode == 'r')
+end
+
+-- Record one acquisition's statistics (times in microseconds).
+local function lk_stat(L, contended, bounce, wait_us, hold_us)
+  local st = L .. ':st'
+  redis.call('HINCRBY', st, 'acquisitions', 1)
+  redis.call('HINCRBY', st, 'acq_bounces', bounce)
+  if contended == 1 then
+    redis.call('HINCRBY', st, 'contentions', 1)
+    redis.call('HINCRBY', st, 'con_bounces', bounce)
+    redis.call('HINCRBYFLOAT', st, 'wait_total', wait_us)
+    local mn = tonumber(redis.call('HGET', st, 'wait_min') or '-1')
+    if mn < 0 or wait_us < mn then redis.call('HSET', st, 'wait_min', wait_us) end
+    if wait_us > tonumber(redis.call('HGET', st, 'wait_max') or '0') then
+      redis.call('HSET', st, 'wait_max', wait_us)
+    end
+  end
+  redis.call('HINCRBYFLOAT', st, 'hold_total', hold_us)
+  local hmn = tonumber(redis.call('HGET', st, 'hold_min') or '-1')
+  if hmn < 0 or hold_us < hmn then redis.call('HSET', st, 'hold_min', hold_us) end
+  if hold_us > tonumber(redis.call('HGET', st, 'hold_max') or '0') then
+    redis.call('HSET', st, 'hold_max', hold_us)
+  end
+end
+
+-- Is `tok` a current holder of L?  Data functions call this: the fencing check.
+local function lk_holds(L, tok)
+  return redis.call('ZSCORE', L .. ':h', tok) ~= false
+end
+
+local function lk_wake(L, now, lease_ms)
+  while true do
+    local head = redis.call('LINDEX', L .. ':q', 0)
+    if not head then return end
+    local wid, mode, cpu = string.match(head, '^([^|]+)|([rw])|(%d+)$')
+    local m = lk_mode(L)
+    if not (m == '' or (m == 'r' and mode == 'r')) then return end
+    redis.call('LPOP', L .. ':q')
+    local tok, bounce = lk_grant(L, mode, tonumber(cpu), lease_ms, now)
+    redis.call('RPUSH', L .. ':w:' .. wid, tok .. '|' .. bounce)
+    redis.call('PEXPIRE', L .. ':w:' .. wid, lease_ms * 4)
+    if mode == 'w' then return end
+  end
+end
+
+-- lk_acquire(L; mode, cpu, wid, lease_ms) -> {1, tok, bounce} granted | {0} queued as wid
+redis.register_function('lk_acquire', function(keys, args)
+  local L, mode, cpu, wid, lease_ms = keys[1], args[1], tonumber(args[2]), args[3], tonumber(args[4])
+  local now = now_ms()
+  lk_purge(L, now)
+  if lk_free_for(L, mode) then
+    local tok, bounce = lk_grant(L, mode, cpu, lease_ms, now)
+    return {1, tok, bounce}
+  end
+  redis.call('RPUSH', L .. ':q', wid .. '|' .. mode .. '|' .. cpu)
+  return {0}
+end)
+
+-- lk_cancel(L; wid): a waiter gives up (timeout); a token already handed over is released.
+redis.register_function('lk_cancel', function(keys, args)
+  local L, wid, lease_ms = keys[1], args[1], tonumber(args[2])
+  local q = redis.call('LRANGE', L .. ':q', 0, -1)
+  for _, e in ipairs(q) do
+    if string.sub(e, 1, #wid + 1) == wid .. '|' then redis.call('LREM', L .. ':q', 1, e) end
+  end
+  local handed = redis.call('LPOP', L .. ':w:' .. wid)
+  if handed then
+    local tok = string.match(handed, '^(%d+)')
+    redis.call('ZREM', L .. ':h', tok)
+    lk_wake(L, now_ms(), lease_ms)
+  end
+  return 1
+end)
+
+-- lk_release(L; tok, contended, bounce, wait_us, hold_us, lease_ms)
+redis.register_function('lk_release', function(keys, args)
+  local L = keys[1]
+  local tok = args[1]
+  local removed = redis.call('ZREM', L .. ':h', tok)
+  local now = now_ms()
+  lk_purge(L, now)
+  if removed == 1 then
+    lk_stat(L, tonumber(args[2]), tonumber(args[3]), tonumber(args[4]), tonumber(args[5]))
+  end
+  if redis.call('ZCARD', L .. ':h') == 0 then redis.call('HSET', L, 'mode', '') end
+  lk_wake(L, now, tonumber(args[6]))
+  return removed
+end)
+
+-- Inline acquisition inside a data function when the lock is free: the common, uncontended
+-- case costs no extra round trip.  Returns the token, or nil when someone holds or awaits it.
+local function lk_inline_acquire(L, cpu)
+  local now = now_ms()
+  lk_purge(L, now)
+  if not lk_free_for(L, 'w') then return nil end
+  local tok, bounce = lk_grant(L, 'w', cpu, 60000, now)
+  return tok, bounce
+end
+
+local function lk_inline_release(L, tok, bounce, hold_us)
+  redis.call('ZREM', L .. ':h', tok)
+  redis.call('HSET', L, 'mode', '')
+  lk_stat(L, 0, bounce, 0, hold_us)
+end

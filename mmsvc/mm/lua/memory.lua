@@ -1,0 +1,257 @@
+-- mm/memory.c + mm/rmap.c, page side: the per-lruvec "page program" that faults, maps, unmaps
+-- and queues pages in one round trip, and the page-table functions of an address space.
+
+-- Flush this lruvec's part of cpu's batch `which` ('mlb' or 'lab') holding the lruvec lock,
+-- then drop the entries' references after unlocking (spec §2.3, §2.1.4).
+local function flush_run(which, cpu, count)
+  local entries
+  if which == 'mlb' then entries = mlock_flush(cpu, count) else entries = lru_add_flush(cpu, count) end
+  STATS.flushes = STATS.flushes + 1
+  return entries
+end
+
+local function locked_flush(which, cpu, count, tok)
+  local L = T .. ':lock'
+  local t0 = redis.call('TIME')
+  local entries
+  if tok then
+    if not lk_holds(L, tok) then return nil, 'fenced' end
+    entries = flush_run(which, cpu, count)
+  else
+    local itok, bounce = lk_inline_acquire(L, cpu)
+    if not itok then return nil, 'locked' end
+    entries = flush_run(which, cpu, count)
+    local t1 = redis.call('TIME')
+    local hold = (tonumber(t1[1]) - tonumber(t0[1])) * 1e6 + tonumber(t1[2]) - tonumber(t0[2])
+    lk_inline_release(L, itok, bounce, hold)
+  end
+  -- after unlock: the batch's references go (this may free pages, §6)
+  if which == 'mlb' then
+    for _, e in ipairs(entries) do put_page(tonumber(string.match(e, '^(%d+)')), 1) end
+  else
+    drop_entry_refs(entries)
+  end
+  return #entries, nil
+end
+
+local function result(extra)
+  commit()
+  extra.freed = FREED
+  extra.reserve = meta('reserve')
+  extra.flushes = STATS.flushes
+  extra.offlru = STATS.offlru
+  return cjson.encode(extra)
+end
+
+-- mm_pages(T; hdr_json, ops_json): run a program of page operations on one lruvec.
+-- hdr: cpu, mlb_max, lab_max, mlb_n, lab_n (entries pending on cpu in all lruvecs),
+--      mlb_local, lab_local (1 if all of them are in T), seq, disabled, init_* tunables.
+-- ops: {"A",flags,mapping,index,aux} alloc | {"M",i} map | {"U",i} unmap | {"G",i} get |
+--      {"P",i} put | {"L",i} mlock_page | {"N",i} mlock_new_page | {"K",i} munlock_page |
+--      {"C",i} lru_cache_add | {"F",i,set,clear} flags.  i < 0 names the -i'th page allocated
+--      by this call.  Stops early (reason) when a batch must be flushed across lruvecs or the
+--      lruvec lock is taken; `done` ops have been applied.
+redis.register_function('mm_pages', function(keys, args)
+  begin(keys[1])
+  local h = cjson.decode(args[1])
+  local ops = cjson.decode(args[2])
+  CFG = h
+  local cpu, seq = h.cpu, h.seq
+  local mlb_n, lab_n = h.mlb_n, h.lab_n
+  local allocs = {}
+  local need = 0
+  for _, op in ipairs(ops) do if op[1] == 'A' then need = need + 1 end end
+  if need > meta('reserve') then
+    return result({done = 0, reason = 'reserve', need = need, alloc = allocs,
+                   mlb_n = mlb_n, lab_n = lab_n, seq = seq})
+  end
+  -- A mirror that disagrees with the store (another CPU drained this one as offline, or
+  -- the worker restarted) is reloaded by the caller before anything is done.
+  if (h.mlb_local == 1 and redis.call('LLEN', T .. ':mlb:' .. cpu) ~= mlb_n)
+      or (h.lab_local == 1 and redis.call('LLEN', T .. ':lab:' .. cpu) ~= lab_n) then
+    return result({done = 0, reason = 'stale', alloc = allocs, mlb_n = mlb_n, lab_n = lab_n,
+                   seq = seq})
+  end
+  local function ix(i) if i < 0 then return allocs[-i] end return i end
+  local done, reason = 0, nil
+  for k, op in ipairs(ops) do
+    local c = op[1]
+    local thp = false
+    if c == 'A' then
+      local idx = page_alloc(op[2], op[3], op[4], op[5])
+      allocs[#allocs + 1] = idx
+    elseif c == 'M' then
+      local p = get_page(ix(op[2]), 1); p.mapcount = p.mapcount + 1
+    elseif c == 'U' then
+      local p = pg(ix(op[2])); p.mapcount = p.mapcount - 1; dirty(ix(op[2]))
+      if p.mapcount < 0 then error('mmsvc: mapcount underflow') end
+    elseif c == 'G' then get_page(ix(op[2]), 1)
+    elseif c == 'P' then put_page(ix(op[2]), 1)
+    elseif c == 'F' then
+      local p = pg(ix(op[2])); set(p, op[3]); clr(p, op[4]); dirty(ix(op[2]))
+    elseif c == 'L' or c == 'N' or c == 'K' then
+      local p
+      if c == 'L' then p = mlock_page(ix(op[2]), cpu, seq)
+      elseif c == 'N' then p = mlock_new_page(ix(op[2]), cpu, seq)
+      else p = munlock_page(ix(op[2]), cpu, seq) end
+      seq = seq + 1
+      mlb_n = mlb_n + 1
+      thp = has(p, PG_HEAD)
+      -- §2.2.1.3: flush when full, on a THP head, or while lru_cache_disabled.
+      if mlb_n >= h.mlb_max or thp or h.disabled == 1 then
+        if h.mlb_local == 1 then
+          local n, why = locked_flush('mlb', cpu, mlb_n, nil)
+          if n then mlb_n = 0 else reason = 'mlb_' .. why end
+        else reason = 'mlb' end
+      end
+    elseif c == 'C' then
+      local p = lru_cache_add(ix(op[2]), cpu, seq)
+      seq = seq + 1
+      lab_n = lab_n + 1
+      if lab_n >= h.lab_max or has(p, PG_HEAD) or h.disabled == 1 then
+        if h.lab_local == 1 then
+          local n, why = locked_flush('lab', cpu, lab_n, nil)
+          if n then lab_n = 0 else reason = 'lab_' .. why end
+        else reason = 'lab' end
+      end
+    else
+      error('mmsvc: unknown page op ' .. tostring(c))
+    end
+    done = k
+    if reason then break end
+  end
+  return result({done = done, reason = reason, alloc = allocs, mlb_n = mlb_n, lab_n = lab_n,
+                 seq = seq})
+end)
+
+-- mm_flush(T; which, cpu, count, tok): flush this lruvec's run of `count` entries of cpu's
+-- batch.  tok = 0: take the lruvec lock inline if it is free; otherwise the caller holds it
+-- (queued acquisition) and tok is checked against its holders (fencing).
+redis.register_function('mm_flush', function(keys, args)
+  begin(keys[1])
+  CFG = cjson.decode(args[5] or '{}')
+  local which, cpu, count, tok = args[1], tonumber(args[2]), tonumber(args[3]), tonumber(args[4])
+  if tok == 0 then tok = nil end
+  local n, why = locked_flush(which, cpu, count, tok)
+  return result({done = n or 0, reason = why})
+end)
+
+-- mm_grant(T; n): frames granted by the node to this lruvec's reserve (or returned: n < 0).
+redis.register_function('mm_grant', function(keys, args)
+  local n = tonumber(args[1])
+  local r = redis.call('HINCRBY', keys[1] .. ':meta', 'reserve', n)
+  if r < 0 then
+    redis.call('HINCRBY', keys[1] .. ':meta', 'reserve', -n)
+    return redis.error_reply('EINVAL reserve would go negative')
+  end
+  return r
+end)
+
+-- mm_records(T; idx...) -> raw 32-byte records (views and the checker).
+redis.register_function{function_name = 'mm_records', flags = {'no-writes'},
+  callback = function(keys, args)
+    local out = {}
+    for i, a in ipairs(args) do
+      local idx = tonumber(a)
+      local off = (idx % CHUNK_PAGES) * RECORD_SIZE
+      out[i] = redis.call('GETRANGE', keys[1] .. ':pg:' .. math.floor(idx / CHUNK_PAGES),
+        off, off + RECORD_SIZE - 1)
+    end
+    return out
+  end}
+
+-- ---------------------------------------------------------------- page tables (mm slot) ----
+-- M:pt:<pmd> is a 512-entry string of PTE_FMT entries (idx, lruvec id, bits).
+
+local function pte_key(M, vpn) return M .. ':pt:' .. math.floor(vpn / PTRS_PER_PMD) end
+
+-- pt_read(M; v0, v1) -> flat {vpn, idx, lv, bits, ...} for present ptes in [v0, v1).
+-- Empty page tables are skipped at no cost per address (spec §3.6.3, S26).
+redis.register_function{function_name = 'pt_read', flags = {'no-writes'},
+  callback = function(keys, args)
+    local M, v0, v1 = keys[1], tonumber(args[1]), tonumber(args[2])
+    local out = {}
+    local pmd = math.floor(v0 / PTRS_PER_PMD)
+    local last = math.floor((v1 - 1) / PTRS_PER_PMD)
+    while pmd <= last do
+      local s = redis.call('GET', M .. ':pt:' .. pmd)
+      if s then
+        local base = pmd * PTRS_PER_PMD
+        local a = math.max(v0, base) - base
+        local b = math.min(v1, base + PTRS_PER_PMD) - base
+        for i = a, b - 1 do
+          local idx, lv, bits = struct.unpack(PTE_FMT, s, i * PTE_SIZE + 1)
+          if band(bits, PTE_PRESENT) ~= 0 then
+            out[#out + 1] = base + i; out[#out + 1] = idx
+            out[#out + 1] = lv; out[#out + 1] = bits
+          end
+        end
+      end
+      pmd = pmd + 1
+    end
+    return out
+  end}
+
+local function pt_store(M, vpn, idx, lv, bits)
+  local key = pte_key(M, vpn)
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('SET', key, string.rep('\0', PTRS_PER_PMD * PTE_SIZE))
+  end
+  redis.call('SETRANGE', key, (vpn % PTRS_PER_PMD) * PTE_SIZE, struct.pack(PTE_FMT, idx, lv, bits))
+end
+
+local function pt_load(M, vpn)
+  local off = (vpn % PTRS_PER_PMD) * PTE_SIZE
+  local s = redis.call('GETRANGE', pte_key(M, vpn), off, off + PTE_SIZE - 1)
+  if #s < PTE_SIZE then return 0, 0, 0 end
+  return struct.unpack(PTE_FMT, s)
+end
+
+-- pt_install(M; flat {vpn, idx, lv, bits, expect_idx, expect_lv, expect_bits}...): set ptes
+-- whose current value is the expected one (0,0,0 = none); returns the vpns that differed.
+redis.register_function('pt_install', function(keys, args)
+  local M = keys[1]
+  local conflicts = {}
+  for i = 1, #args, 7 do
+    local vpn = tonumber(args[i])
+    local cidx, clv, cbits = pt_load(M, vpn)
+    if cidx == tonumber(args[i + 4]) and clv == tonumber(args[i + 5])
+        and cbits == tonumber(args[i + 6]) then
+      pt_store(M, vpn, tonumber(args[i + 1]), tonumber(args[i + 2]), tonumber(args[i + 3]))
+    else
+      conflicts[#conflicts + 1] = vpn
+    end
+  end
+  return conflicts
+end)
+
+-- pt_zap(M; v0, v1) -> flat {vpn, idx, lv, bits} of the present ptes removed from [v0, v1).
+redis.register_function('pt_zap', function(keys, args)
+  local M, v0, v1 = keys[1], tonumber(args[1]), tonumber(args[2])
+  local out = {}
+  local pmd = math.floor(v0 / PTRS_PER_PMD)
+  local last = math.floor((v1 - 1) / PTRS_PER_PMD)
+  local zero = string.rep('\0', PTE_SIZE)
+  while pmd <= last do
+    local key = M .. ':pt:' .. pmd
+    local s = redis.call('GET', key)
+    if s then
+      local base = pmd * PTRS_PER_PMD
+      local a = math.max(v0, base) - base
+      local b = math.min(v1, base + PTRS_PER_PMD) - base
+      for i = a, b - 1 do
+        local idx, lv, bits = struct.unpack(PTE_FMT, s, i * PTE_SIZE + 1)
+        if band(bits, PTE_PRESENT) ~= 0 then
+          out[#out + 1] = base + i; out[#out + 1] = idx; out[#out + 1] = lv; out[#out + 1] = bits
+          redis.call('SETRANGE', key, i * PTE_SIZE, zero)
+        end
+      end
+      if a == 0 and b == PTRS_PER_PMD then redis.call('DEL', key)
+      elseif redis.call('GET', key) == string.rep('\0', PTRS_PER_PMD * PTE_SIZE) then
+        redis.call('DEL', key)  -- free_pgtables(): an empty page table goes
+      end
+    end
+    pmd = pmd + 1
+  end
+  return out
+end)

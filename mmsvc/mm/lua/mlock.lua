@@ -1,0 +1,122 @@
+-- mm/mlock.c after the rework: the tagged per-CPU mlock batch (spec §2.2-§2.6, patch 10/13).
+--
+-- This lruvec's part of cpu's mlock batch is T:mlb:<cpu>, entries "idx|tag|seq" with tag
+-- L = LRU_PAGE (mlock_page), N = NEW_PAGE (mlock_new_page), U = untagged (munlock_page).
+
+-- §2.2.1 mlock_page: PG_mlocked is set (and counted) at enqueue, before queueing.
+local function mlock_page(idx, cpu, seq)
+  local p = pg(idx)
+  if not test_set(p, PG_MLOCKED) then
+    meta_add('nr_mlock', nr_pages(p))
+    ev('unevictable_pgs_mlocked', nr_pages(p))
+  end
+  get_page(idx, 1)
+  redis.call('RPUSH', T .. ':mlb:' .. cpu, idx .. '|L|' .. seq)
+  return p
+end
+
+-- §2.2.2 mlock_new_page: a new page, not yet on any LRU; it bypasses the lru_add batch.
+local function mlock_new_page(idx, cpu, seq)
+  local p = pg(idx)
+  if has(p, PG_LRU) then error('mmsvc: mlock_new_page of a page on the LRU') end
+  if test_set(p, PG_MLOCKED) then error('mmsvc: mlock_new_page of an mlocked page') end
+  meta_add('nr_mlock', nr_pages(p))
+  ev('unevictable_pgs_mlocked', nr_pages(p))
+  get_page(idx, 1)
+  redis.call('RPUSH', T .. ':mlb:' .. cpu, idx .. '|N|' .. seq)
+  return p
+end
+
+-- §2.2.3 munlock_page: changes nothing but the reference; the batch decides (Appendix C.1).
+local function munlock_page(idx, cpu, seq)
+  local p = get_page(idx, 1)
+  redis.call('RPUSH', T .. ':mlb:' .. cpu, idx .. '|U|' .. seq)
+  return p
+end
+
+-- §2.4 __mlock_page (LRU_PAGE entry).
+local function mlock_page_batched(idx)
+  local p = pg(idx)
+  -- §2.4.1: "there is nothing more we can do while it's off LRU".
+  if not test_clear(p, PG_LRU) then dirty(idx); STATS.offlru = STATS.offlru + 1; return end
+  local n = nr_pages(p)
+  if evictable(p) then
+    -- §2.4.3 / §8.3 row 7: munlocked meanwhile on another CPU: rescue if unevictable.
+    if has(p, PG_UNEVICTABLE) then
+      list_move(idx, p, function(q) clr(q, PG_UNEVICTABLE) end)
+      ev('unevictable_pgs_rescued', n)
+    end
+  elseif has(p, PG_UNEVICTABLE) then
+    -- §2.4.4: already on the unevictable LRU: one more counted mapping.
+    if has(p, PG_MLOCKED) then p.prev = p.prev + 1 end
+  else
+    -- §2.4.5: cull; mlock_count := !!PG_mlocked (§8.2 final), or 1 (v1 06/13).
+    list_del(idx, p, page_lru(p))
+    clr(p, PG_ACTIVE)
+    set(p, PG_UNEVICTABLE)
+    list_add(idx, p, LRU_UNEVICTABLE)
+    if CFG.init_cull_one == 1 or has(p, PG_MLOCKED) then p.prev = 1 else p.prev = 0 end
+    ev('unevictable_pgs_culled', n)
+  end
+  set(p, PG_LRU)
+  dirty(idx)
+end
+
+-- §2.5 __mlock_new_page (NEW_PAGE entry).
+local function mlock_new_page_batched(idx)
+  local p = pg(idx)
+  if has(p, PG_LRU) then error('mmsvc: NEW_PAGE entry for a page on the LRU') end
+  if evictable(p) then
+    list_add(idx, p, page_lru(p))
+  else
+    set(p, PG_UNEVICTABLE)
+    list_add(idx, p, LRU_UNEVICTABLE)
+    if has(p, PG_MLOCKED) then p.prev = 1 else p.prev = 0 end
+    ev('unevictable_pgs_culled', nr_pages(p))
+  end
+  set(p, PG_LRU)
+  dirty(idx)
+end
+
+-- §2.6 __munlock_page (untagged entry).
+local function munlock_page_batched(idx)
+  local p = pg(idx)
+  local n = nr_pages(p)
+  local isolated = test_clear(p, PG_LRU)
+  dirty(idx)
+  if isolated and has(p, PG_UNEVICTABLE) then
+    -- §2.6.3: "might undercount": never below 0 (§1.3.4).
+    if p.prev > 0 then p.prev = p.prev - 1 end
+    if p.prev > 0 then set(p, PG_LRU); return end
+  end
+  -- else: "assume that was the last mlock: reclaim will fix it if not".
+  if test_clear(p, PG_MLOCKED) then
+    meta_add('nr_mlock', -n)
+    if isolated or not has(p, PG_UNEVICTABLE) then
+      ev('unevictable_pgs_munlocked', n)
+    else
+      ev('unevictable_pgs_stranded', n)
+    end
+  end
+  -- §2.6.5: evaluated after the flag was cleared.
+  if isolated and has(p, PG_UNEVICTABLE) and evictable(p) then
+    list_move(idx, p, function(q) clr(q, PG_UNEVICTABLE) end)
+    ev('unevictable_pgs_rescued', n)
+  end
+  if isolated then set(p, PG_LRU) end
+end
+
+-- §2.3 mlock_pagevec for this lruvec's run of `count` entries of cpu's batch.
+local function mlock_flush(cpu, count)
+  local key = T .. ':mlb:' .. cpu
+  local entries = redis.call('LRANGE', key, 0, count - 1)
+  redis.call('LTRIM', key, count, -1)
+  for _, e in ipairs(entries) do
+    local idx, tag = string.match(e, '^(%d+)|(%a)')
+    idx = tonumber(idx)
+    if tag == 'L' then mlock_page_batched(idx)
+    elseif tag == 'N' then mlock_new_page_batched(idx)
+    else munlock_page_batched(idx) end
+  end
+  return entries
+end

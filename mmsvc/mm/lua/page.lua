@@ -1,0 +1,169 @@
+-- struct page records, LRU lists and the final release of a page (spec §1, §2.1, §6).
+--
+-- Every function in this library works on ONE lruvec slot T (see mmsvc/store/keys.py).
+-- Records are cached for the duration of one function call (`P`), lruvec metadata in `META`;
+-- `commit()` writes back what changed.  A call is atomic, so the cache is exact.
+
+local T = nil          -- hash tag of the lruvec being worked on
+local P = {}           -- idx -> decoded record
+local PDIRTY = {}      -- idx -> true
+local META = nil       -- lruvec metadata (list heads/tails/sizes, counters)
+local MDIRTY = {}      -- field -> true
+local EV = {}          -- vmstat event deltas
+local FREED = 0        -- pages released to the lruvec's frame reserve by this call
+local STATS = {offlru = 0, flushes = 0}
+
+-- bit/struct/cjson exist only when a function runs, not while the library loads.
+local function band(a, b) return bit.band(a, b) end
+local function bor(a, b) return bit.bor(a, b) end
+local function bnot(a) return bit.bnot(a) end
+
+local function has(p, f) return band(p.flags, f) ~= 0 end
+local function set(p, f) p.flags = bor(p.flags, f) end
+local function clr(p, f) p.flags = band(p.flags, bnot(f)) end
+local function test_clear(p, f) local was = has(p, f); clr(p, f); return was end
+local function test_set(p, f) local was = has(p, f); set(p, f); return was end
+
+local function rkey(idx) return T .. ':pg:' .. math.floor(idx / CHUNK_PAGES) end
+
+local function begin(tag)
+  T = tag; P = {}; PDIRTY = {}; MDIRTY = {}; EV = {}; FREED = 0
+  STATS = {offlru = 0, flushes = 0}
+  local raw = redis.call('HGETALL', T .. ':meta')
+  META = {}
+  for i = 1, #raw, 2 do META[raw[i]] = tonumber(raw[i + 1]) end
+end
+
+local function meta(f) return META[f] or 0 end
+local function meta_set(f, v) META[f] = v; MDIRTY[f] = true end
+local function meta_add(f, d) meta_set(f, meta(f) + d) end
+local function ev(name, n) EV[name] = (EV[name] or 0) + n end
+
+local function pg(idx)
+  local p = P[idx]
+  if p then return p end
+  local off = (idx % CHUNK_PAGES) * RECORD_SIZE
+  local s = redis.call('GETRANGE', rkey(idx), off, off + RECORD_SIZE - 1)
+  if #s < RECORD_SIZE then error('mmsvc: no struct page at index ' .. idx .. ' of ' .. T) end
+  local f, ref, mc, prev, nxt, mapping, index, aux = struct.unpack(RECORD_FMT, s)
+  p = {flags = f, ref = ref, mapcount = mc, prev = prev, next = nxt,
+       mapping = mapping, index = index, aux = aux}
+  if band(f, PG_INUSE) == 0 then error('mmsvc: page ' .. idx .. ' of ' .. T .. ' is free') end
+  P[idx] = p
+  return p
+end
+
+local function dirty(idx) PDIRTY[idx] = true end
+
+local function commit()
+  for idx in pairs(PDIRTY) do
+    local p = P[idx]
+    redis.call('SETRANGE', rkey(idx), (idx % CHUNK_PAGES) * RECORD_SIZE,
+      struct.pack(RECORD_FMT, p.flags, p.ref, p.mapcount, p.prev, p.next,
+                  p.mapping, p.index, p.aux))
+  end
+  for name, n in pairs(EV) do meta_add('ev:' .. name, n) end
+  local args = {}
+  for f in pairs(MDIRTY) do args[#args + 1] = f; args[#args + 1] = META[f] end
+  if #args > 0 then redis.call('HSET', T .. ':meta', unpack(args)) end
+  PDIRTY = {}; MDIRTY = {}; EV = {}
+end
+
+-- nr_pages of a page: THP heads carry their order in `aux` (bits 0-7).
+local function nr_pages(p)
+  if has(p, PG_HEAD) then return bit.lshift(1, band(p.aux, 255)) end
+  return 1
+end
+
+-- spec §1.6.1: page_evictable = not PG_mlocked and mapping not unevictable.
+local function evictable(p)
+  return not has(p, PG_MLOCKED) and not has(p, PG_UNEVICTABLE_MAPPING)
+end
+
+-- spec §1.4.3: the list a page belongs on.
+local function page_lru(p)
+  if has(p, PG_UNEVICTABLE) then return LRU_UNEVICTABLE end
+  local base = has(p, PG_SWAPBACKED) and LRU_INACTIVE_ANON or LRU_INACTIVE_FILE
+  if has(p, PG_ACTIVE) then return base + 1 end
+  return base
+end
+
+-- spec §1.4.2/§1.4.4: add at the head; the unevictable "LRU" is a size with no list.
+local function list_add(idx, p, lru)
+  local n = nr_pages(p)
+  meta_add('n' .. lru, n)
+  if lru == LRU_UNEVICTABLE then return end
+  local head = META['h' .. lru]
+  if head == nil then head = -1 end
+  p.prev = -1; p.next = head
+  if head >= 0 then local h = pg(head); h.prev = idx; dirty(head)
+  else meta_set('t' .. lru, idx) end
+  meta_set('h' .. lru, idx)
+  dirty(idx)
+end
+
+local function list_del(idx, p, lru)
+  meta_add('n' .. lru, -nr_pages(p))
+  if lru == LRU_UNEVICTABLE then return end
+  if p.prev >= 0 then local q = pg(p.prev); q.next = p.next; dirty(p.prev)
+  else meta_set('h' .. lru, p.next) end
+  if p.next >= 0 then local q = pg(p.next); q.prev = p.prev; dirty(p.next)
+  else meta_set('t' .. lru, p.prev) end
+  p.prev = -1; p.next = -1
+  dirty(idx)
+end
+
+-- spec §1.4.5: move between lists under one lock hold: delete, change flags, add.
+local function list_move(idx, p, fn)
+  list_del(idx, p, page_lru(p))
+  fn(p)
+  list_add(idx, p, page_lru(p))
+end
+
+-- A new struct page from the lruvec's frame reserve (frames granted by the node, spec §1.1).
+local function page_alloc(flags, mapping, index, aux)
+  if meta('reserve') <= 0 then return nil end
+  meta_add('reserve', -1)
+  meta_add('used', 1)
+  local idx = redis.call('RPOP', T .. ':free')
+  if idx then idx = tonumber(idx)
+  else idx = meta('top'); meta_set('top', idx + 1) end
+  local p = {flags = bor(flags, PG_INUSE), ref = 0, mapcount = 0, prev = -1, next = -1,
+             mapping = mapping, index = index, aux = aux}
+  P[idx] = p
+  dirty(idx)
+  return idx, p
+end
+
+-- spec §6: the final release when the refcount reaches zero.
+local function free_page(idx, p)
+  if has(p, PG_LRU) then
+    list_del(idx, p, page_lru(p))
+    clr(p, PG_LRU)
+  end
+  clr(p, bor(PG_ACTIVE, PG_UNEVICTABLE))
+  if test_clear(p, PG_MLOCKED) then
+    -- §6.1.2: PG_mlocked found at free: the integrity signal unevictable_pgs_cleared.
+    meta_add('nr_mlock', -nr_pages(p))
+    ev('unevictable_pgs_cleared', nr_pages(p))
+  end
+  if has(p, PG_ISOLATED) then error('mmsvc: freeing an isolated page ' .. idx) end
+  p.flags = 0; p.mapcount = 0; p.prev = -1; p.next = -1
+  dirty(idx)
+  redis.call('LPUSH', T .. ':free', idx)
+  meta_add('used', -1)
+  meta_add('reserve', 1)
+  FREED = FREED + 1
+end
+
+local function get_page(idx, n)
+  local p = pg(idx); p.ref = p.ref + (n or 1); dirty(idx); return p
+end
+
+local function put_page(idx, n)
+  local p = pg(idx)
+  p.ref = p.ref - (n or 1)
+  dirty(idx)
+  if p.ref < 0 then error('mmsvc: refcount underflow on page ' .. idx .. ' of ' .. T) end
+  if p.ref == 0 then free_page(idx, p) end
+end

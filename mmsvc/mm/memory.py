@@ -1,0 +1,325 @@
+"""mm/memory.c: page faults, COW, fault-around and zapping (spec §3.2-§3.4, §3.7, §3.8).
+
+The rmap hooks of the rework are emitted here as page-program ops: every pte added to a
+VM_LOCKED vma is followed by ``mlock_vma_page`` (op ``L``), every new anonymous page goes
+through ``lru_cache_add_inactive_or_unevictable`` (``N`` or ``C``), and every pte removed is
+followed by ``munlock_vma_page`` (``K``), whether or not mapcount reached zero (§3.4.1).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+
+from mmsvc.mm.errors import KernelError
+from mmsvc.mm.machine import Machine
+from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap
+from mmsvc.mm.page import PG, Page, PTEBit
+from mmsvc.mm.swap import Op, Swap
+from mmsvc.mm.vma import VM, VM_SPECIAL, Vma
+from mmsvc.store import keys
+from mmsvc.store.redis_store import RedisStore
+
+ANON_FLAGS = int(PG.ANON | PG.SWAPBACKED)
+SHMEM_CACHE_FLAGS = int(PG.SWAPBACKED | PG.PAGECACHE)
+
+
+def mlock_filter(vma: Vma) -> bool:
+    """§2.8.1 mlock_vma_page: VM_LOCKED without VM_IO (the mlock walk's guard, §3.6)."""
+    return (vma.flags & (VM.LOCKED | VM.IO)) == VM.LOCKED
+
+
+def munlock_filter(vma: Vma) -> bool:
+    """§2.8.2 munlock_vma_page: VM_LOCKED; VM_IO is not checked."""
+    return bool(vma.flags & VM.LOCKED)
+
+
+def new_anon_locked(vma: Vma) -> bool:
+    """§2.9: VM_LOCKED and none of VM_SPECIAL -> mlock_new_page, else lru_cache_add."""
+    return bool(vma.flags & VM.LOCKED) and not vma.flags & VM_SPECIAL
+
+
+@dataclass
+class Programs:
+    """Page-program ops grouped into runs of one lruvec, kept in kernel order."""
+
+    runs: list[tuple[int, list[Op]]]
+
+    @classmethod
+    def empty(cls) -> Programs:
+        return cls([])
+
+    def add(self, lv: int, *ops: Op) -> None:
+        if self.runs and self.runs[-1][0] == lv:
+            self.runs[-1][1].extend(ops)
+        else:
+            self.runs.append((lv, list(ops)))
+
+    async def execute(self, swap: Swap, m: Machine) -> list[int]:
+        """Run every run in order; returns the pages allocated, numbered as the ops' -k."""
+        allocated: list[int] = []
+        for lv, ops in self.runs:
+            n = len(allocated)
+            local = [_resolve(op, allocated, n) for op in ops]
+            allocated.extend((await swap.run(m, lv, local)).allocs)
+        return allocated
+
+
+def _resolve(op: Op, allocated: list[int], n: int) -> Op:
+    """-k names the k-th page allocated by the whole program; rebase it onto one run."""
+    if op[0] == "A" or len(op) < 2 or not isinstance(op[1], int) or op[1] >= 0:
+        return op
+    k = -op[1]
+    return [op[0], allocated[k - 1] if k <= n else -(k - n), *op[2:]]
+
+
+async def read_pages(store: RedisStore, m: Machine, refs: list[tuple[int, int]]) -> list[Page]:
+    """Decoded records of (lv, idx) pages (one call per lruvec)."""
+    by_lv: dict[int, list[int]] = defaultdict(list)
+    for lv, idx in refs:
+        by_lv[lv].append(idx)
+    found: dict[tuple[int, int], Page] = {}
+    for lv, idxs in by_lv.items():
+        raw = await store.fcall("mm_records", m.lv_key(lv), *idxs)
+        for idx, rec in zip(idxs, raw, strict=True):
+            found[(lv, idx)] = Page.decode(rec)
+    return [found[r] for r in refs]
+
+
+class Faults:
+    """handle_mm_fault for ranges of one VMA, on behalf of one CPU."""
+
+    def __init__(self, store: RedisStore, swap: Swap) -> None:
+        self.store = store
+        self.swap = swap
+
+    async def fault_range(
+        self, m: Machine, mm: MmState, vma: Vma, start: int, end: int, write: bool
+    ) -> int:
+        """Fault every page of [start, end) of vma, ascending; returns pages newly mapped."""
+        if write and not vma.flags & VM.WRITE:
+            raise KernelError("EFAULT", "write fault on a mapping without PROT_WRITE")
+        if not vma.flags & (VM.READ | VM.WRITE):
+            raise KernelError("EFAULT", "fault on a PROT_NONE mapping")
+        ptes = await pt_read(self.store, mm.key, start, end)
+        if vma.is_anon:
+            return await self._anon(m, mm, vma, start, end, write, ptes)
+        return await self._file(m, mm, vma, start, end, write, ptes)
+
+    # -------------------------------------------------------------- anonymous private -----
+    async def _anon(
+        self, m: Machine, mm: MmState, vma: Vma, start: int, end: int, write: bool,
+        ptes: dict[int, Pte],
+    ) -> int:
+        progs = Programs.empty()
+        old_progs = Programs.empty()
+        installs: list[tuple[int, int | None, int]] = []  # vpn, new page slot or None, bits
+        expect: dict[int, Pte] = {}
+        wp_reuse: list[Pte] = []
+        new_count = 0
+        to_check = [p for vpn, p in ptes.items() if write and not p.bits & PTEBit.WRITE
+                    and not p.bits & PTEBit.ZERO]
+        records = dict(zip(
+            [p.vpn for p in to_check],
+            await read_pages(self.store, m, [(p.lv, p.idx) for p in to_check]),
+            strict=True,
+        ))
+        for vpn in range(start, end):
+            cur = ptes.get(vpn)
+            if cur is not None and not write:
+                continue
+            if cur is not None and cur.bits & PTEBit.WRITE:
+                continue
+            if cur is None and not write:
+                # Read fault on private anon: the shared zero page (no struct page work).
+                installs.append((vpn, None, int(PTEBit.PRESENT | PTEBit.ZERO)))
+                continue
+            if cur is not None and not cur.bits & PTEBit.ZERO:
+                page = records[vpn]
+                if page.mapcount == 1 and page.refcount == 1 and page.has(PG.ANON):
+                    wp_reuse.append(cur)  # do_wp_page: reuse the only reference
+                    continue
+                # wp_page_copy: the old page loses this mapping (§3.4.2 COW caller).
+                old_ops: list[Op] = [["U", cur.idx]]
+                if munlock_filter(vma):
+                    old_ops.append(["K", cur.idx])
+                old_ops.append(["P", cur.idx])
+                old_progs.add(cur.lv, *old_ops)
+            if cur is not None:
+                expect[vpn] = cur
+            new_count += 1
+            ops: list[Op] = [
+                ["A", ANON_FLAGS, vma.anon_vma, vma.linear_index(vpn), 0],
+                ["M", -new_count],
+                ["N" if new_anon_locked(vma) else "C", -new_count],
+            ]
+            progs.add(mm.lv, *ops)
+            installs.append((vpn, new_count, int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)))
+        allocs = await progs.execute(self.swap, m)
+        new_ptes = [
+            Pte(vpn, 0 if slot is None else allocs[slot - 1],
+                0 if slot is None else mm.lv, bits)
+            for vpn, slot, bits in installs
+        ]
+        new_ptes += [Pte(p.vpn, p.idx, p.lv, p.bits | PTEBit.WRITE | PTEBit.DIRTY)
+                     for p in wp_reuse]
+        expect.update({p.vpn: p for p in wp_reuse})
+        raced = await pt_install(self.store, mm.key, new_ptes, expect)
+        if raced:
+            raise KernelError("EAGAIN", f"concurrent fault on {len(raced)} pages")
+        await old_progs.execute(self.swap, m)
+        return new_count
+
+    # ---------------------------------------------------------------- file / shmem -------
+    async def _file(
+        self, m: Machine, mm: MmState, vma: Vma, start: int, end: int, write: bool,
+        ptes: dict[int, Pte],
+    ) -> int:
+        f = m.file_by_id(vma.file)
+        fkey = keys.file(m.mid, vma.file)
+        cow = write and not vma.shared
+        wanted: list[int] = []  # vpns needing a fault
+        for vpn in range(start, end):
+            cur = ptes.get(vpn)
+            if cur is None or (write and not cur.bits & PTEBit.WRITE):
+                wanted.append(vpn)
+        if not wanted:
+            return 0
+        # Fault-around (read faults only): map what the page cache already has in the
+        # aligned window around each faulting page (do_fault_around).
+        around: set[int] = set()
+        if not write and m.cfg.fault_around_pages > 1:
+            fa = m.cfg.fault_around_pages
+            for vpn in wanted:
+                base = vpn - (vpn % fa)
+                for v in range(max(base, vma.start), min(base + fa, vma.end)):
+                    if v not in ptes and vma.linear_index(v) < f.pages:
+                        around.add(v)
+        beyond = [v for v in wanted if vma.linear_index(v) >= f.pages]
+        if beyond:
+            raise KernelError("EFAULT", "SIGBUS: access beyond the end of the file")
+        owner = uuid.uuid4().hex[:12]
+        indices = sorted({vma.linear_index(v) for v in wanted})
+        looked = await self.store.fcall("pc_lookup", fkey, owner, *indices)
+        cache: dict[int, tuple[int, int] | None] = {}
+        for index, val in zip(indices, looked, strict=True):
+            s = val.decode()
+            if s == "busy":
+                await self.store.fcall("pc_commit", fkey, owner, *sum(
+                    ([i, ""] for i, v in zip(indices, looked, strict=True) if v == b"new"), []))
+                raise KernelError("EAGAIN", "page cache page is being read in by another task")
+            cache[index] = None if s == "new" else _lv_idx(s)
+        around_idx = sorted({vma.linear_index(v) for v in around} - set(cache))
+        if around_idx:
+            peek = await self.store.fcall("pc_peek", fkey, *around_idx)
+            around_cache = {i: _lv_idx(v.decode()) for i, v in zip(around_idx, peek, strict=True)
+                            if v}
+        else:
+            around_cache = {}
+        try:
+            return await self._file_map(m, mm, vma, fkey, owner, wanted, around, cache,
+                                        around_cache, write, cow, ptes)
+        except BaseException:
+            await self.store.fcall("pc_commit", fkey, owner,
+                                   *sum(([i, ""] for i, v in cache.items() if v is None), []))
+            raise
+
+    async def _file_map(
+        self, m: Machine, mm: MmState, vma: Vma, fkey: str, owner: str, wanted: list[int],
+        around: set[int], cache: dict[int, tuple[int, int] | None],
+        around_cache: dict[int, tuple[int, int]], write: bool, cow: bool, ptes: dict[int, Pte],
+    ) -> int:
+        lv = mm.lv
+        progs = Programs.empty()
+        old_progs = Programs.empty()
+        slots = 0
+        new_cache: dict[int, int] = {}  # file index -> alloc slot
+        installs: list[tuple[int, tuple[int, int] | int, int]] = []
+        expect: dict[int, Pte] = {}
+        map_bits = int(PTEBit.PRESENT | (PTEBit.WRITE if vma.shared and vma.flags & VM.WRITE
+                                         else 0))
+        for vpn in sorted(set(wanted) | around):
+            index = vma.linear_index(vpn)
+            cur = ptes.get(vpn)
+            if vpn in around and vpn not in wanted:
+                hit = around_cache.get(index)
+                if hit is None:
+                    continue
+                progs.add(hit[0], ["M", hit[1]], *([["L", hit[1]]] if mlock_filter(vma) else []))
+                installs.append((vpn, hit, map_bits))
+                continue
+            page = cache[index]
+            if page is None and index not in new_cache:
+                # Read the page into the page cache: a new shmem page via the lru_add batch.
+                slots += 1
+                new_cache[index] = slots
+                progs.add(lv, ["A", SHMEM_CACHE_FLAGS, vma.file, index, 0], ["G", -slots],
+                          ["C", -slots])
+            if cur is not None and vma.shared:
+                # wp on a shared mapping: make the pte writable (no new mapping).
+                installs.append((vpn, (cur.lv, cur.idx), cur.bits | PTEBit.WRITE))
+                expect[vpn] = cur
+                continue
+            if cow:
+                # do_cow_fault / wp_page_copy: a private anonymous copy of the file page.
+                if cur is not None:
+                    expect[vpn] = cur
+                    old_ops: list[Op] = [["U", cur.idx]]
+                    if munlock_filter(vma):
+                        old_ops.append(["K", cur.idx])
+                    old_ops.append(["P", cur.idx])
+                    old_progs.add(cur.lv, *old_ops)
+                slots += 1
+                progs.add(lv, ["A", ANON_FLAGS, vma.anon_vma, index, 0], ["M", -slots],
+                          ["N" if new_anon_locked(vma) else "C", -slots])
+                installs.append((vpn, slots, int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)))
+                continue
+            ref: tuple[int, int] | int = page if page is not None else new_cache[index]
+            if isinstance(ref, tuple):
+                progs.add(ref[0], ["M", ref[1]], *([["L", ref[1]]] if mlock_filter(vma) else []))
+            else:
+                progs.add(lv, ["M", -ref], *([["L", -ref]] if mlock_filter(vma) else []))
+            installs.append((vpn, ref, map_bits | (PTEBit.DIRTY if write else 0)))
+        allocs = await progs.execute(self.swap, m)
+        publish: list[int | str] = []
+        for index, slot in new_cache.items():
+            publish += [index, f"{lv}|{allocs[slot - 1]}"]
+        if publish:
+            await self.store.fcall("pc_commit", fkey, owner, *publish)
+        new_ptes = []
+        for vpn, ref, bits in installs:
+            if isinstance(ref, tuple):
+                new_ptes.append(Pte(vpn, ref[1], ref[0], bits))
+            else:
+                new_ptes.append(Pte(vpn, allocs[ref - 1], lv, bits))
+        raced = await pt_install(self.store, mm.key, new_ptes, expect)
+        if raced:
+            raise KernelError("EAGAIN", f"concurrent fault on {len(raced)} pages")
+        await old_progs.execute(self.swap, m)
+        return len(new_ptes)
+
+
+def _lv_idx(s: str) -> tuple[int, int]:
+    lv, idx = s.split("|")
+    return int(lv), int(idx)
+
+
+async def zap_range(
+    store: RedisStore, swap: Swap, m: Machine, mm: MmState, vma: Vma, start: int, end: int
+) -> int:
+    """zap_pte_range + tlb flush: remove ptes; page_remove_rmap (+ munlock), then the puts."""
+    removed = await pt_zap(store, mm.key, start, end)
+    rmap = Programs.empty()
+    puts = Programs.empty()
+    for p in removed:
+        if p.bits & PTEBit.ZERO:
+            continue
+        ops: list[Op] = [["U", p.idx]]
+        if munlock_filter(vma):
+            ops.append(["K", p.idx])  # §3.4.1: at the end of every page_remove_rmap
+        rmap.add(p.lv, *ops)
+        puts.add(p.lv, ["P", p.idx])
+    await rmap.execute(swap, m)
+    await puts.execute(swap, m)
+    return len(removed)

@@ -1,0 +1,227 @@
+"""mm/mlock.c: mlock, mlock2, munlock, mlockall, munlockall (spec §3.5-§3.7, patch 07/13).
+
+``mlock_fixup`` changes a VMA's lock flags (splitting and merging VMAs, accounting
+``locked_vm``); when VM_LOCKED changes, ``mlock_vma_pages_range`` stores the new flags with
+VM_IO in one store, drains, walks the present ptes queueing mlock/munlock entries, drains
+again and clears VM_IO (§3.6).  Populate only faults pages in (§3.7.1): the rmap hooks of the
+faults do the mlocking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from mmsvc.mm.errors import KernelError, einval
+from mmsvc.mm.machine import Machine, new_id
+from mmsvc.mm.memory import Faults, Programs
+from mmsvc.mm.mm_struct import MmState, pt_read, save
+from mmsvc.mm.page import PTEBit
+from mmsvc.mm.swap import Swap
+from mmsvc.mm.types import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, MLOCK_ONFAULT, PAGE_SHIFT
+from mmsvc.mm.vma import VM, VM_LOCKED_MASK, VM_SPECIAL, Vma
+from mmsvc.store.redis_store import RedisStore
+
+WALK_CHUNK = 4096  # ptes read per round trip of the mlock walk
+
+
+def page_range(addr: int, length: int) -> tuple[int, int]:
+    """mlock(2) rounding: start rounded down, length rounded up (EINVAL if it wraps)."""
+    if addr < 0 or length < 0:
+        raise einval("negative address or length")
+    start = addr >> PAGE_SHIFT
+    end_addr = addr + length
+    if end_addr >= 1 << 64:
+        raise einval("range wraps around the address space")
+    end = (end_addr + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
+    return start, end
+
+
+def can_do_mlock(mm: MmState) -> bool:
+    return mm.geti("rlim_soft") != 0 or bool(mm.geti("cap_ipc_lock"))
+
+
+class Mlock:
+    """The mlock family of syscalls on behalf of one CPU."""
+
+    def __init__(self, store: RedisStore, swap: Swap, faults: Faults) -> None:
+        self.store = store
+        self.swap = swap
+        self.faults = faults
+
+    # ------------------------------------------------------------------ mlock_fixup ------
+    async def mlock_fixup(
+        self, m: Machine, mm: MmState, vma: Vma, start: int, end: int, newflags: int
+    ) -> Vma:
+        """§3.5: change [start, end) of vma to newflags.  Returns the VMA now covering it."""
+        oldflags = vma.flags
+        if newflags == oldflags or oldflags & VM_SPECIAL or oldflags & VM.HUGETLB:
+            return vma  # §3.5.1 "don't set VM_LOCKED or VM_LOCKONFAULT and don't count"
+        target = await self._split(m, mm, vma, start, end)
+        npages = target.pages
+        if not newflags & VM.LOCKED:
+            mm.set_info("locked_vm", mm.geti("locked_vm") - npages)
+        elif not oldflags & VM.LOCKED:
+            mm.set_info("locked_vm", mm.geti("locked_vm") + npages)
+        if newflags & VM.LOCKED and oldflags & VM.LOCKED:
+            # §3.5.4: "No work to do, and mlocking twice would be wrong".
+            target = replace(target, flags=newflags)
+            mm.update_vma(target)
+        else:
+            target = await self.mlock_vma_pages_range(m, mm, target, newflags)
+        return self._merge(mm, target)
+
+    async def _split(self, m: Machine, mm: MmState, vma: Vma, start: int, end: int) -> Vma:
+        if vma.start >= start and vma.end <= end:
+            return vma
+        pieces = []
+        for s, e in ((vma.start, start), (start, end), (end, vma.end)):
+            s, e = max(s, vma.start), min(e, vma.end)
+            if s < e:
+                vid = vma.id if not pieces else await new_id(self.store, m.mid, "vma")
+                pieces.append(vma.clip(s, e, vid))
+        mm.replace_vmas([vma], pieces)
+        return next(p for p in pieces if p.start == max(start, vma.start))
+
+    def _merge(self, mm: MmState, vma: Vma) -> Vma:
+        """vma_merge() with the neighbours, as mlock_fixup's vma_modify_flags does."""
+        prev = next((v for v in mm.vmas if v.end == vma.start), None)
+        nxt = next((v for v in mm.vmas if v.start == vma.end), None)
+        merged = vma
+        if prev is not None and vma.can_merge_after(prev):
+            merged = replace(prev, end=merged.end)
+            mm.replace_vmas([prev, vma], [merged])
+        if nxt is not None and nxt.can_merge_after(merged):
+            grown = replace(merged, end=nxt.end)
+            mm.replace_vmas([merged, nxt], [grown])
+            merged = grown
+        return merged
+
+    async def mlock_vma_pages_range(
+        self, m: Machine, mm: MmState, vma: Vma, newflags: int
+    ) -> Vma:
+        """§3.6: the VM_IO guard, drains around the walk of present ptes."""
+        stored = newflags | (VM.IO if newflags & VM.LOCKED else 0)
+        vma = replace(vma, flags=stored)
+        mm.update_vma(vma)
+        await save(self.store, mm)  # one atomic store of the flags, visible to rmap walkers
+        await self.swap.lru_add_drain(m)
+        lock = bool(newflags & VM.LOCKED)
+        for s in range(vma.start, vma.end, WALK_CHUNK):
+            e = min(vma.end, s + WALK_CHUNK)
+            ptes = await pt_read(self.store, mm.key, s, e)
+            progs = Programs.empty()
+            for vpn in sorted(ptes):
+                p = ptes[vpn]
+                if p.bits & PTEBit.ZERO:
+                    continue  # vm_normal_page(): no page behind the zero page
+                progs.add(p.lv, ["L" if lock else "K", p.idx])
+            await progs.execute(self.swap, m)
+        await self.swap.lru_add_drain(m)
+        if stored != newflags:
+            vma = replace(vma, flags=newflags)
+            mm.update_vma(vma)
+        return vma
+
+    # -------------------------------------------------------------------- syscalls -------
+    async def apply_vma_lock_flags(
+        self, m: Machine, mm: MmState, start: int, end: int, flags: int
+    ) -> None:
+        """Linux's apply_vma_lock_flags: ENOMEM at the first hole (earlier VMAs stay done)."""
+        if end == start:
+            return
+        first = mm.find(start)
+        if first is None:
+            raise KernelError("ENOMEM", "range not fully mapped")
+        pos = start
+        for vma in list(mm.overlapping(start, end)):
+            if vma.start > pos:
+                await save(self.store, mm)
+                raise KernelError("ENOMEM", "range not fully mapped")
+            newflags = (vma.flags & ~VM_LOCKED_MASK) | flags
+            await self.mlock_fixup(m, mm, vma, max(start, vma.start), min(end, vma.end),
+                                   newflags)
+            pos = min(end, vma.end)
+        await save(self.store, mm)
+        if pos < end:
+            raise KernelError("ENOMEM", "range not fully mapped")
+
+    async def do_mlock(
+        self, m: Machine, mm: MmState, addr: int, length: int, flags: int,
+    ) -> tuple[int, int]:
+        """do_mlock() up to (not including) populate; returns the page range to populate."""
+        if flags & ~MLOCK_ONFAULT:
+            raise einval("mlock2: unknown flags")
+        if not can_do_mlock(mm):
+            raise KernelError("EPERM", "RLIMIT_MEMLOCK is 0 and CAP_IPC_LOCK is not held")
+        start, end = page_range(addr, length)
+        vm_flags = int(VM.LOCKED | (VM.LOCKONFAULT if flags & MLOCK_ONFAULT else 0))
+        lock_limit = mm.geti("rlim_soft") >> PAGE_SHIFT
+        locked = (end - start) + mm.geti("locked_vm")
+        cap = bool(mm.geti("cap_ipc_lock"))
+        if locked > lock_limit and not cap:
+            locked -= count_mm_mlocked_page_nr(mm, start, end)
+        if locked > lock_limit and not cap:
+            raise KernelError("ENOMEM", "RLIMIT_MEMLOCK exceeded")
+        await self.apply_vma_lock_flags(m, mm, start, end, vm_flags)
+        return start, end
+
+    async def do_munlock(self, m: Machine, mm: MmState, addr: int, length: int) -> None:
+        start, end = page_range(addr, length)
+        await self.apply_vma_lock_flags(m, mm, start, end, 0)
+
+    async def apply_mlockall_flags(self, m: Machine, mm: MmState, flags: int) -> None:
+        def_flags = 0
+        if flags & MCL_FUTURE:
+            def_flags = int(VM.LOCKED | (VM.LOCKONFAULT if flags & MCL_ONFAULT else 0))
+        mm.set_info("def_flags", def_flags)
+        mm.set_info("mlockall", flags)
+        if flags & MCL_CURRENT or not flags:
+            to_add = 0
+            if flags & MCL_CURRENT:
+                to_add = int(VM.LOCKED | (VM.LOCKONFAULT if flags & MCL_ONFAULT else 0))
+            for vma in list(mm.vmas):
+                current = next((v for v in mm.vmas if v.start <= vma.start < v.end), None)
+                if current is None:
+                    continue
+                newflags = (current.flags & ~VM_LOCKED_MASK) | to_add
+                await self.mlock_fixup(m, mm, current, vma.start, vma.end, newflags)
+        await save(self.store, mm)
+
+    async def do_mlockall(self, m: Machine, mm: MmState, flags: int) -> None:
+        if not flags or flags & ~(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) or flags == MCL_ONFAULT:
+            raise einval("mlockall: invalid flags")
+        if not can_do_mlock(mm):
+            raise KernelError("EPERM", "RLIMIT_MEMLOCK is 0 and CAP_IPC_LOCK is not held")
+        lock_limit = mm.geti("rlim_soft") >> PAGE_SHIFT
+        total_vm = sum(v.pages for v in mm.vmas)
+        if flags & MCL_CURRENT and total_vm > lock_limit and not mm.geti("cap_ipc_lock"):
+            raise KernelError("ENOMEM", "RLIMIT_MEMLOCK exceeded by the address space")
+        await self.apply_mlockall_flags(m, mm, flags)
+
+    async def populate(
+        self, m: Machine, mm: MmState, start: int, end: int, *, ignore_errors: bool = False,
+        drain: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """__mm_populate(): fault in [start, end); no mlock work of its own (§3.7.1)."""
+        if drain is not None:
+            await drain()
+        pos = start
+        for vma in list(mm.overlapping(start, end)):
+            if vma.start > pos and not ignore_errors:
+                raise KernelError("ENOMEM", "populate: range not fully mapped")
+            pos = min(end, vma.end)
+            if vma.flags & (VM.IO | VM.PFNMAP) or vma.flags & VM.LOCKONFAULT:
+                continue  # §3.7.3: VM_LOCKONFAULT populate is "no work at all"
+            if not vma.flags & (VM.READ | VM.WRITE | VM.EXEC):
+                continue  # PROT_NONE: nothing to fault
+            write = (vma.flags & (VM.WRITE | VM.SHARED)) == VM.WRITE  # break COW (§3.7.2)
+            await self.faults.fault_range(m, mm, vma, max(start, vma.start),
+                                          min(end, vma.end), write)
+        if pos < end and not ignore_errors:
+            raise KernelError("ENOMEM", "populate: range not fully mapped")
+
+
+def count_mm_mlocked_page_nr(mm: MmState, start: int, end: int) -> int:
+    return sum(min(end, v.end) - max(start, v.start)
+               for v in mm.overlapping(start, end) if v.locked)

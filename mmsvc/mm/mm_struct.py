@@ -1,0 +1,147 @@
+"""mm_struct: an address space as loaded for one syscall under its mmap_lock (spec §1.7)."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from mmsvc.mm.errors import esrch
+from mmsvc.mm.machine import Machine
+from mmsvc.mm.page import PTE
+from mmsvc.mm.vma import Vma
+from mmsvc.store import keys
+from mmsvc.store.redis_store import RedisStore
+
+
+@dataclass(frozen=True)
+class Pte:
+    vpn: int
+    idx: int
+    lv: int
+    bits: int
+
+
+@dataclass
+class MmState:
+    """Info and VMAs of one process; edits are collected and written back by :func:`save`."""
+
+    pid: int
+    key: str
+    info: dict[str, int | str]
+    vmas: list[Vma]
+    removed: set[int] = field(default_factory=set)
+    changed: dict[int, Vma] = field(default_factory=dict)
+    info_changes: dict[str, int | str] = field(default_factory=dict)
+
+    def geti(self, name: str) -> int:
+        return int(self.info[name])
+
+    def set_info(self, name: str, value: int | str) -> None:
+        self.info[name] = value
+        self.info_changes[name] = value
+
+    @property
+    def lv(self) -> int:
+        return self.geti("lv")
+
+    def find(self, vpn: int) -> Vma | None:
+        starts = [v.start for v in self.vmas]
+        i = bisect.bisect_right(starts, vpn) - 1
+        if i >= 0 and self.vmas[i].start <= vpn < self.vmas[i].end:
+            return self.vmas[i]
+        return None
+
+    def overlapping(self, start: int, end: int) -> list[Vma]:
+        return [v for v in self.vmas if v.start < end and v.end > start]
+
+    def covered(self, start: int, end: int) -> bool:
+        """True when VMAs cover [start, end) without holes."""
+        pos = start
+        for v in self.overlapping(start, end):
+            if v.start > pos:
+                return False
+            pos = max(pos, v.end)
+        return pos >= end
+
+    def replace_vmas(self, old: list[Vma], new: list[Vma]) -> None:
+        for v in old:
+            self.vmas.remove(v)
+            self.removed.add(v.id)
+            self.changed.pop(v.id, None)
+        for v in new:
+            self.removed.discard(v.id)
+            self.changed[v.id] = v
+            self.vmas.append(v)
+        self.vmas.sort(key=lambda v: v.start)
+
+    def update_vma(self, v: Vma) -> None:
+        old = next(x for x in self.vmas if x.id == v.id)
+        self.replace_vmas([old], [v])
+
+    @property
+    def locked_pages_total(self) -> int:
+        return sum(v.pages for v in self.vmas if v.locked)
+
+
+async def load_mm(store: RedisStore, m: Machine, pid: int, *, allow_dead: bool = False) -> MmState:
+    key = keys.mm(m.mid, pid)
+    pipe = store.client.pipeline(transaction=False)
+    pipe.hgetall(f"{key}:info")
+    pipe.hgetall(f"{key}:vma")
+    info_raw, vmas_raw = await pipe.execute()
+    if not info_raw:
+        raise esrch(f"no process {pid} on machine {m.mid}")
+    info: dict[str, int | str] = {}
+    for k, v in info_raw.items():
+        s = v.decode()
+        info[k.decode()] = int(s) if s.lstrip("-").isdigit() else s
+    if not allow_dead and not int(info["alive"]):
+        raise esrch(f"process {pid} has exited")
+    vmas = sorted((Vma.from_json(v) for v in vmas_raw.values()), key=lambda v: v.start)
+    return MmState(pid, key, info, vmas)
+
+
+async def save(store: RedisStore, mm: MmState) -> None:
+    """Write back VMA and info edits in one transaction (the mmap_lock is held)."""
+    if not (mm.removed or mm.changed or mm.info_changes):
+        return
+    pipe = store.client.pipeline(transaction=True)
+    if mm.removed:
+        pipe.hdel(f"{mm.key}:vma", *[str(i) for i in mm.removed])
+    if mm.changed:
+        pipe.hset(f"{mm.key}:vma", mapping={str(i): v.to_json() for i, v in mm.changed.items()})
+    if mm.info_changes:
+        pipe.hset(f"{mm.key}:info", mapping=dict(mm.info_changes))
+    await pipe.execute()
+    mm.removed.clear()
+    mm.changed.clear()
+    mm.info_changes.clear()
+
+
+async def pt_read(store: RedisStore, mm_key: str, start: int, end: int) -> dict[int, Pte]:
+    flat = await store.fcall("pt_read", mm_key, start, end)
+    return {int(flat[i]): Pte(int(flat[i]), int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
+            for i in range(0, len(flat), 4)}
+
+
+async def pt_zap(store: RedisStore, mm_key: str, start: int, end: int) -> list[Pte]:
+    flat = await store.fcall("pt_zap", mm_key, start, end)
+    return [Pte(int(flat[i]), int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
+            for i in range(0, len(flat), 4)]
+
+
+async def pt_install(
+    store: RedisStore, mm_key: str, new: list[Pte], expect: dict[int, Pte]
+) -> list[int]:
+    """Install ptes whose current value is the expected one; returns the vpns that raced."""
+    if not new:
+        return []
+    args: list[int] = []
+    for p in new:
+        e = expect.get(p.vpn)
+        args += [p.vpn, p.idx, p.lv, p.bits]
+        args += [e.idx, e.lv, e.bits] if e else [0, 0, 0]
+    return [int(v) for v in await store.fcall("pt_install", mm_key, *args)]
+
+
+assert PTE.size == 8

@@ -1,0 +1,291 @@
+"""mm/mmap.c, mm/mprotect.c and the mm side of fork/exit (spec §3.7.4, §3.8, §1.7.4).
+
+munmap and exit need no munlock walk of their own in the rework (§3.8, patch 03/13): the zap
+removes each pte through page_remove_rmap, whose munlock hook does the work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from mmsvc.locks import Locks
+from mmsvc.mm.errors import KernelError, einval
+from mmsvc.mm.machine import Machine, new_id
+from mmsvc.mm.memory import Faults, Programs, zap_range
+from mmsvc.mm.mlock import Mlock
+from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, save
+from mmsvc.mm.page import PTEBit
+from mmsvc.mm.swap import Swap
+from mmsvc.mm.types import (
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_LOCKED,
+    MAP_NORESERVE,
+    MAP_POPULATE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    MmapArgs,
+)
+from mmsvc.mm.vma import VM, VM_LOCKED_MASK, Vma
+from mmsvc.store import keys
+from mmsvc.store.redis_store import RedisStore
+
+TASK_SIZE_VPN = 1 << 35  # 47-bit user address space
+KNOWN_MAP_FLAGS = (MAP_SHARED | MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS | MAP_LOCKED
+                   | MAP_NORESERVE | MAP_POPULATE)
+GUARD_PAGES = 1  # a gap between mappings, so separately mapped areas never merge
+
+
+def prot_to_vm(prot: int) -> int:
+    if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
+        raise einval("unknown PROT_ bits")
+    flags = 0
+    if prot & PROT_READ:
+        flags |= VM.READ
+    if prot & PROT_WRITE:
+        flags |= VM.WRITE
+    if prot & PROT_EXEC:
+        flags |= VM.EXEC
+    return flags
+
+
+def aligned_range(addr: int, length: int) -> tuple[int, int]:
+    """munmap/mprotect: addr must be page aligned, length > 0, rounded up, no wrap."""
+    if addr < 0 or addr % PAGE_SIZE:
+        raise einval("address not page aligned")
+    if length <= 0:
+        raise einval("length must be positive")
+    start = addr >> PAGE_SHIFT
+    end = start + ((length + PAGE_SIZE - 1) >> PAGE_SHIFT)
+    if end > TASK_SIZE_VPN:
+        raise einval("range beyond the user address space")
+    return start, end
+
+
+class Mmap:
+    """mmap, munmap, mprotect, fork and exit of address spaces, on behalf of one CPU."""
+
+    def __init__(self, store: RedisStore, swap: Swap, locks: Locks, faults: Faults,
+                 mlock: Mlock) -> None:
+        self.store = store
+        self.swap = swap
+        self.locks = locks
+        self.faults = faults
+        self.mlock = mlock
+
+    async def do_mmap(self, m: Machine, mm: MmState, args: MmapArgs) -> tuple[Vma, bool]:
+        """Create the VMA; returns it and whether it must be populated."""
+        if args.length <= 0:
+            raise einval("length must be positive")
+        if args.flags & ~KNOWN_MAP_FLAGS:
+            raise einval("unknown MAP_ flags")
+        kind = args.flags & (MAP_SHARED | MAP_PRIVATE)
+        if kind not in (MAP_SHARED, MAP_PRIVATE):
+            raise einval("exactly one of MAP_SHARED and MAP_PRIVATE")
+        if args.offset < 0 or args.offset % PAGE_SIZE:
+            raise einval("offset not page aligned")
+        if args.addr < 0 or args.addr % PAGE_SIZE and args.flags & MAP_FIXED:
+            raise einval("MAP_FIXED address not page aligned")
+        npages = (args.length + PAGE_SIZE - 1) >> PAGE_SHIFT
+        if npages >= TASK_SIZE_VPN // 2:
+            raise KernelError("ENOMEM", "mapping larger than the address space")
+        flags = prot_to_vm(args.prot) | VM.MAYREAD | VM.MAYWRITE | VM.MAYEXEC
+        if args.flags & MAP_NORESERVE:
+            flags |= VM.NORESERVE
+        anon = bool(args.flags & MAP_ANONYMOUS)
+        file_id = 0
+        pgoff = args.offset >> PAGE_SHIFT
+        if anon:
+            if args.file:
+                raise einval("MAP_ANONYMOUS with a file")
+        else:
+            f = m.files.get(args.file)
+            if f is None:
+                raise KernelError("EBADF", f"no file {args.file!r}")
+            file_id = f.fid
+        if kind == MAP_SHARED:
+            flags |= VM.SHARED | VM.MAYSHARE
+            if anon:
+                # shmem_zero_setup(): shared anonymous memory is an unnamed tmpfs file.
+                file_id = await self._shmem_zero_file(m, npages)
+                pgoff = 0
+        # MAP_LOCKED / MCL_FUTURE (§3.7.4), checked by mlock_future_ok() -> EAGAIN.
+        lockflags = int(mm.geti("def_flags"))
+        if args.flags & MAP_LOCKED:
+            lockflags |= VM.LOCKED
+        flags |= lockflags & VM_LOCKED_MASK
+        if flags & VM.LOCKED and not mm.geti("cap_ipc_lock"):
+            limit = mm.geti("rlim_soft") >> PAGE_SHIFT
+            if mm.geti("locked_vm") + npages > limit:
+                raise KernelError("EAGAIN", "RLIMIT_MEMLOCK exceeded by a locked mapping")
+        start = self._get_unmapped_area(mm, args, npages)
+        if args.flags & MAP_FIXED:
+            await self.do_munmap(m, mm, start, start + npages)
+        vid = await new_id(self.store, m.mid, "vma")
+        if file_id == 0:
+            pgoff = start  # anonymous: linear index = vpn
+        anon_vma = 0 if kind == MAP_SHARED else await new_id(self.store, m.mid, "anon_vma")
+        vma = Vma(vid, start, start + npages, int(flags), file_id, pgoff, anon_vma)
+        if file_id:
+            await self._i_mmap_link(m, mm, vma)
+        mm.replace_vmas([], [vma])
+        if vma.locked:
+            mm.set_info("locked_vm", mm.geti("locked_vm") + npages)
+        if not args.flags & MAP_FIXED:
+            mm.set_info("next_vpn", start - GUARD_PAGES)
+        await save(self.store, mm)
+        populate = (vma.locked and not vma.flags & VM.LOCKONFAULT) or bool(
+            args.flags & MAP_POPULATE and not args.flags & MAP_NORESERVE)
+        return vma, populate
+
+    async def _shmem_zero_file(self, m: Machine, npages: int) -> int:
+        from mmsvc.mm.machine import FileInfo, create_file
+        from mmsvc.mm.types import FileSpec
+
+        info: FileInfo = await create_file(
+            self.store, m, FileSpec(f"dev/zero#{await new_id(self.store, m.mid, 'shm')}", npages)
+        )
+        return info.fid
+
+    def _get_unmapped_area(self, mm: MmState, args: MmapArgs, npages: int) -> int:
+        if args.flags & MAP_FIXED:
+            start = args.addr >> PAGE_SHIFT
+            if start + npages > TASK_SIZE_VPN:
+                raise KernelError("ENOMEM", "fixed mapping beyond the address space")
+            return start
+        hint = args.addr >> PAGE_SHIFT
+        if hint and hint + npages <= TASK_SIZE_VPN and not mm.overlapping(hint, hint + npages):
+            return hint
+        top = mm.geti("next_vpn")
+        lowest = min([v.start for v in mm.vmas], default=top + 1)
+        top = min(top, lowest - GUARD_PAGES)
+        start = top - npages
+        if start < 0x1000:
+            raise KernelError("ENOMEM", "address space exhausted")
+        return start
+
+    async def _i_mmap_link(self, m: Machine, mm: MmState, vma: Vma) -> None:
+        """vma_link(): insert into the file's i_mmap tree under i_mmap_rwsem (write)."""
+        fkey = keys.file(m.mid, vma.file)
+        async with self.locks.hold(f"{fkey}:i_mmap_rwsem", "w"):
+            await self.store.client.hset(f"{fkey}:immap", f"{mm.pid}|{vma.id}",
+                                         f"{vma.pgoff}|{vma.pages}")
+
+    async def _i_mmap_unlink(self, m: Machine, mm: MmState, vmas: list[Vma]) -> None:
+        for vma in vmas:
+            if not vma.file:
+                continue
+            fkey = keys.file(m.mid, vma.file)
+            async with self.locks.hold(f"{fkey}:i_mmap_rwsem", "w"):
+                await self.store.client.hdel(f"{fkey}:immap", f"{mm.pid}|{vma.id}")
+
+    async def _i_mmap_update(self, m: Machine, mm: MmState, old: Vma, new: list[Vma]) -> None:
+        if not old.file:
+            return
+        fkey = keys.file(m.mid, old.file)
+        async with self.locks.hold(f"{fkey}:i_mmap_rwsem", "w"):
+            pipe = self.store.client.pipeline(transaction=True)
+            pipe.hdel(f"{fkey}:immap", f"{mm.pid}|{old.id}")
+            for v in new:
+                pipe.hset(f"{fkey}:immap", f"{mm.pid}|{v.id}", f"{v.pgoff}|{v.pages}")
+            await pipe.execute()
+
+    async def split_at(self, m: Machine, mm: MmState, start: int, end: int) -> list[Vma]:
+        """Split VMAs so that none straddles start or end; returns those inside."""
+        for vma in list(mm.overlapping(start, end)):
+            if vma.start >= start and vma.end <= end:
+                continue
+            pieces = []
+            for s, e in ((vma.start, start), (start, end), (end, vma.end)):
+                s, e = max(s, vma.start), min(e, vma.end)
+                if s < e:
+                    vid = vma.id if not pieces else await new_id(self.store, m.mid, "vma")
+                    pieces.append(vma.clip(s, e, vid))
+            await self._i_mmap_update(m, mm, vma, pieces)
+            mm.replace_vmas([vma], pieces)
+        return mm.overlapping(start, end)
+
+    async def do_munmap(self, m: Machine, mm: MmState, start: int, end: int) -> None:
+        """§3.8.1: locked_vm drops at detach; the zap munlocks through the rmap hook."""
+        inside = await self.split_at(m, mm, start, end)
+        for vma in inside:
+            if vma.locked:
+                mm.set_info("locked_vm", mm.geti("locked_vm") - vma.pages)
+        mm.replace_vmas(inside, [])
+        await save(self.store, mm)
+        for vma in inside:
+            await zap_range(self.store, self.swap, m, mm, vma, vma.start, vma.end)
+        await self._i_mmap_unlink(m, mm, inside)
+
+    async def do_mprotect(self, m: Machine, mm: MmState, start: int, end: int, prot: int) -> None:
+        newprot = prot_to_vm(prot)
+        if not mm.covered(start, end):
+            raise KernelError("ENOMEM", "range not fully mapped")
+        for vma in list(mm.overlapping(start, end)):
+            if newprot & VM.WRITE and vma.shared and vma.file and not vma.flags & VM.MAYWRITE:
+                raise KernelError("EACCES", "file not opened for writing")
+        inside = await self.split_at(m, mm, start, end)
+        populate: list[Vma] = []
+        for vma in inside:
+            oldflags = vma.flags
+            newflags = (oldflags & ~(VM.READ | VM.WRITE | VM.EXEC)) | newprot
+            new = replace(vma, flags=newflags)
+            mm.update_vma(new)
+            if oldflags & VM.WRITE and not newflags & VM.WRITE:
+                await self._wrprotect(mm, vma.start, vma.end)
+            # mprotect_fixup: a locked private mapping made writable is populated (COW broken)
+            if (oldflags & (VM.WRITE | VM.SHARED | VM.LOCKED)) == VM.LOCKED and newflags & VM.WRITE:
+                populate.append(new)
+        for vma in list(mm.overlapping(start, end)):
+            self.mlock._merge(mm, vma) if vma in mm.vmas else None
+        await save(self.store, mm)
+        for vma in populate:
+            cur = mm.find(vma.start)
+            if cur is not None:
+                await self.mlock.populate(m, mm, vma.start, vma.end,
+                                          drain=lambda: self.swap.lru_add_drain(m))
+
+    async def _wrprotect(self, mm: MmState, start: int, end: int) -> None:
+        ptes = await pt_read(self.store, mm.key, start, end)
+        new = [Pte(p.vpn, p.idx, p.lv, p.bits & ~PTEBit.WRITE) for p in ptes.values()
+               if p.bits & PTEBit.WRITE]
+        await pt_install(self.store, mm.key, new, ptes)
+
+    async def exit_mmap(self, m: Machine, mm: MmState) -> None:
+        """§3.8.2: no locked_vm update and no munlock pass; the zap does it."""
+        vmas = list(mm.vmas)
+        for vma in vmas:
+            await zap_range(self.store, self.swap, m, mm, vma, vma.start, vma.end)
+        await self._i_mmap_unlink(m, mm, vmas)
+        mm.replace_vmas(vmas, [])
+        mm.set_info("alive", 0)
+        await save(self.store, mm)
+
+    async def dup_mmap(self, m: Machine, parent: MmState, child: MmState) -> None:
+        """fork: VMAs copied without VM_LOCKED/VM_LOCKONFAULT (§1.7.4); anon ptes shared COW."""
+        for vma in parent.vmas:
+            cid = await new_id(self.store, m.mid, "vma")
+            cv = Vma(cid, vma.start, vma.end, vma.flags & ~VM_LOCKED_MASK, vma.file, vma.pgoff,
+                     vma.anon_vma)
+            child.replace_vmas([], [cv])
+            if cv.file:
+                await self._i_mmap_link(m, child, cv)
+            if vma.shared:
+                continue  # copy_page_range(): shared mappings fault again in the child
+            ptes = await pt_read(self.store, parent.key, vma.start, vma.end)
+            if not ptes:
+                continue
+            progs = Programs.empty()
+            cow = [Pte(p.vpn, p.idx, p.lv, p.bits & ~PTEBit.WRITE) for p in ptes.values()]
+            for p in ptes.values():
+                if not p.bits & PTEBit.ZERO:
+                    progs.add(p.lv, ["M", p.idx])  # page_dup_rmap: no mlock work (§1.7.4)
+            await progs.execute(self.swap, m)
+            await pt_install(self.store, parent.key, cow, ptes)
+            await pt_install(self.store, child.key, cow, {})
+        await save(self.store, child)

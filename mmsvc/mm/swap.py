@@ -1,0 +1,192 @@
+"""mm/swap.c orchestration: a CPU's batches, page programs, and the drains (spec §2.1, §2.7).
+
+Each worker is a CPU.  Its mlock batch and lru_add batch hold entries across lruvecs in one
+order; the entries themselves (with their page references) live in the lruvec slots of the
+store, and this module keeps the order of the runs (which lruvec each pending entry is in) so
+that a flush relocks per lruvec exactly where the kernel would (§2.3).  The order is rebuilt
+from the entries' sequence numbers when a worker starts, so a batch survives its worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmsvc.locks import Locks
+from mmsvc.mm.errors import KernelError
+from mmsvc.mm.machine import Machine, reserve_frames
+from mmsvc.store.redis_store import RedisStore
+
+Op = list[Any]  # a page-program op, see mm_pages in lua/memory.lua
+
+
+@dataclass
+class CpuBatches:
+    """This CPU's pending entries per batch, as the lruvec id of each entry in queue order."""
+
+    mlb: list[int] = field(default_factory=list)
+    lab: list[int] = field(default_factory=list)
+    seq: int = 0
+    loaded: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # preempt_disable()
+
+
+@dataclass
+class ProgramResult:
+    allocs: list[int] = field(default_factory=list)
+    freed: int = 0
+    flushes: int = 0
+    offlru: int = 0
+
+
+def _runs(order: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive entries of one lruvec form a run: one lock acquisition (relock, §2.3)."""
+    runs: list[tuple[int, int]] = []
+    for lv in order:
+        if runs and runs[-1][0] == lv:
+            runs[-1] = (lv, runs[-1][1] + 1)
+        else:
+            runs.append((lv, 1))
+    return runs
+
+
+class Swap:
+    """The batches of one CPU on every machine it serves."""
+
+    def __init__(self, store: RedisStore, locks: Locks) -> None:
+        self.store = store
+        self.locks = locks
+        self.cpu = locks.cpu
+        self._batches: dict[str, CpuBatches] = {}
+        self.lru_cache_disabled = 0
+
+    def batches(self, m: Machine) -> CpuBatches:
+        b = self._batches.get(m.mid)
+        if b is None:
+            b = self._batches[m.mid] = CpuBatches()
+        return b
+
+    async def _load(self, m: Machine, b: CpuBatches) -> None:
+        """Rebuild the run order from the store (a restarted worker finds its batches)."""
+        if b.loaded:
+            return
+        found: dict[str, list[tuple[int, int]]] = {"mlb": [], "lab": []}
+        pipe = self.store.client.pipeline(transaction=False)
+        lvs = sorted(m.lruvecs.values())
+        for lv in lvs:
+            pipe.lrange(f"{m.lv_key(lv)}:mlb:{self.cpu}", 0, -1)
+            pipe.lrange(f"{m.lv_key(lv)}:lab:{self.cpu}", 0, -1)
+        res = await pipe.execute()
+        for i, lv in enumerate(lvs):
+            for which, entries in (("mlb", res[2 * i]), ("lab", res[2 * i + 1])):
+                for e in entries:
+                    found[which].append((int(e.decode().rsplit("|", 1)[1]), lv))
+        for which in ("mlb", "lab"):
+            found[which].sort()
+        b.mlb = [lv for _, lv in found["mlb"]]
+        b.lab = [lv for _, lv in found["lab"]]
+        b.seq = 1 + max([s for s, _ in found["mlb"] + found["lab"]], default=0)
+        b.loaded = True
+
+    def _header(self, m: Machine, b: CpuBatches, lv: int) -> str:
+        return json.dumps({
+            "cpu": self.cpu, "mlb_max": m.cfg.mlock_batch_len, "lab_max": m.cfg.lru_add_batch_len,
+            "mlb_n": len(b.mlb), "lab_n": len(b.lab),
+            "mlb_local": int(all(x == lv for x in b.mlb)),
+            "lab_local": int(all(x == lv for x in b.lab)),
+            "seq": b.seq, "disabled": int(self.lru_cache_disabled > 0),
+            "init_lru_add_bool": 0, "init_cull_one": 0,
+        })
+
+    async def run(self, m: Machine, lv: int, ops: list[Op]) -> ProgramResult:
+        """Run a page program on lruvec lv from this CPU, flushing batches where needed."""
+        b = self.batches(m)
+        async with b.lock:
+            await self._load(m, b)
+            return await self._run_locked(m, b, lv, ops)
+
+    async def _run_locked(self, m: Machine, b: CpuBatches, lv: int, ops: list[Op]) -> ProgramResult:
+        out = ProgramResult()
+        while ops:
+            mlb_local = all(x == lv for x in b.mlb)
+            lab_local = all(x == lv for x in b.lab)
+            raw = await self.store.fcall(
+                "mm_pages", m.lv_key(lv), self._header(m, b, lv), json.dumps(ops)
+            )
+            res = json.loads(raw)
+            out.freed += res["freed"]
+            out.flushes += res["flushes"]
+            out.offlru += res["offlru"]
+            reason = res.get("reason")
+            if reason == "stale":
+                b.loaded = False
+                await self._load(m, b)
+                continue
+            if reason == "reserve":
+                if not await reserve_frames(self.store, m, lv, int(res["need"])):
+                    raise KernelError("ENOMEM", "out of page frames on the node")
+                continue
+            allocs: list[int] = list(res["alloc"]) if isinstance(res["alloc"], list) else []
+            out.allocs.extend(allocs)
+            b.seq = int(res["seq"])
+            b.mlb = [lv] * res["mlb_n"] if mlb_local else b.mlb + [lv] * (res["mlb_n"] - len(b.mlb))
+            b.lab = [lv] * res["lab_n"] if lab_local else b.lab + [lv] * (res["lab_n"] - len(b.lab))
+            done = int(res["done"])
+            ops = _renumber(ops[done:], allocs)
+            if reason:
+                which = "mlb" if reason.startswith("mlb") else "lab"
+                await self._flush(m, b, which)
+        return out
+
+    async def _flush(self, m: Machine, b: CpuBatches, which: str) -> int:
+        """Process every pending entry of one batch, run by run (relock per lruvec, §2.3)."""
+        order = b.mlb if which == "mlb" else b.lab
+        freed = 0
+        for lv, count in _runs(order):
+            key = m.lv_key(lv)
+            res = json.loads(await self.store.fcall("mm_flush", key, which, self.cpu, count, 0))
+            if res.get("reason") == "locked":
+                # Contended: queue for the lruvec lock, then flush with the fencing token.
+                async with self.locks.hold(f"{key}:lock") as held:
+                    res = json.loads(
+                        await self.store.fcall("mm_flush", key, which, self.cpu, count, held.token)
+                    )
+                if res.get("reason"):
+                    raise KernelError("EAGAIN", f"lruvec lock lost during flush: {res['reason']}")
+            freed += int(res["freed"])
+        if which == "mlb":
+            b.mlb = []
+        else:
+            b.lab = []
+        return freed
+
+    async def lru_add_drain(self, m: Machine) -> None:
+        """lru_add_drain(): this CPU's lru_add batch first, the mlock batch last (§2.1.5)."""
+        b = self.batches(m)
+        async with b.lock:
+            await self._load(m, b)
+            if b.lab:
+                await self._flush(m, b, "lab")
+            if b.mlb:
+                await self._flush(m, b, "mlb")
+
+    def pending(self, m: Machine) -> int:
+        b = self.batches(m)
+        return len(b.mlb) + len(b.lab)
+
+
+def _renumber(ops: list[Op], allocs: list[int]) -> list[Op]:
+    """Ops left after a partial run: -k names now resolve against the allocations made."""
+    if not allocs:
+        return ops
+    n = len(allocs)
+    out: list[Op] = []
+    for op in ops:
+        if op[0] != "A" and len(op) > 1 and isinstance(op[1], int) and op[1] < 0:
+            k = -op[1]
+            op = [op[0], allocs[k - 1] if k <= n else -(k - n), *op[2:]]
+        out.append(op)
+    return out

@@ -1,0 +1,320 @@
+"""The emulated kernel's syscall surface for one worker (CPU): :class:`Kernel`.
+
+Each method takes the locks Linux takes (mmap_lock for read or write, ...), loads what it
+needs, delegates to the module named after the kernel file, and maps nothing itself: errors
+are :class:`KernelError` with Linux's errno.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from mmsvc.locks import Locks
+from mmsvc.mm import machine as machines
+from mmsvc.mm import vmstat as views
+from mmsvc.mm.checker import check_machine
+from mmsvc.mm.errors import KernelError, einval
+from mmsvc.mm.kernel import MigrateResult, ReclaimResult
+from mmsvc.mm.lockstat import lock_stat
+from mmsvc.mm.machine import Machine
+from mmsvc.mm.memory import SHMEM_CACHE_FLAGS, Faults, Programs, read_pages
+from mmsvc.mm.mlock import Mlock, page_range
+from mmsvc.mm.mm_struct import MmState, load_mm
+from mmsvc.mm.mmap import Mmap, aligned_range
+from mmsvc.mm.swap import Swap
+from mmsvc.mm.types import (
+    MCL_CURRENT,
+    Advice,
+    CheckReport,
+    FileSpec,
+    LockStatRow,
+    MachineConfig,
+    MmapArgs,
+    PageInfo,
+    ProcessSpec,
+    ProcStatus,
+    SmapsEntry,
+)
+from mmsvc.store import keys
+from mmsvc.store.redis_store import RedisStore
+
+MAX_RANGE_PAGES = 1 << 24  # one request acts on at most 64 GiB of pages that need work
+MAX_VIEW_PAGES = 1 << 20
+
+
+class Kernel:
+    """One CPU of the emulated machines; all state is in the store."""
+
+    def __init__(self, store: RedisStore, cpu: int) -> None:
+        self.store = store
+        self.cpu = cpu
+        self.locks = Locks(store, cpu)
+        self.swap = Swap(store, self.locks)
+        self.faults = Faults(store, self.swap)
+        self.mlocks = Mlock(store, self.swap, self.faults)
+        self.mmaps = Mmap(store, self.swap, self.locks, self.faults, self.mlocks)
+        self._machines: dict[str, Machine] = {}
+
+    # ------------------------------------------------------------------ machines -------
+    async def machine(self, mid: str) -> Machine:
+        m = self._machines.get(mid)
+        if m is None:
+            m = self._machines[mid] = await machines.load_machine(self.store, mid)
+            await self.store.client.sadd(f"{keys.machine(mid)}:cpus", self.cpu)
+        return m
+
+    async def _machine_fresh(self, mid: str) -> Machine:
+        """Files can be created by other workers: reload the shape when one is missing."""
+        self._machines.pop(mid, None)
+        return await self.machine(mid)
+
+    async def create_machine(self, cfg: MachineConfig) -> str:
+        return await machines.create_machine(self.store, cfg)
+
+    async def delete_machine(self, machine: str) -> None:
+        await machines.delete_machine(self.store, machine)
+        self._machines.pop(machine, None)
+
+    async def machine_config(self, machine: str) -> MachineConfig:
+        return (await self.machine(machine)).cfg
+
+    async def list_machines(self) -> list[str]:
+        raw = await self.store.client.smembers(keys.MACHINES)
+        return sorted((x.decode() for x in raw), key=lambda s: (len(s), s))
+
+    async def create_file(self, machine: str, spec: FileSpec) -> None:
+        m = await self._machine_fresh(machine)
+        info = await machines.create_file(self.store, m, spec)
+        if spec.prefill:
+            await self._prefill(m, info.fid, info.pages)
+
+    async def _prefill(self, m: Machine, fid: int, pages: int) -> None:
+        """write(2) of every page: page cache pages via the lru_add batch, then drained."""
+        lv = m.lv_of(0, m.cfg.memcgs[0])
+        owner = f"prefill{fid}"
+        fkey = keys.file(m.mid, fid)
+        for base in range(0, pages, 4096):
+            idxs = list(range(base, min(pages, base + 4096)))
+            await self.store.fcall("pc_lookup", fkey, owner, *idxs)
+            progs = Programs.empty()
+            for n, index in enumerate(idxs, 1):
+                progs.add(lv, ["A", SHMEM_CACHE_FLAGS, fid, index, 0], ["G", -n], ["C", -n])
+            allocs = await progs.execute(self.swap, m)
+            publish: list[int | str] = []
+            for index, idx in zip(idxs, allocs, strict=True):
+                publish += [index, f"{lv}|{idx}"]
+            await self.store.fcall("pc_commit", fkey, owner, *publish)
+        await self.swap.lru_add_drain(m)
+
+    # ----------------------------------------------------------------- processes -------
+    @asynccontextmanager
+    async def _mm(self, machine: str, pid: int, mode: str) -> AsyncIterator[tuple[Machine, MmState]]:
+        m = await self.machine(machine)
+        await load_mm(self.store, m, pid)  # ESRCH before queueing on a lock
+        async with self.locks.hold(f"{keys.mm(m.mid, pid)}:mmap_lock", mode):
+            mm = await load_mm(self.store, m, pid)
+            try:
+                yield m, mm
+            except KeyError as exc:  # a file created by another worker since we cached
+                raise KernelError("EAGAIN", f"stale machine shape: {exc}") from exc
+
+    async def create_process(self, machine: str, spec: ProcessSpec) -> int:
+        return await machines.create_process(self.store, await self.machine(machine), spec)
+
+    async def fork(self, machine: str, pid: int) -> int:
+        async with self._mm(machine, pid, "w") as (m, parent):
+            child_pid = await machines.new_id(self.store, m.mid, "pid")
+            await machines.write_new_mm(
+                self.store, m, child_pid, str(parent.info["memcg"]), parent.geti("node"),
+                parent.geti("rlim_soft"), parent.geti("rlim_hard"),
+                bool(parent.geti("cap_ipc_lock")), next_vpn=parent.geti("next_vpn"),
+            )
+            async with self.locks.hold(f"{keys.mm(m.mid, child_pid)}:mmap_lock", "w"):
+                child = await load_mm(self.store, m, child_pid)
+                await self.mmaps.dup_mmap(m, parent, child)
+            return child_pid
+
+    async def exit(self, machine: str, pid: int) -> None:
+        async with self._mm(machine, pid, "w") as (m, mm):
+            await self.mmaps.exit_mmap(m, mm)
+
+    async def setrlimit(self, machine: str, pid: int, soft: int, hard: int) -> None:
+        if soft < 0 or hard < 0 or soft > hard:
+            raise einval("RLIMIT_MEMLOCK: soft must not exceed hard")
+        async with self._mm(machine, pid, "w") as (_, mm):
+            if hard > mm.geti("rlim_hard") and not mm.geti("cap_ipc_lock"):
+                raise KernelError("EPERM", "raising the hard limit needs CAP_SYS_RESOURCE")
+            mm.set_info("rlim_soft", soft)
+            mm.set_info("rlim_hard", hard)
+            from mmsvc.mm.mm_struct import save
+
+            await save(self.store, mm)
+
+    async def drop_capability(self, machine: str, pid: int, cap: str) -> None:
+        if cap != "CAP_IPC_LOCK":
+            raise einval(f"unsupported capability {cap!r}")
+        async with self._mm(machine, pid, "w") as (_, mm):
+            mm.set_info("cap_ipc_lock", 0)
+            from mmsvc.mm.mm_struct import save
+
+            await save(self.store, mm)
+
+    # ---------------------------------------------------------------- mmap family -------
+    async def mmap(self, machine: str, pid: int, args: MmapArgs) -> int:
+        if args.length > MAX_RANGE_PAGES << 12:
+            raise KernelError("ENOMEM", "mapping too large for this emulator")
+        m = await self._machine_fresh(machine) if args.file else await self.machine(machine)
+        del m
+        async with self._mm(machine, pid, "w") as (m, mm):
+            vma, populate = await self.mmaps.do_mmap(m, mm, args)
+        if populate:
+            async with self._mm(machine, pid, "r") as (m, mm):
+                await self.mlocks.populate(m, mm, vma.start, vma.end, ignore_errors=True,
+                                           drain=lambda: self.swap.lru_add_drain(m))
+        return vma.start << 12
+
+    async def munmap(self, machine: str, pid: int, addr: int, length: int) -> None:
+        start, end = aligned_range(addr, length)
+        async with self._mm(machine, pid, "w") as (m, mm):
+            await self.mmaps.do_munmap(m, mm, start, end)
+
+    async def mprotect(self, machine: str, pid: int, addr: int, length: int, prot: int) -> None:
+        start, end = aligned_range(addr, length)
+        async with self._mm(machine, pid, "w") as (m, mm):
+            await self.mmaps.do_mprotect(m, mm, start, end, prot)
+
+    async def madvise(self, machine: str, pid: int, addr: int, length: int,
+                      advice: Advice) -> None:
+        raise KernelError("ENOTSUP", f"madvise {advice.name} is not emulated yet")
+
+    # ---------------------------------------------------------------- mlock family -------
+    async def mlock(self, machine: str, pid: int, addr: int, length: int, flags: int = 0) -> None:
+        start, end = page_range(addr, length)
+        if end - start > MAX_RANGE_PAGES:
+            raise KernelError("ENOMEM", "range too large for this emulator")
+        async with self._mm(machine, pid, "w") as (m, mm):
+            start, end = await self.mlocks.do_mlock(m, mm, addr, length, flags)
+        async with self._mm(machine, pid, "r") as (m, mm):
+            try:
+                await self.mlocks.populate(m, mm, start, end,
+                                           drain=lambda: self.swap.lru_add_drain(m))
+            except KernelError as exc:
+                # __mlock_posix_error_return: EFAULT -> ENOMEM, ENOMEM -> EAGAIN
+                if exc.errno == "ENOMEM":
+                    raise KernelError("EAGAIN", exc.message) from exc
+                if exc.errno == "EFAULT":
+                    raise KernelError("ENOMEM", exc.message) from exc
+                raise
+
+    async def munlock(self, machine: str, pid: int, addr: int, length: int) -> None:
+        async with self._mm(machine, pid, "w") as (m, mm):
+            await self.mlocks.do_munlock(m, mm, addr, length)
+
+    async def mlockall(self, machine: str, pid: int, flags: int) -> None:
+        async with self._mm(machine, pid, "w") as (m, mm):
+            await self.mlocks.do_mlockall(m, mm, flags)
+        if flags & MCL_CURRENT:
+            async with self._mm(machine, pid, "r") as (m, mm):
+                for vma in list(mm.vmas):
+                    await self.mlocks.populate(m, mm, vma.start, vma.end, ignore_errors=True,
+                                               drain=lambda: self.swap.lru_add_drain(m))
+
+    async def munlockall(self, machine: str, pid: int) -> None:
+        async with self._mm(machine, pid, "w") as (m, mm):
+            await self.mlocks.apply_mlockall_flags(m, mm, 0)
+
+    # --------------------------------------------------------------------- faults -------
+    async def fault(self, machine: str, pid: int, addr: int, length: int, write: bool) -> int:
+        start, end = aligned_range(addr, length)
+        if end - start > MAX_RANGE_PAGES:
+            raise einval("range too large")
+        async with self._mm(machine, pid, "r") as (m, mm):
+            if not mm.covered(start, end):
+                raise KernelError("EFAULT", "SIGSEGV: address not mapped")
+            done = 0
+            for vma in mm.overlapping(start, end):
+                done += await self.faults.fault_range(m, mm, vma, max(start, vma.start),
+                                                      min(end, vma.end), write)
+            return done
+
+    async def migrate(self, machine: str, pid: int, addr: int, length: int,
+                      node: int) -> MigrateResult:
+        raise KernelError("ENOTSUP", "migration is not emulated yet")
+
+    async def reclaim(self, machine: str, node: int | None, memcg: str | None,
+                      nr_pages: int) -> ReclaimResult:
+        raise KernelError("ENOTSUP", "reclaim is not emulated yet")
+
+    async def drain(self, machine: str, all_cpus: bool) -> None:
+        m = await self.machine(machine)
+        await self.swap.lru_add_drain(m)
+        if all_cpus:
+            await self.drain_all(m)
+
+    async def drain_all(self, m: Machine) -> None:
+        """lru_add_drain_all(): other CPUs' batches are drained from the store, as the kernel
+        drains an offline CPU's pagevecs from another CPU."""
+        cpus = {int(c) for c in await self.store.client.smembers(f"{keys.machine(m.mid)}:cpus")}
+        for cpu in sorted(cpus - {self.cpu}):
+            other = Swap(self.store, Locks(self.store, cpu))
+            await other.lru_add_drain(m)
+
+    # ---------------------------------------------------------------------- views -------
+    async def vmstat(self, machine: str) -> dict[str, int]:
+        return await views.vmstat(self.store, await self.machine(machine))
+
+    async def meminfo(self, machine: str) -> dict[str, int]:
+        return await views.meminfo(self.store, await self.machine(machine))
+
+    async def proc_status(self, machine: str, pid: int) -> ProcStatus:
+        m = await self.machine(machine)
+        mm = await load_mm(self.store, m, pid, allow_dead=True)
+        return views.proc_status(mm, await views.rss_pages(self.store, mm))
+
+    async def smaps(self, machine: str, pid: int) -> list[SmapsEntry]:
+        m = await self.machine(machine)
+        return await views.smaps(self.store, m, await load_mm(self.store, m, pid,
+                                                               allow_dead=True))
+
+    async def page_flags(self, machine: str, pid: int, addr: int, length: int) -> list[PageInfo]:
+        start, end = aligned_range(addr, length)
+        if end - start > MAX_VIEW_PAGES:
+            raise einval("at most 1M pages per view")
+        m = await self.machine(machine)
+        mm = await load_mm(self.store, m, pid, allow_dead=True)
+        return await views.page_flags(self.store, m, mm, start, end)
+
+    async def file_pages(self, machine: str, name: str) -> list[PageInfo]:
+        m = await self._machine_fresh(machine)
+        f = m.files.get(name)
+        if f is None:
+            raise KernelError("ENOENT", f"no file {name!r}")
+        raw = await self.store.client.hgetall(f"{keys.file(m.mid, f.fid)}:pc")
+        cached: dict[int, tuple[int, int]] = {}
+        for k, v in raw.items():
+            s = v.decode()
+            if not s.startswith("busy|"):
+                lv, idx = s.split("|")
+                cached[int(k)] = (int(lv), int(idx))
+        order = sorted(cached)
+        pages = await read_pages(self.store, m, [cached[i] for i in order])
+        found = dict(zip(order, pages, strict=True))
+        out = []
+        for index in range(f.pages):
+            if index in found:
+                lv, idx = cached[index]
+                out.append(views.describe_page(m, index << 12, lv, idx, found[index], False))
+            else:
+                out.append(PageInfo(index << 12, False, False, "."))
+        return out
+
+    async def lock_stat(self, machine: str) -> list[LockStatRow]:
+        return await lock_stat(self.store, await self.machine(machine))
+
+    async def check(self, machine: str, drain_all: bool) -> CheckReport:
+        m = await self._machine_fresh(machine)
+        if drain_all:
+            await self.swap.lru_add_drain(m)
+            await self.drain_all(m)
+        return await check_machine(self.store, m, quiescent=drain_all)

@@ -1,0 +1,178 @@
+"""Plain data passed between the gRPC layer, the CLI and the emulated kernel.
+
+These dataclasses are the emulator's whole public surface (see :mod:`mmsvc.mm.kernel`); the
+protobuf messages in ``proto/mmsvc/v1`` mirror them one to one.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+# Linux flag values, so that clients can pass the numbers they know from the man pages.
+PROT_READ = 0x1
+PROT_WRITE = 0x2
+PROT_EXEC = 0x4
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_LOCKED = 0x2000
+MAP_NORESERVE = 0x4000
+MAP_POPULATE = 0x8000
+MLOCK_ONFAULT = 0x01
+MCL_CURRENT = 1
+MCL_FUTURE = 2
+MCL_ONFAULT = 4
+
+
+class Protocol(enum.StrEnum):
+    """Which mlock design a machine runs (spec §10.1 ``protocol``)."""
+
+    REWORK = "rework"
+    LEGACY = "legacy"
+
+
+class Advice(enum.IntEnum):
+    """madvise(2) advice values, numbered as in Linux."""
+
+    MADV_DONTNEED = 4
+    MADV_FREE = 8
+    MADV_COLD = 20
+    MADV_PAGEOUT = 21
+    MADV_POPULATE_READ = 22
+    MADV_POPULATE_WRITE = 23
+    MADV_DONTNEED_LOCKED = 24
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """An isolated emulated machine (spec §1; tunables of §10.1)."""
+
+    nodes: int = 1
+    frames_per_node: int = 262144  # 1 GiB of 4 KiB frames per node
+    memcgs: tuple[str, ...] = ("root",)
+    thp: bool = False
+    swap_pages: int = 0
+    mlock_batch_len: int = 15  # PAGEVEC_SIZE in the seed era; 31 on Linux 6.18
+    lru_add_batch_len: int = 15
+    protocol: Protocol = Protocol.REWORK
+    fault_around_pages: int = 16
+    hpage_pmd_nr: int = 512
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """A new emulated process (trace-format: CAP_IPC_LOCK held, RLIMIT_MEMLOCK 8 MiB)."""
+
+    memcg: str = "root"
+    node: int = 0
+    rlimit_memlock_soft: int = 8 << 20
+    rlimit_memlock_hard: int = 8 << 20
+    cap_ipc_lock: bool = True
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """A tmpfs file with a page cache (shmem: its pages live on the anon LRU lists)."""
+
+    name: str
+    pages: int
+    prefill: bool = False
+
+
+@dataclass(frozen=True)
+class MmapArgs:
+    """mmap(2): ``length`` in bytes; ``file`` names a file of the machine for file mappings."""
+
+    length: int
+    prot: int = PROT_READ | PROT_WRITE
+    flags: int = MAP_PRIVATE | MAP_ANONYMOUS
+    file: str = ""
+    offset: int = 0  # bytes, page aligned
+    addr: int = 0  # hint (or fixed address with MAP_FIXED)
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    """One virtual page as /proc/PID/pagemap + /proc/kpageflags would show it (plus internals)."""
+
+    addr: int
+    vma_present: bool  # a VMA covers the address
+    present: bool
+    kind: str  # "a" anon, "f" page cache, "z" zero page, "." absent
+    pfn: int = 0
+    mlocked: bool = False
+    unevictable: bool = False
+    lru: bool = False
+    active: bool = False
+    lru_list: str = ""  # inactive_anon, active_anon, inactive_file, active_file, unevictable, ""
+    mlock_count: int = -1  # -1 when not on the unevictable LRU (no trustworthy count)
+    refcount: int = 0
+    mapcount: int = 0
+    node: int = 0
+    memcg: str = ""
+    vma_locked: bool = False
+    vma_onfault: bool = False
+
+
+@dataclass(frozen=True)
+class SmapsEntry:
+    start: int
+    end: int
+    size_kb: int
+    rss_kb: int
+    locked_kb: int
+    vm_flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProcStatus:
+    pid: int
+    alive: bool
+    vm_lck_kb: int
+    vm_size_kb: int
+    vm_rss_kb: int
+    memcg: str
+    node: int
+    mlockall_flags: int
+    cap_ipc_lock: bool
+    rlimit_memlock_soft: int
+    rlimit_memlock_hard: int
+
+
+@dataclass(frozen=True)
+class LockStatRow:
+    """One row of /proc/lock_stat (times in microseconds)."""
+
+    lock_class: str
+    instance: str
+    con_bounces: int
+    contentions: int
+    waittime_min: float
+    waittime_max: float
+    waittime_total: float
+    acq_bounces: int
+    acquisitions: int
+    holdtime_min: float
+    holdtime_max: float
+    holdtime_total: float
+
+
+@dataclass
+class CheckReport:
+    """Result of the §8.5 consistency checker."""
+
+    quiescent: bool
+    violations: list[str] = field(default_factory=list)
+    undercounts: int = 0  # Q5 health metric: M(p) >= 1 and not PG_mlocked, or count < M(p)
+    known_exceptions: dict[str, int] = field(default_factory=dict)  # X1, X2, X3
+    pages_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations

@@ -1,0 +1,100 @@
+"""vm_area_struct: VMAs, their flags, splitting and merging (spec §1.7)."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, replace
+
+
+class VM(enum.IntFlag):
+    """vm_flags bits, numbered as in include/linux/mm.h."""
+
+    READ = 0x1
+    WRITE = 0x2
+    EXEC = 0x4
+    SHARED = 0x8
+    MAYREAD = 0x10
+    MAYWRITE = 0x20
+    MAYEXEC = 0x40
+    MAYSHARE = 0x80
+    PFNMAP = 0x400
+    LOCKED = 0x2000
+    IO = 0x4000
+    DONTEXPAND = 0x40000
+    LOCKONFAULT = 0x80000
+    ACCOUNT = 0x100000
+    NORESERVE = 0x200000
+    HUGETLB = 0x400000
+    MIXEDMAP = 0x10000000
+
+
+VM_SPECIAL = VM.IO | VM.DONTEXPAND | VM.PFNMAP | VM.MIXEDMAP  # spec glossary
+VM_LOCKED_MASK = VM.LOCKED | VM.LOCKONFAULT
+
+# smaps VmFlags mnemonics (fs/proc/task_mmu.c show_smap_vma_flags), in the kernel's order.
+_MNEMONICS = (
+    (VM.READ, "rd"), (VM.WRITE, "wr"), (VM.EXEC, "ex"), (VM.SHARED, "sh"), (VM.MAYREAD, "mr"),
+    (VM.MAYWRITE, "mw"), (VM.MAYEXEC, "me"), (VM.MAYSHARE, "ms"), (VM.PFNMAP, "pf"),
+    (VM.LOCKED, "lo"), (VM.IO, "io"), (VM.DONTEXPAND, "de"), (VM.ACCOUNT, "ac"),
+    (VM.NORESERVE, "nr"), (VM.HUGETLB, "ht"), (VM.MIXEDMAP, "mm"), (VM.LOCKONFAULT, "lf"),
+)
+
+
+def vm_flag_names(flags: int) -> tuple[str, ...]:
+    return tuple(name for bit, name in _MNEMONICS if flags & bit)
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One VMA; addresses are virtual page numbers, [start, end)."""
+
+    id: int
+    start: int
+    end: int
+    flags: int
+    file: int = 0  # file id; 0 = anonymous
+    pgoff: int = 0  # page offset in the file (anonymous: the linear index base)
+    anon_vma: int = 0  # anon_vma id (private mappings, once they have anon pages)
+
+    @property
+    def pages(self) -> int:
+        return self.end - self.start
+
+    @property
+    def is_anon(self) -> bool:
+        return self.file == 0
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.flags & VM.SHARED)
+
+    @property
+    def locked(self) -> bool:
+        return bool(self.flags & VM.LOCKED)
+
+    def linear_index(self, vpn: int) -> int:
+        """Page index in the file (or anon_vma) for vpn (linear_page_index)."""
+        return self.pgoff + (vpn - self.start)
+
+    def clip(self, start: int, end: int, new_id: int) -> Vma:
+        """The part of this VMA inside [start, end), keeping pgoff consistent."""
+        s, e = max(self.start, start), min(self.end, end)
+        return replace(self, id=new_id, start=s, end=e, pgoff=self.pgoff + (s - self.start))
+
+    def can_merge_after(self, prev: Vma) -> bool:
+        """vma_merge(): prev immediately precedes self with identical flags and backing."""
+        return (
+            prev.end == self.start
+            and prev.flags == self.flags
+            and prev.file == self.file
+            and prev.anon_vma == self.anon_vma
+            and prev.pgoff + prev.pages == self.pgoff
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Vma:
+        return cls(**json.loads(raw))

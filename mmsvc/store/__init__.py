@@ -1,0 +1,1 @@
+"""The page store: Redis (single node or Cluster-ready key layout) and an embedded default."""
