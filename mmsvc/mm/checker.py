@@ -73,7 +73,7 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
     for pid in pids:
         mm = await load_mm(store, m, pid, allow_dead=True)
         any_alive = any_alive or bool(mm.geti("alive"))
-        if quiescent and mm.geti("locked_vm") != mm.locked_pages_total:  # Q7
+        if quiescent and mm.geti("alive") and mm.geti("locked_vm") != mm.locked_pages_total:  # Q7
             v.append(f"Q7 pid {pid}: locked_vm {mm.geti('locked_vm')} != "
                      f"{mm.locked_pages_total} pages in VM_LOCKED vmas")
         for vma in mm.vmas:

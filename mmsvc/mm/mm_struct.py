@@ -139,8 +139,8 @@ async def pt_install(
     args: list[int] = []
     for p in new:
         e = expect.get(p.vpn)
-        args += [p.vpn, p.idx, p.lv, p.bits]
-        args += [e.idx, e.lv, e.bits] if e else [0, 0, 0]
+        args += [int(p.vpn), int(p.idx), int(p.lv), int(p.bits)]
+        args += [int(e.idx), int(e.lv), int(e.bits)] if e else [0, 0, 0]
     return [int(v) for v in await store.fcall("pt_install", mm_key, *args)]
 
 
