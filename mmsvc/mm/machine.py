@@ -26,6 +26,11 @@ class FileInfo:
     fid: int
     name: str
     pages: int
+    kind: str = "tmpfs"  # or "regular"
+
+    @property
+    def shmem(self) -> bool:
+        return self.kind == "tmpfs"
 
 
 @dataclass
@@ -109,8 +114,8 @@ async def load_machine(store: RedisStore, mid: str) -> Machine:
     lvs = {(int(k.split("|")[0]), k.split("|", 1)[1]): v for k, v in lvs_raw.items()}
     m = Machine(mid, MachineConfig(**conf), lvs)
     for name, val in (await store.client.hgetall(f"{mk}:files")).items():
-        fid, pages = (int(x) for x in val.decode().split("|"))
-        m.files[name.decode()] = FileInfo(fid, name.decode(), pages)
+        fid, pages, kind = val.decode().split("|")
+        m.files[name.decode()] = FileInfo(int(fid), name.decode(), int(pages), kind)
     return m
 
 
@@ -128,12 +133,15 @@ async def create_file(store: RedisStore, m: Machine, spec: FileSpec) -> FileInfo
         raise einval("file names must be 1..255 characters without '|'")
     if not 1 <= spec.pages <= m.cfg.frames_per_node * m.cfg.nodes:
         raise einval("file size must be 1 page .. the machine's memory")
+    if spec.kind not in ("tmpfs", "regular"):
+        raise einval("file kind must be 'tmpfs' or 'regular'")
     mk = keys.machine(m.mid)
     fid = int(await store.client.hincrby(f"{mk}:ids", "file", 1))
-    added = await store.client.hsetnx(f"{mk}:files", spec.name, f"{fid}|{spec.pages}")
+    added = await store.client.hsetnx(f"{mk}:files", spec.name,
+                                      f"{fid}|{spec.pages}|{spec.kind}")
     if not added:
         raise KernelError("EEXIST", f"file {spec.name!r} exists")
-    info = FileInfo(fid, spec.name, spec.pages)
+    info = FileInfo(fid, spec.name, spec.pages, spec.kind)
     m.files[spec.name] = info
     return info
 
@@ -183,3 +191,17 @@ async def reserve_frames(store: RedisStore, m: Machine, lv: int, need: int) -> b
             return True
         await store.client.incrby(free_key, amount)
     return False
+
+
+async def release_reserve(store: RedisStore, m: Machine, lv: int) -> int:
+    """Give a lruvec's unused frames back to its node (after reclaim freed them)."""
+    node, _ = m.lv_identity(lv)
+    reserve = int(await store.client.hget(f"{m.lv_key(lv)}:meta", "reserve") or 0)
+    if reserve <= 0:
+        return 0
+    try:
+        await store.fcall("mm_grant", m.lv_key(lv), -reserve)
+    except Exception:  # raced with an allocation: keep it, nothing is lost
+        return 0
+    await store.client.incrby(f"{keys.node(m.mid, node)}:free", reserve)
+    return reserve

@@ -23,6 +23,12 @@ from mmsvc.store.redis_store import RedisStore
 
 ANON_FLAGS = int(PG.ANON | PG.SWAPBACKED)
 SHMEM_CACHE_FLAGS = int(PG.SWAPBACKED | PG.PAGECACHE)
+FILE_CACHE_FLAGS = int(PG.PAGECACHE)
+
+
+def cache_flags(shmem: bool) -> int:
+    """A new page cache page: shmem pages are swap-backed (anon LRU lists)."""
+    return SHMEM_CACHE_FLAGS if shmem else FILE_CACHE_FLAGS
 
 
 def mlock_filter(vma: Vma) -> bool:
@@ -254,7 +260,8 @@ class Faults:
                 # Read the page into the page cache: a new shmem page via the lru_add batch.
                 slots += 1
                 new_cache[index] = slots
-                progs.add(lv, ["A", SHMEM_CACHE_FLAGS, vma.file, index, 0], ["G", -slots],
+                progs.add(lv, ["A", cache_flags(m.file_by_id(vma.file).shmem), vma.file, index, 0],
+                          ["G", -slots],
                           ["C", -slots])
             if cur is not None and vma.shared:
                 # wp on a shared mapping: make the pte writable (no new mapping).

@@ -15,6 +15,7 @@ from mmsvc.mm.memory import Faults, Programs, zap_range
 from mmsvc.mm.mlock import Mlock
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, save
 from mmsvc.mm.page import PTEBit
+from mmsvc.mm.rmap import anon_vma_add
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.types import (
     MAP_ANONYMOUS,
@@ -129,7 +130,10 @@ class Mmap:
         vid = await new_id(self.store, m.mid, "vma")
         if file_id == 0:
             pgoff = start  # anonymous: linear index = vpn
-        anon_vma = 0 if kind == MAP_SHARED else await new_id(self.store, m.mid, "anon_vma")
+        anon_vma = 0
+        if kind == MAP_PRIVATE:
+            anon_vma = await new_id(self.store, m.mid, "anon_vma")
+            await anon_vma_add(self.store, m, anon_vma, mm.pid)
         vma = Vma(vid, start, start + npages, int(flags), file_id, pgoff, anon_vma)
         if file_id:
             await self._i_mmap_link(m, mm, vma)
@@ -273,6 +277,8 @@ class Mmap:
             cv = Vma(cid, vma.start, vma.end, vma.flags & ~VM_LOCKED_MASK, vma.file, vma.pgoff,
                      vma.anon_vma)
             child.replace_vmas([], [cv])
+            if cv.anon_vma:
+                await anon_vma_add(self.store, m, cv.anon_vma, child.pid)
             if cv.file:
                 await self._i_mmap_link(m, child, cv)
             if vma.shared:

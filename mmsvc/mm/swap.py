@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,8 @@ class ProgramResult:
     freed: int = 0
     flushes: int = 0
     offlru: int = 0
+    isolated: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)  # isolation failed: page not on an LRU
 
 
 def _runs(order: Sequence[int]) -> list[tuple[int, int]]:
@@ -53,6 +56,19 @@ def _runs(order: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+class NeedFrames(Exception):
+    """The lruvec's frame reserve is short: get frames (maybe by direct reclaim) and retry."""
+
+    def __init__(self, need: int, rest: list[Op], done: ProgramResult) -> None:
+        super().__init__(need)
+        self.need = need
+        self.rest = rest
+        self.done = done
+
+
+DirectReclaim = Callable[[Machine, int, int], Awaitable[int]]
+
+
 class Swap:
     """The batches of one CPU on every machine it serves."""
 
@@ -62,6 +78,7 @@ class Swap:
         self.cpu = locks.cpu
         self._batches: dict[str, CpuBatches] = {}
         self.lru_cache_disabled = 0
+        self.direct_reclaim: DirectReclaim | None = None
 
     def batches(self, m: Machine) -> CpuBatches:
         b = self._batches.get(m.mid)
@@ -91,30 +108,45 @@ class Swap:
         b.seq = 1 + max([s for s, _ in found["mlb"] + found["lab"]], default=0)
         b.loaded = True
 
-    def _header(self, m: Machine, b: CpuBatches, lv: int) -> str:
+    def _header(self, m: Machine, b: CpuBatches, lv: int, tok: int = 0) -> str:
         return json.dumps({
             "cpu": self.cpu, "mlb_max": m.cfg.mlock_batch_len, "lab_max": m.cfg.lru_add_batch_len,
             "mlb_n": len(b.mlb), "lab_n": len(b.lab),
             "mlb_local": int(all(x == lv for x in b.mlb)),
             "lab_local": int(all(x == lv for x in b.lab)),
             "seq": b.seq, "disabled": int(self.lru_cache_disabled > 0),
-            "init_lru_add_bool": 0, "init_cull_one": 0,
+            "init_lru_add_bool": 0, "init_cull_one": 0, "tok": tok,
         })
 
     async def run(self, m: Machine, lv: int, ops: list[Op]) -> ProgramResult:
         """Run a page program on lruvec lv from this CPU, flushing batches where needed."""
         b = self.batches(m)
-        async with b.lock:
-            await self._load(m, b)
-            return await self._run_locked(m, b, lv, ops)
+        out = ProgramResult()
+        while True:
+            try:
+                async with b.lock:
+                    await self._load(m, b)
+                    _merge(out, await self._run_locked(m, b, lv, ops))
+                    return out
+            except NeedFrames as exc:
+                _merge(out, exc.done)
+                ops, need = exc.rest, exc.need
+            # Outside the CPU's batch lock: take frames from the node, else reclaim directly.
+            if await reserve_frames(self.store, m, lv, need):
+                continue
+            if self.direct_reclaim is not None and await self.direct_reclaim(m, lv, need):
+                if await reserve_frames(self.store, m, lv, need):
+                    continue
+            raise KernelError("ENOMEM", "out of page frames on the node (after reclaim)")
 
-    async def _run_locked(self, m: Machine, b: CpuBatches, lv: int, ops: list[Op]) -> ProgramResult:
+    async def _run_locked(self, m: Machine, b: CpuBatches, lv: int, ops: list[Op],
+                          tok: int = 0) -> ProgramResult:
         out = ProgramResult()
         while ops:
             mlb_local = all(x == lv for x in b.mlb)
             lab_local = all(x == lv for x in b.lab)
             raw = await self.store.fcall(
-                "mm_pages", m.lv_key(lv), self._header(m, b, lv), json.dumps(ops)
+                "mm_pages", m.lv_key(lv), self._header(m, b, lv, tok), json.dumps(ops)
             )
             res = json.loads(raw)
             out.freed += res["freed"]
@@ -126,16 +158,24 @@ class Swap:
                 await self._load(m, b)
                 continue
             if reason == "reserve":
-                if not await reserve_frames(self.store, m, lv, int(res["need"])):
-                    raise KernelError("ENOMEM", "out of page frames on the node")
-                continue
-            allocs: list[int] = list(res["alloc"]) if isinstance(res["alloc"], list) else []
+                raise NeedFrames(int(res["need"]), ops, out)
+            if reason == "fenced":
+                raise KernelError("EAGAIN", "lruvec lock lease expired (fenced)")
+            allocs = _as_list(res["alloc"])
             out.allocs.extend(allocs)
+            out.isolated.extend(_as_list(res.get("isolated")))
+            out.failed.extend(_as_list(res.get("failed")))
             b.seq = int(res["seq"])
             b.mlb = [lv] * res["mlb_n"] if mlb_local else b.mlb + [lv] * (res["mlb_n"] - len(b.mlb))
             b.lab = [lv] * res["lab_n"] if lab_local else b.lab + [lv] * (res["lab_n"] - len(b.lab))
             done = int(res["done"])
             ops = _renumber(ops[done:], allocs)
+            if reason == "lru_locked":
+                # Contended lruvec lock: queue for it, run the rest holding it (fenced).
+                async with self.locks.hold(f"{m.lv_key(lv)}:lock") as held:
+                    rest = await self._run_locked(m, b, lv, ops, held.token)
+                _merge(out, rest)
+                return out
             if reason:
                 which = "mlb" if reason.startswith("mlb") else "lab"
                 await self._flush(m, b, which)
@@ -176,6 +216,20 @@ class Swap:
     def pending(self, m: Machine) -> int:
         b = self.batches(m)
         return len(b.mlb) + len(b.lab)
+
+
+def _as_list(value: Any) -> list[int]:
+    """cjson encodes an empty Lua table as {}."""
+    return [int(x) for x in value] if isinstance(value, list) else []
+
+
+def _merge(out: ProgramResult, more: ProgramResult) -> None:
+    out.allocs.extend(more.allocs)
+    out.isolated.extend(more.isolated)
+    out.failed.extend(more.failed)
+    out.freed += more.freed
+    out.flushes += more.flushes
+    out.offlru += more.offlru
 
 
 def _renumber(ops: list[Op], allocs: list[int]) -> list[Op]:

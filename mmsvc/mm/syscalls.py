@@ -17,12 +17,14 @@ from mmsvc.mm.checker import check_machine
 from mmsvc.mm.errors import KernelError, einval
 from mmsvc.mm.kernel import MigrateResult, ReclaimResult
 from mmsvc.mm.lockstat import lock_stat
-from mmsvc.mm.machine import Machine
-from mmsvc.mm.memory import SHMEM_CACHE_FLAGS, Faults, Programs, read_pages
+from mmsvc.mm.machine import Machine, release_reserve
+from mmsvc.mm.memory import Faults, Programs, cache_flags, read_pages
 from mmsvc.mm.mlock import Mlock, page_range
 from mmsvc.mm.mm_struct import MmState, load_mm
 from mmsvc.mm.mmap import Mmap, aligned_range
+from mmsvc.mm.rmap import Rmap
 from mmsvc.mm.swap import Swap
+from mmsvc.mm.vmscan import ShrinkStats, Vmscan
 from mmsvc.mm.types import (
     MCL_CURRENT,
     Advice,
@@ -54,6 +56,9 @@ class Kernel:
         self.faults = Faults(store, self.swap)
         self.mlocks = Mlock(store, self.swap, self.faults)
         self.mmaps = Mmap(store, self.swap, self.locks, self.faults, self.mlocks)
+        self.rmap = Rmap(store, self.locks)
+        self.vmscan = Vmscan(store, self.swap, self.rmap)
+        self.swap.direct_reclaim = self._direct_reclaim
         self._machines: dict[str, Machine] = {}
 
     # ------------------------------------------------------------------ machines -------
@@ -87,9 +92,9 @@ class Kernel:
         m = await self._machine_fresh(machine)
         info = await machines.create_file(self.store, m, spec)
         if spec.prefill:
-            await self._prefill(m, info.fid, info.pages)
+            await self._prefill(m, info.fid, info.pages, info.shmem)
 
-    async def _prefill(self, m: Machine, fid: int, pages: int) -> None:
+    async def _prefill(self, m: Machine, fid: int, pages: int, shmem: bool) -> None:
         """write(2) of every page: page cache pages via the lru_add batch, then drained."""
         lv = m.lv_of(0, m.cfg.memcgs[0])
         owner = f"prefill{fid}"
@@ -99,7 +104,7 @@ class Kernel:
             await self.store.fcall("pc_lookup", fkey, owner, *idxs)
             progs = Programs.empty()
             for n, index in enumerate(idxs, 1):
-                progs.add(lv, ["A", SHMEM_CACHE_FLAGS, fid, index, 0], ["G", -n], ["C", -n])
+                progs.add(lv, ["A", cache_flags(shmem), fid, index, 0], ["G", -n], ["C", -n])
             allocs = await progs.execute(self.swap, m)
             publish: list[int | str] = []
             for index, idx in zip(idxs, allocs, strict=True):
@@ -244,7 +249,35 @@ class Kernel:
 
     async def reclaim(self, machine: str, node: int | None, memcg: str | None,
                       nr_pages: int) -> ReclaimResult:
-        raise KernelError("ENOTSUP", "reclaim is not emulated yet")
+        """Memory pressure on a node and/or memcg: scan up to nr_pages per lruvec (§5)."""
+        m = await self._machine_fresh(machine)
+        if nr_pages <= 0 or nr_pages > MAX_RANGE_PAGES:
+            raise einval("nr_pages must be 1..16M")
+        if node is not None and not 0 <= node < m.cfg.nodes:
+            raise einval(f"no node {node}")
+        if memcg is not None and memcg not in m.cfg.memcgs:
+            raise einval(f"no memcg {memcg!r}")
+        total = ShrinkStats()
+        for (n, cg), lv in sorted(m.lruvecs.items(), key=lambda kv: kv[1]):
+            if (node is None or n == node) and (memcg is None or cg == memcg):
+                st = await self.vmscan.shrink_lruvec(m, lv, nr_pages)
+                total.scanned += st.scanned
+                total.reclaimed += st.reclaimed
+                total.culled += st.culled
+                await release_reserve(self.store, m, lv)
+        return ReclaimResult(total.scanned, total.reclaimed, total.culled)
+
+    async def _direct_reclaim(self, m: Machine, lv: int, need: int) -> int:
+        """An allocation found its node empty: reclaim from the node's lruvecs (§5)."""
+        node, _ = m.lv_identity(lv)
+        got = 0
+        for (n, _cg), other in sorted(m.lruvecs.items(), key=lambda kv: kv[1]):
+            if n != node:
+                continue
+            st = await self.vmscan.shrink_lruvec(m, other, max(need, 32))
+            got += st.reclaimed
+            await release_reserve(self.store, m, other)
+        return got
 
     async def drain(self, machine: str, all_cpus: bool) -> None:
         m = await self.machine(machine)

@@ -78,11 +78,17 @@ class ProcessSpec:
 
 @dataclass(frozen=True)
 class FileSpec:
-    """A tmpfs file with a page cache (shmem: its pages live on the anon LRU lists)."""
+    """A file with a page cache.
+
+    ``kind`` "tmpfs" (the default, what traces use): shmem pages, swap-backed, on the anon LRU
+    lists; "regular": a disk file's page cache, on the file LRU lists, reclaimable by dropping
+    clean pages.
+    """
 
     name: str
     pages: int
     prefill: bool = False
+    kind: str = "tmpfs"
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,17 @@ redis.register_function('mm_pages', function(keys, args)
   end
   local function ix(i) if i < 0 then return allocs[-i] end return i end
   local done, reason = 0, nil
+  local isolated, failed = {}, {}
+  -- The lruvec lock, when this program holds it: taken inline by the first isolation, or
+  -- held by the caller (queued acquisition) and passed as h.tok (checked: fencing).
+  local held, hbounce, external = nil, 0, false
+  if h.tok and h.tok > 0 then
+    if not lk_holds(T .. ':lock', h.tok) then
+      return result({done = 0, reason = 'fenced', alloc = allocs, mlb_n = mlb_n,
+                     lab_n = lab_n, seq = seq})
+    end
+    held, external = h.tok, true
+  end
   for k, op in ipairs(ops) do
     local c = op[1]
     local thp = false
@@ -87,6 +98,55 @@ redis.register_function('mm_pages', function(keys, args)
       if p.mapcount < 0 then error('mmsvc: mapcount underflow') end
     elseif c == 'G' then get_page(ix(op[2]), 1)
     elseif c == 'P' then put_page(ix(op[2]), 1)
+    elseif c == 'I' then
+      -- isolate_lru_page (§2.1.1): test-and-clear PG_lru, then under the lruvec lock.
+      local idx = ix(op[2])
+      local p = pg(idx)
+      if not has(p, PG_LRU) then
+        failed[#failed + 1] = idx
+      else
+        if not held then held, hbounce = lk_inline_acquire(T .. ':lock', cpu) end
+        if not held then reason = 'lru_locked'; done = k - 1; break end
+        clr(p, PG_LRU)
+        list_del(idx, p, page_lru(p))
+        set(p, PG_ISOLATED)
+        get_page(idx, 1)
+        isolated[#isolated + 1] = idx
+      end
+    elseif c == 'S' then
+      -- isolate_lru_folios (reclaim): up to op[3] pages from the tail of list op[2].
+      if not held then held, hbounce = lk_inline_acquire(T .. ':lock', cpu) end
+      if not held then reason = 'lru_locked'; done = k - 1; break end
+      local lru, want = op[2], op[3]
+      local n = 0
+      while n < want do
+        local idx = META['t' .. lru]
+        if idx == nil or idx < 0 then break end
+        local p = pg(idx)
+        clr(p, PG_LRU)
+        list_del(idx, p, lru)
+        set(p, PG_ISOLATED)
+        get_page(idx, 1)
+        isolated[#isolated + 1] = idx
+        n = n + 1
+      end
+    elseif c == 'B' then
+      -- putback_lru_page (§2.1.2): lru_cache_add, then drop the isolation reference.
+      local idx = ix(op[2])
+      local p = pg(idx)
+      clr(p, PG_ISOLATED)
+      if op[3] == 1 then set(p, PG_ACTIVE) end
+      dirty(idx)
+      lru_cache_add(idx, cpu, seq)
+      seq = seq + 1
+      lab_n = lab_n + 1
+      put_page(idx, 1)
+      if lab_n >= h.lab_max or has(p, PG_HEAD) or h.disabled == 1 then
+        if h.lab_local == 1 then
+          local nflushed, why = locked_flush('lab', cpu, lab_n, held)
+          if nflushed then lab_n = 0 else reason = 'lab_' .. why end
+        else reason = 'lab' end
+      end
     elseif c == 'F' then
       local p = pg(ix(op[2])); set(p, op[3]); clr(p, op[4]); dirty(ix(op[2]))
     elseif c == 'L' or c == 'N' or c == 'K' then
@@ -100,7 +160,7 @@ redis.register_function('mm_pages', function(keys, args)
       -- §2.2.1.3: flush when full, on a THP head, or while lru_cache_disabled.
       if mlb_n >= h.mlb_max or thp or h.disabled == 1 then
         if h.mlb_local == 1 then
-          local n, why = locked_flush('mlb', cpu, mlb_n, nil)
+          local n, why = locked_flush('mlb', cpu, mlb_n, held)
           if n then mlb_n = 0 else reason = 'mlb_' .. why end
         else reason = 'mlb' end
       end
@@ -110,7 +170,7 @@ redis.register_function('mm_pages', function(keys, args)
       lab_n = lab_n + 1
       if lab_n >= h.lab_max or has(p, PG_HEAD) or h.disabled == 1 then
         if h.lab_local == 1 then
-          local n, why = locked_flush('lab', cpu, lab_n, nil)
+          local n, why = locked_flush('lab', cpu, lab_n, held)
           if n then lab_n = 0 else reason = 'lab_' .. why end
         else reason = 'lab' end
       end
@@ -120,8 +180,9 @@ redis.register_function('mm_pages', function(keys, args)
     done = k
     if reason then break end
   end
+  if held and not external then lk_inline_release(T .. ':lock', held, hbounce, 0) end
   return result({done = done, reason = reason, alloc = allocs, mlb_n = mlb_n, lab_n = lab_n,
-                 seq = seq})
+                 seq = seq, isolated = isolated, failed = failed})
 end)
 
 -- mm_flush(T; which, cpu, count, tok): flush this lruvec's run of `count` entries of cpu's

@@ -1,0 +1,93 @@
+"""mm/rmap.c walks: find every pte mapping a page (spec §1.8, §5.2, §5.3).
+
+A file page is found through its file's i_mmap tree (under i_mmap_rwsem held for read), an
+anonymous page through its anon_vma (under the anon_vma lock).  Walkers read vm_flags without
+the mmap_lock (§1.7.3): they see whatever single store mlock_vma_pages_range made last, which
+is why the VM_IO guard works (§3.6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from mmsvc.locks import Locks
+from mmsvc.mm.machine import Machine
+from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_read
+from mmsvc.mm.page import PG, Page, PTEBit
+from mmsvc.mm.vma import Vma
+from mmsvc.store import keys
+from mmsvc.store.redis_store import RedisStore
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One pte that maps the page: the process, its VMA (flags as last stored) and the pte."""
+
+    pid: int
+    mm_key: str
+    vma: Vma
+    pte: Pte
+
+
+def rmap_lock_key(m: Machine, page: Page) -> str:
+    if page.has(PG.ANON):
+        return f"{keys.anon_vma(m.mid, page.mapping)}:lock"
+    return f"{keys.file(m.mid, page.mapping)}:i_mmap_rwsem"
+
+
+async def anon_vma_add(store: RedisStore, m: Machine, avid: int, pid: int) -> None:
+    """anon_vma_prepare / anon_vma_fork: pid's VMAs may map pages of this anon_vma."""
+    await store.client.sadd(f"{keys.anon_vma(m.mid, avid)}:pids", pid)
+
+
+async def _candidate_pids(store: RedisStore, m: Machine, page: Page) -> list[int]:
+    if page.has(PG.ANON):
+        raw = await store.client.smembers(f"{keys.anon_vma(m.mid, page.mapping)}:pids")
+        return sorted(int(p) for p in raw)
+    fields = await store.client.hkeys(f"{keys.file(m.mid, page.mapping)}:immap")
+    return sorted({int(f.decode().split("|")[0]) for f in fields})
+
+
+def _covers(vma: Vma, page: Page) -> int | None:
+    """The vpn at which vma would map page (vma_address), or None."""
+    if page.has(PG.ANON):
+        if vma.anon_vma != page.mapping:
+            return None
+    elif vma.file != page.mapping:
+        return None
+    if not vma.pgoff <= page.index < vma.pgoff + vma.pages:
+        return None
+    return vma.start + (page.index - vma.pgoff)
+
+
+class Rmap:
+    """rmap_walk on behalf of one CPU."""
+
+    def __init__(self, store: RedisStore, locks: Locks) -> None:
+        self.store = store
+        self.locks = locks
+
+    @asynccontextmanager
+    async def locked(self, m: Machine, page: Page) -> AsyncIterator[None]:
+        """i_mmap_rwsem (or the anon_vma lock) for read, instrumented like every lock."""
+        async with self.locks.hold(rmap_lock_key(m, page), "r"):
+            yield
+
+    async def mappings(self, m: Machine, lv: int, idx: int, page: Page) -> list[Mapping]:
+        """Every pte mapping (lv, idx); the caller holds the rmap lock."""
+        out: list[Mapping] = []
+        for pid in await _candidate_pids(self.store, m, page):
+            try:
+                mm: MmState = await load_mm(self.store, m, pid)
+            except Exception:  # an exited process: nothing of it maps the page
+                continue
+            for vma in mm.vmas:
+                vpn = _covers(vma, page)
+                if vpn is None:
+                    continue
+                pte = (await pt_read(self.store, mm.key, vpn, vpn + 1)).get(vpn)
+                if pte and not pte.bits & PTEBit.ZERO and (pte.lv, pte.idx) == (lv, idx):
+                    out.append(Mapping(pid, mm.key, vma, pte))
+        return out

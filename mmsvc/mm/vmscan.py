@@ -1,0 +1,111 @@
+"""mm/vmscan.c: reclaim, which repairs missed mlocks and never scans the unevictable LRU (§5).
+
+shrink_folio_list for each isolated page:
+* not evictable (PG_mlocked, unevictable mapping)                -> activate: putback culls it;
+* page_referenced finds a VM_LOCKED mapping -> mlock_vma_page, PAGEREF_ACTIVATE (§5.2);
+  with ``reclaim_locked_activate`` off the verdict is RECLAIM and try_to_unmap finds the
+  VM_LOCKED vma instead, mlocks and fails (§5.3) - the same final state;
+* otherwise try_to_unmap; a clean regular-file page then leaves the page cache and is freed.
+Swap is not emulated yet: swap-backed pages (anon, tmpfs) are kept, as Linux keeps them when
+there is no swap space (it then does not even scan the anon lists).
+Access bits are not emulated: mapped pages count as unreferenced.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from mmsvc.mm.machine import Machine
+from mmsvc.mm.memory import Programs, mlock_filter, munlock_filter, read_pages
+from mmsvc.mm.mm_struct import Pte, pt_install
+from mmsvc.mm.page import LRU, PG, Page
+from mmsvc.mm.rmap import Mapping, Rmap
+from mmsvc.mm.swap import Op, Swap
+from mmsvc.store import keys
+from mmsvc.store.redis_store import RedisStore
+
+ACTIVATE, KEEP, RECLAIM = "activate", "keep", "reclaim"
+
+
+@dataclass
+class ShrinkStats:
+    scanned: int = 0
+    reclaimed: int = 0
+    culled: int = 0  # putbacks of pages found mlocked / VM_LOCKED
+    verdicts: Counter[str] | None = None
+
+
+class Vmscan:
+    def __init__(self, store: RedisStore, swap: Swap, rmap: Rmap) -> None:
+        self.store = store
+        self.swap = swap
+        self.rmap = rmap
+
+    async def shrink_lruvec(self, m: Machine, lv: int, nr: int) -> ShrinkStats:
+        """shrink_inactive_list on the file list (anon only with swap, not emulated yet)."""
+        stats = ShrinkStats(verdicts=Counter())
+        res = await self.swap.run(m, lv, [["S", int(LRU.INACTIVE_FILE), nr]])
+        await self.shrink_folio_list(m, lv, res.isolated, stats)
+        return stats
+
+    async def shrink_folio_list(self, m: Machine, lv: int, isolated: list[int],
+                                stats: ShrinkStats) -> None:
+        stats.scanned += len(isolated)
+        pages = await read_pages(self.store, m, [(lv, i) for i in isolated])
+        putback: Programs = Programs.empty()
+        for idx, page in zip(isolated, pages, strict=True):
+            verdict = await self._shrink_one(m, lv, idx, page, stats)
+            assert stats.verdicts is not None
+            stats.verdicts[verdict] += 1
+            if verdict == RECLAIM:
+                stats.reclaimed += 1
+                continue
+            # putback: lru-add re-decides evictability; an mlocked page is culled (§5.1.2)
+            putback.add(lv, ["B", idx, 1 if verdict == ACTIVATE and not self._locked(page)
+                             else 0])
+        await putback.execute(self.swap, m)
+
+    @staticmethod
+    def _locked(page: Page) -> bool:
+        return page.has(PG.MLOCKED) or page.has(PG.UNEVICTABLE_MAPPING)
+
+    async def _shrink_one(self, m: Machine, lv: int, idx: int, page: Page,
+                          stats: ShrinkStats) -> str:
+        if self._locked(page):
+            stats.culled += 1
+            return ACTIVATE  # "activate_locked": not evictable
+        async with self.rmap.locked(m, page):
+            maps = await self.rmap.mappings(m, lv, idx, page)
+            locked = [mp for mp in maps if mp.vma.locked]
+            if locked and m.cfg.protocol == "rework":
+                # §5.2.1 page_referenced_one: "restore the mlock which got missed".
+                if mlock_filter(locked[0].vma):
+                    await self.swap.run(m, lv, [["L", idx]])
+                stats.culled += 1
+                return ACTIVATE
+            if page.has(PG.SWAPBACKED):
+                return KEEP  # no swap space: not reclaimable
+            await self._try_to_unmap(m, lv, idx, maps)
+        await self._remove_from_cache(m, lv, idx, page)
+        return RECLAIM
+
+    async def _try_to_unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping]) -> None:
+        """try_to_unmap_one for each mapping: clear the pte, page_remove_rmap (+ munlock)."""
+        ops: list[Op] = []
+        for mp in maps:
+            await pt_install(self.store, mp.mm_key, [Pte(mp.pte.vpn, 0, 0, 0)],
+                             {mp.pte.vpn: mp.pte})
+            ops.append(["U", idx])
+            if munlock_filter(mp.vma):
+                ops.append(["K", idx])  # §4.2.2: with a drain, for TTU_IGNORE_MLOCK users
+            ops.append(["P", idx])
+        if ops:
+            await self.swap.run(m, lv, ops)
+
+    async def _remove_from_cache(self, m: Machine, lv: int, idx: int, page: Page) -> None:
+        """__remove_mapping: the page leaves the page cache; the last references go."""
+        fkey = keys.file(m.mid, page.mapping)
+        await self.store.client.hdel(f"{fkey}:pc", page.index)
+        await self.swap.run(m, lv, [["F", idx, 0, int(PG.PAGECACHE | PG.ISOLATED)],
+                                    ["P", idx], ["P", idx]])
