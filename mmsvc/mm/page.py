@@ -68,6 +68,7 @@ class PTEBit(enum.IntFlag):
     ZERO = 4  # maps the shared zero page (vm_normal_page() says "no page")
     DIRTY = 8
     YOUNG = 16
+    MIGRATION = 32  # a migration entry (not present): idx/lv name the page being migrated
 
 
 VMSTAT_EVENTS = (

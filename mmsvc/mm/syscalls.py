@@ -21,7 +21,10 @@ from mmsvc.mm.machine import Machine, release_reserve
 from mmsvc.mm.memory import Faults, Programs, cache_flags, read_pages
 from mmsvc.mm.mlock import Mlock, page_range
 from mmsvc.mm.mm_struct import MmState, load_mm
+from mmsvc.mm.migrate import Migrate, MigrateStats, check_target
+from mmsvc.mm.mm_struct import pt_read
 from mmsvc.mm.mmap import Mmap, aligned_range
+from mmsvc.mm.page import PTEBit
 from mmsvc.mm.rmap import Rmap
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.vmscan import ShrinkStats, Vmscan
@@ -58,6 +61,7 @@ class Kernel:
         self.mmaps = Mmap(store, self.swap, self.locks, self.faults, self.mlocks)
         self.rmap = Rmap(store, self.locks)
         self.vmscan = Vmscan(store, self.swap, self.rmap)
+        self.migrator = Migrate(store, self.swap, self.rmap)
         self.swap.direct_reclaim = self._direct_reclaim
         self._machines: dict[str, Machine] = {}
 
@@ -245,7 +249,34 @@ class Kernel:
 
     async def migrate(self, machine: str, pid: int, addr: int, length: int,
                       node: int) -> MigrateResult:
-        raise KernelError("ENOTSUP", "migration is not emulated yet")
+        """move_pages(2)/mbind-like: migrate the range's pages to node (spec §4)."""
+        start, end = aligned_range(addr, length)
+        if end - start > MAX_RANGE_PAGES:
+            raise einval("range too large")
+        async with self._mm(machine, pid, "r") as (m, mm):
+            check_target(m, node)
+            if not mm.covered(start, end):
+                raise KernelError("EFAULT", "range not fully mapped")
+            ptes = await pt_read(self.store, mm.key, start, end)
+            pages = list(dict.fromkeys((p.lv, p.idx) for p in ptes.values()
+                                       if not p.bits & PTEBit.ZERO))
+            stats = MigrateStats()
+            # do_pages_move: lru_cache_disable() drains every CPU and keeps batches empty
+            self.swap.lru_cache_disabled += 1
+            try:
+                await self.swap.lru_add_drain(m)
+                await self.drain_all(m)
+                for lv, idx in pages:
+                    _, memcg = m.lv_identity(lv)
+                    target = m.lv_of(node, memcg)
+                    if target == lv:
+                        stats.migrated += 1
+                        continue
+                    await self.migrator.migrate_page(m, lv, idx, target, stats)
+            finally:
+                self.swap.lru_cache_disabled -= 1
+        errno = "EBUSY" if stats.busy else ("EAGAIN" if stats.failed else "")
+        return MigrateResult(stats.migrated, stats.failed + stats.busy, errno)
 
     async def reclaim(self, machine: str, node: int | None, memcg: str | None,
                       nr_pages: int) -> ReclaimResult:

@@ -1,0 +1,127 @@
+"""mm/migrate.c: page migration to another node (spec §4, patches 08/13 and 11/13).
+
+For each page: isolate it; unmap every pte into a migration entry (page_remove_rmap with its
+munlock hook, then drain the local mlock batch when the vma is VM_LOCKED, §4.2.1); "freeze"
+(the refcount must be exactly what isolation and the page cache hold: a reference left in any
+CPU's batch makes it fail, §4.1); on success copy to a new page on the target node, put the
+new page on the LRU *before* restoring the mappings (so each restored VM_LOCKED pte rebuilds
+its mlock_count, §4.2.4), and free the old page; on failure restore the old page's ptes
+(undercounting it, §4.2.5) and put it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmsvc.mm.errors import KernelError
+from mmsvc.mm.machine import Machine
+from mmsvc.mm.memory import mlock_filter, munlock_filter, read_pages
+from mmsvc.mm.mm_struct import Pte, pt_install
+from mmsvc.mm.page import PG, Page, PTEBit
+from mmsvc.mm.rmap import Mapping, Rmap
+from mmsvc.mm.swap import Op, Swap
+from mmsvc.store import keys
+from mmsvc.store.redis_store import RedisStore
+
+MIGRATE_PASSES = 3  # migrate_pages retries a page that failed to freeze
+COPIED_FLAGS = int(PG.ANON | PG.SWAPBACKED | PG.PAGECACHE | PG.ACTIVE | PG.UNEVICTABLE
+                   | PG.DIRTY | PG.UNEVICTABLE_MAPPING | PG.REFERENCED)
+
+
+@dataclass
+class MigrateStats:
+    migrated: int = 0
+    failed: int = 0
+    busy: int = 0  # could not isolate (EBUSY)
+
+
+class Migrate:
+    def __init__(self, store: RedisStore, swap: Swap, rmap: Rmap) -> None:
+        self.store = store
+        self.swap = swap
+        self.rmap = rmap
+
+    async def migrate_page(self, m: Machine, lv: int, idx: int, target_lv: int,
+                           stats: MigrateStats, *, drain: bool = True) -> None:
+        res = await self.swap.run(m, lv, [["I", idx]])
+        if not res.isolated:
+            stats.busy += 1
+            return
+        page = (await read_pages(self.store, m, [(lv, idx)]))[0]
+        async with self.rmap.locked(m, page):
+            maps = await self.rmap.mappings(m, lv, idx, page)
+            await self._unmap(m, lv, idx, maps, drain)
+            for attempt in range(MIGRATE_PASSES):
+                page = (await read_pages(self.store, m, [(lv, idx)]))[0]
+                if self._can_freeze(page):
+                    await self._move(m, lv, idx, page, target_lv, maps)
+                    stats.migrated += 1
+                    return
+                if drain and attempt + 1 < MIGRATE_PASSES:
+                    await self.swap.lru_add_drain(m)
+            await self._restore(m, lv, idx, maps, (lv, idx))
+        await self.swap.run(m, lv, [["B", idx, 0]])
+        stats.failed += 1
+
+    @staticmethod
+    def _can_freeze(page: Page) -> bool:
+        """folio_ref_freeze: only the isolation reference and the page cache's remain."""
+        return page.refcount == 1 + (1 if page.has(PG.PAGECACHE) else 0)
+
+    async def _unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
+                     drain: bool) -> None:
+        """try_to_migrate_one for each pte: migration entry, page_remove_rmap, drain (§4.2.1)."""
+        for mp in maps:
+            entry = Pte(mp.pte.vpn, idx, lv, int(PTEBit.MIGRATION) | (mp.pte.bits & PTEBit.WRITE))
+            await pt_install(self.store, mp.mm_key, [entry], {mp.pte.vpn: mp.pte})
+            ops: list[Op] = [["U", idx]]
+            if munlock_filter(mp.vma):
+                ops.append(["K", idx])
+            ops.append(["P", idx])
+            await self.swap.run(m, lv, ops)
+            if drain and munlock_filter(mp.vma):
+                await self.swap.lru_add_drain(m)  # mlock_drain_local() (11/13)
+
+    async def _restore(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
+                       new: tuple[int, int]) -> None:
+        """remove_migration_ptes: map (new or old) page again; VM_LOCKED: mlock + drain."""
+        nlv, nidx = new
+        for mp in maps:
+            entry = Pte(mp.pte.vpn, idx, lv, int(PTEBit.MIGRATION) | (mp.pte.bits & PTEBit.WRITE))
+            restored = Pte(mp.pte.vpn, nidx, nlv, mp.pte.bits)
+            raced = await pt_install(self.store, mp.mm_key, [restored], {mp.pte.vpn: entry})
+            if raced:
+                continue  # the mapping was zapped meanwhile
+            ops: list[Op] = [["M", nidx]]
+            if mlock_filter(mp.vma):
+                ops.append(["L", nidx])  # the rmap add counts the mapping (§4.2.4)
+            await self.swap.run(m, nlv, ops)
+            if mp.vma.locked:
+                await self.swap.lru_add_drain(m)  # §4.2.3
+
+    async def _move(self, m: Machine, lv: int, idx: int, old: Page, target_lv: int,
+                    maps: list[Mapping]) -> None:
+        flags = old.flags & COPIED_FLAGS  # PG_mlocked is not transferred (§1.2.2)
+        ops: list[Op] = [["A", flags, old.mapping, old.index, old.aux], ["G", -1]]
+        if old.has(PG.PAGECACHE):
+            ops.append(["G", -1])  # the page cache's reference moves to the new page
+        ops.append(["C", -1])  # §4.2.4: new page on the LRU before the mappings return
+        res = await self.swap.run(m, target_lv, ops)
+        new_idx = res.allocs[0]
+        if old.has(PG.PAGECACHE):
+            fkey = keys.file(m.mid, old.mapping)
+            await self.store.client.hset(f"{fkey}:pc", old.index, f"{target_lv}|{new_idx}")
+        if maps:
+            await self.swap.lru_add_drain(m)
+        await self._restore(m, lv, idx, maps, (target_lv, new_idx))
+        await self.swap.run(m, target_lv, [["P", new_idx]])  # migration's reference
+        # The old page: out of the page cache, no longer isolated, last references dropped.
+        old_ops: list[Op] = [["F", idx, 0, int(PG.ISOLATED | PG.PAGECACHE)], ["P", idx]]
+        if old.has(PG.PAGECACHE):
+            old_ops.append(["P", idx])
+        await self.swap.run(m, lv, old_ops)
+
+
+def check_target(m: Machine, node: int) -> None:
+    if not 0 <= node < m.cfg.nodes:
+        raise KernelError("EINVAL", f"no node {node}")
