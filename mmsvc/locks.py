@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from mmsvc.mm.errors import KernelError
-from mmsvc.store.redis_store import RedisStore
+from mmsvc.store.redis_store import RedisStore, text
 
 DEFAULT_LEASE_MS = 30_000
 
@@ -52,7 +52,7 @@ class Locks:
         if popped is None:
             await self.store.fcall("lk_cancel", key, wid, self.lease_ms)
             raise KernelError("EAGAIN", f"timed out waiting for lock {key}")
-        tok, bounce = popped[1].decode().split("|")
+        tok, bounce = text(popped[1]).split("|")
         now = time.perf_counter()
         return Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now)
 

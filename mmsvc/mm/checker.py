@@ -15,7 +15,7 @@ from mmsvc.mm.types import CheckReport
 from mmsvc.mm.vma import VM
 from mmsvc.mm.vmstat import lruvec_metas
 from mmsvc.store import keys
-from mmsvc.store.redis_store import RedisStore
+from mmsvc.store.redis_store import RedisStore, text
 
 PageRef = tuple[int, int]  # (lruvec id, index)
 
@@ -56,14 +56,14 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
                 entries = await store.client.lrange(f"{m.lv_key(lv)}:{which}:{cpu}", 0, -1)
                 pending += len(entries)
                 for e in entries:
-                    batch_refs[(lv, int(e.decode().split("|")[0]))] += 1
+                    batch_refs[(lv, int(text(e).split("|")[0]))] += 1
     cache_refs: set[PageRef] = set()
     for f in m.files.values():
         for val in (await store.client.hgetall(f"{keys.file(m.mid, f.fid)}:pc")).values():
-            s = val.decode()
-            if not s.startswith("busy|"):
-                lv, idx = s.split("|")
-                cache_refs.add((int(lv), int(idx)))
+            entry = text(val)
+            if not entry.startswith("busy|"):
+                clv, cidx = entry.split("|")
+                cache_refs.add((int(clv), int(cidx)))
 
     # M(p): ptes in VM_LOCKED vmas outside a VM_IO window; mapcounts from page tables.
     locked_maps: Counter[PageRef] = Counter()
@@ -78,12 +78,12 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
                      f"{mm.locked_pages_total} pages in VM_LOCKED vmas")
         for vma in mm.vmas:
             ptes = await pt_read(store, mm.key, vma.start, vma.end)
-            for p in ptes.values():
-                if p.bits & PTEBit.ZERO:
+            for pte in ptes.values():
+                if pte.bits & PTEBit.ZERO:
                     continue
-                mapcounts[(p.lv, p.idx)] += 1
+                mapcounts[(pte.lv, pte.idx)] += 1
                 if (vma.flags & (VM.LOCKED | VM.IO)) == VM.LOCKED:
-                    locked_maps[(p.lv, p.idx)] += 1
+                    locked_maps[(pte.lv, pte.idx)] += 1
 
     # A1 / A3 per lruvec (one zone per node: nr_mlock summed per node).
     mlock_by_node: Counter[int] = Counter()

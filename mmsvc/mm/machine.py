@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from mmsvc.mm.errors import KernelError, einval, esrch
 from mmsvc.mm.types import FileSpec, MachineConfig, ProcessSpec, Protocol
 from mmsvc.store import keys
-from mmsvc.store.redis_store import RedisStore
+from mmsvc.store.redis_store import RedisStore, text
 
 MAX_NODES = 64
 MAX_MEMCGS = 64
@@ -114,8 +114,8 @@ async def load_machine(store: RedisStore, mid: str) -> Machine:
     lvs = {(int(k.split("|")[0]), k.split("|", 1)[1]): v for k, v in lvs_raw.items()}
     m = Machine(mid, MachineConfig(**conf), lvs)
     for name, val in (await store.client.hgetall(f"{mk}:files")).items():
-        fid, pages, kind = val.decode().split("|")
-        m.files[name.decode()] = FileInfo(int(fid), name.decode(), int(pages), kind)
+        fid, pages, kind = text(val).split("|")
+        m.files[text(name)] = FileInfo(int(fid), text(name), int(pages), kind)
     return m
 
 
@@ -168,13 +168,13 @@ async def write_new_mm(
     cap: bool, *, def_flags: int = 0, mlockall: int = 0, locked_vm: int = 0,
     next_vpn: int = MMAP_BASE_VPN,
 ) -> None:
-    info = {
+    info: dict[str, str | int] = {
         "alive": 1, "memcg": memcg, "node": node, "lv": m.lv_of(node, memcg),
         "rlim_soft": soft, "rlim_hard": hard, "cap_ipc_lock": int(cap), "def_flags": def_flags,
         "mlockall": mlockall, "locked_vm": locked_vm, "next_vpn": next_vpn,
     }
     pipe = store.client.pipeline(transaction=True)
-    pipe.hset(f"{keys.mm(m.mid, pid)}:info", mapping=info)
+    pipe.hset(f"{keys.mm(m.mid, pid)}:info", mapping=info)  # type: ignore[arg-type]
     pipe.sadd(f"{keys.machine(m.mid)}:procs", pid)
     await pipe.execute()
 

@@ -212,8 +212,8 @@ class Faults:
         for index, val in zip(indices, looked, strict=True):
             s = val.decode()
             if s == "busy":
-                await self.store.fcall("pc_commit", fkey, owner, *sum(
-                    ([i, ""] for i, v in zip(indices, looked, strict=True) if v == b"new"), []))
+                await self._drop_reservations(fkey, owner, [
+                    i for i, v in zip(indices, looked, strict=True) if v == b"new"])
                 raise KernelError("EAGAIN", "page cache page is being read in by another task")
             cache[index] = None if s == "new" else _lv_idx(s)
         around_idx = sorted({vma.linear_index(v) for v in around} - set(cache))
@@ -227,9 +227,16 @@ class Faults:
             return await self._file_map(m, mm, vma, fkey, owner, wanted, around, cache,
                                         around_cache, write, cow, ptes)
         except BaseException:
-            await self.store.fcall("pc_commit", fkey, owner,
-                                   *sum(([i, ""] for i, v in cache.items() if v is None), []))
+            await self._drop_reservations(fkey, owner, [i for i, v in cache.items() if v is None])
             raise
+
+    async def _drop_reservations(self, fkey: str, owner: str, indices: list[int]) -> None:
+        """Give up page cache slots this fault reserved but did not fill."""
+        args: list[int | str] = []
+        for i in indices:
+            args += [i, ""]
+        if args:
+            await self.store.fcall("pc_commit", fkey, owner, *args)
 
     async def _file_map(
         self, m: Machine, mm: MmState, vma: Vma, fkey: str, owner: str, wanted: list[int],

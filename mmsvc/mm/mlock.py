@@ -74,7 +74,7 @@ class Mlock:
     async def _split(self, m: Machine, mm: MmState, vma: Vma, start: int, end: int) -> Vma:
         if vma.start >= start and vma.end <= end:
             return vma
-        pieces = []
+        pieces: list[Vma] = []
         for s, e in ((vma.start, start), (start, end), (end, vma.end)):
             s, e = max(s, vma.start), min(e, vma.end)
             if s < e:

@@ -111,7 +111,8 @@ async def save(store: RedisStore, mm: MmState) -> None:
     if mm.changed:
         pipe.hset(f"{mm.key}:vma", mapping={str(i): v.to_json() for i, v in mm.changed.items()})
     if mm.info_changes:
-        pipe.hset(f"{mm.key}:info", mapping=dict(mm.info_changes))
+        changes: dict[str, str | int] = dict(mm.info_changes)
+        pipe.hset(f"{mm.key}:info", mapping=changes)  # type: ignore[arg-type]
     await pipe.execute()
     mm.removed.clear()
     mm.changed.clear()

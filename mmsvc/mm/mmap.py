@@ -90,7 +90,7 @@ class Mmap:
             raise einval("exactly one of MAP_SHARED and MAP_PRIVATE")
         if args.offset < 0 or args.offset % PAGE_SIZE:
             raise einval("offset not page aligned")
-        if args.addr < 0 or args.addr % PAGE_SIZE and args.flags & MAP_FIXED:
+        if args.addr < 0 or (args.addr % PAGE_SIZE and args.flags & MAP_FIXED):
             raise einval("MAP_FIXED address not page aligned")
         npages = (args.length + PAGE_SIZE - 1) >> PAGE_SHIFT
         if npages >= TASK_SIZE_VPN // 2:
@@ -204,7 +204,7 @@ class Mmap:
         for vma in list(mm.overlapping(start, end)):
             if vma.start >= start and vma.end <= end:
                 continue
-            pieces = []
+            pieces: list[Vma] = []
             for s, e in ((vma.start, start), (start, end), (end, vma.end)):
                 s, e = max(s, vma.start), min(e, vma.end)
                 if s < e:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,9 +133,9 @@ class Swap:
             # Outside the CPU's batch lock: take frames from the node, else reclaim directly.
             if await reserve_frames(self.store, m, lv, need):
                 continue
-            if self.direct_reclaim is not None and await self.direct_reclaim(m, lv, need):
-                if await reserve_frames(self.store, m, lv, need):
-                    continue
+            reclaimed = self.direct_reclaim is not None and await self.direct_reclaim(m, lv, need)
+            if reclaimed and await reserve_frames(self.store, m, lv, need):
+                continue
             raise KernelError("ENOMEM", "out of page frames on the node (after reclaim)")
 
     async def _run_locked(self, m: Machine, b: CpuBatches, lv: int, ops: list[Op],

@@ -18,16 +18,15 @@ from mmsvc.mm.errors import KernelError, einval
 from mmsvc.mm.kernel import MigrateResult, ReclaimResult
 from mmsvc.mm.lockstat import lock_stat
 from mmsvc.mm.machine import Machine, release_reserve
+from mmsvc.mm.madvise import Madvise
 from mmsvc.mm.memory import Faults, Programs, cache_flags, read_pages
-from mmsvc.mm.mlock import Mlock, page_range
-from mmsvc.mm.mm_struct import MmState, load_mm
 from mmsvc.mm.migrate import Migrate, MigrateStats, check_target
-from mmsvc.mm.mm_struct import pt_read
+from mmsvc.mm.mlock import Mlock, page_range
+from mmsvc.mm.mm_struct import MmState, load_mm, pt_read
 from mmsvc.mm.mmap import Mmap, aligned_range
 from mmsvc.mm.page import PTEBit
 from mmsvc.mm.rmap import Rmap
 from mmsvc.mm.swap import Swap
-from mmsvc.mm.vmscan import ShrinkStats, Vmscan
 from mmsvc.mm.types import (
     MCL_CURRENT,
     Advice,
@@ -41,8 +40,9 @@ from mmsvc.mm.types import (
     ProcStatus,
     SmapsEntry,
 )
+from mmsvc.mm.vmscan import ShrinkStats, Vmscan
 from mmsvc.store import keys
-from mmsvc.store.redis_store import RedisStore
+from mmsvc.store.redis_store import RedisStore, text
 
 MAX_RANGE_PAGES = 1 << 24  # one request acts on at most 64 GiB of pages that need work
 MAX_VIEW_PAGES = 1 << 20
@@ -62,6 +62,7 @@ class Kernel:
         self.rmap = Rmap(store, self.locks)
         self.vmscan = Vmscan(store, self.swap, self.rmap)
         self.migrator = Migrate(store, self.swap, self.rmap)
+        self.madv = Madvise(store, self.swap, self.faults, self.mlocks, self.vmscan)
         self.swap.direct_reclaim = self._direct_reclaim
         self._machines: dict[str, Machine] = {}
 
@@ -90,7 +91,7 @@ class Kernel:
 
     async def list_machines(self) -> list[str]:
         raw = await self.store.client.smembers(keys.MACHINES)
-        return sorted((x.decode() for x in raw), key=lambda s: (len(s), s))
+        return sorted((text(x) for x in raw), key=lambda s: (len(s), s))
 
     async def create_file(self, machine: str, spec: FileSpec) -> None:
         m = await self._machine_fresh(machine)
@@ -118,7 +119,9 @@ class Kernel:
 
     # ----------------------------------------------------------------- processes -------
     @asynccontextmanager
-    async def _mm(self, machine: str, pid: int, mode: str) -> AsyncIterator[tuple[Machine, MmState]]:
+    async def _mm(
+        self, machine: str, pid: int, mode: str
+    ) -> AsyncIterator[tuple[Machine, MmState]]:
         m = await self.machine(machine)
         await load_mm(self.store, m, pid)  # ESRCH before queueing on a lock
         async with self.locks.hold(f"{keys.mm(m.mid, pid)}:mmap_lock", mode):
@@ -195,7 +198,15 @@ class Kernel:
 
     async def madvise(self, machine: str, pid: int, addr: int, length: int,
                       advice: Advice) -> None:
-        raise KernelError("ENOTSUP", f"madvise {advice.name} is not emulated yet")
+        if addr < 0 or addr % 4096:
+            raise einval("address not page aligned")
+        if length < 0:
+            raise einval("negative length")
+        if length == 0:
+            return
+        start, end = aligned_range(addr, length)
+        async with self._mm(machine, pid, "r") as (m, mm):  # madvise_need_mmap_write: no
+            await self.madv.madvise(m, mm, start, end, Advice(advice))
 
     # ---------------------------------------------------------------- mlock family -------
     async def mlock(self, machine: str, pid: int, addr: int, length: int, flags: int = 0) -> None:
@@ -357,10 +368,10 @@ class Kernel:
         raw = await self.store.client.hgetall(f"{keys.file(m.mid, f.fid)}:pc")
         cached: dict[int, tuple[int, int]] = {}
         for k, v in raw.items():
-            s = v.decode()
+            s = text(v)
             if not s.startswith("busy|"):
-                lv, idx = s.split("|")
-                cached[int(k)] = (int(lv), int(idx))
+                lv_s, idx_s = s.split("|")
+                cached[int(k)] = (int(lv_s), int(idx_s))
         order = sorted(cached)
         pages = await read_pages(self.store, m, [cached[i] for i in order])
         found = dict(zip(order, pages, strict=True))

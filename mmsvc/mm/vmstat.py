@@ -76,7 +76,9 @@ async def _ptes_and_pages(
     return ptes, {p.vpn: pg for p, pg in zip(real, pages, strict=True)}
 
 
-def page_info(m: Machine, vpn: int, vma: Vma | None, pte: Pte | None, page: Page | None) -> PageInfo:
+def page_info(
+    m: Machine, vpn: int, vma: Vma | None, pte: Pte | None, page: Page | None
+) -> PageInfo:
     addr = vpn << 12
     vma_locked = bool(vma and vma.flags & VM.LOCKED)
     vma_onfault = bool(vma and vma.flags & VM.LOCKONFAULT)
@@ -113,7 +115,7 @@ async def page_flags(store: RedisStore, m: Machine, mm: MmState, start: int,
 async def smaps(store: RedisStore, m: Machine, mm: MmState) -> list[SmapsEntry]:
     out = []
     for vma in mm.vmas:
-        ptes, pages = await _ptes_and_pages(store, m, mm, vma.start, vma.end)
+        _ptes, pages = await _ptes_and_pages(store, m, mm, vma.start, vma.end)
         rss = 0
         pss_locked = 0
         for vpn, page in pages.items():

@@ -32,10 +32,15 @@ class RedisStore:
         try:
             await self.client.function_load(source, replace=True)
         except ResponseError as exc:  # pragma: no cover - a bug in the Lua sources
-            raise RuntimeError(f"loading the {LIBRARY_NAME} function library failed: {exc}") from exc
+            raise RuntimeError(f"loading the {LIBRARY_NAME} library failed: {exc}") from exc
 
     async def fcall(self, name: str, key: str, *args: Any) -> Any:
-        return await self.client.fcall(name, 1, key, *args)  # type: ignore[no-untyped-call]
+        return await self.client.fcall(name, 1, key, *args)
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def text(value: bytes | str) -> str:
+    """A reply as str (the client returns bytes; typing allows both)."""
+    return value.decode() if isinstance(value, bytes) else value

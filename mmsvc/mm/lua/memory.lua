@@ -147,6 +147,21 @@ redis.register_function('mm_pages', function(keys, args)
           if nflushed then lab_n = 0 else reason = 'lab_' .. why end
         else reason = 'lab' end
       end
+    elseif c == 'D' or c == 'Z' then
+      -- D: deactivate (MADV_COLD); Z: lazyfree (MADV_FREE: anon -> inactive file list).
+      -- The kernel queues these in per-CPU batches drained with the others; applied at once
+      -- here, under the lruvec lock.
+      local idx = ix(op[2])
+      local p = pg(idx)
+      if has(p, PG_LRU) and not has(p, PG_UNEVICTABLE) then
+        if not held then held, hbounce = lk_inline_acquire(T .. ':lock', cpu) end
+        if not held then reason = 'lru_locked'; done = k - 1; break end
+        if c == 'D' then
+          list_move(idx, p, function(q) clr(q, PG_ACTIVE); clr(q, PG_REFERENCED) end)
+        elseif has(p, PG_ANON) and has(p, PG_SWAPBACKED) then
+          list_move(idx, p, function(q) clr(q, PG_ACTIVE); clr(q, PG_SWAPBACKED) end)
+        end
+      end
     elseif c == 'F' then
       local p = pg(ix(op[2])); set(p, op[3]); clr(p, op[4]); dirty(ix(op[2]))
     elseif c == 'L' or c == 'N' or c == 'K' then

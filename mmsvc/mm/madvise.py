@@ -1,0 +1,104 @@
+"""mm/madvise.c: the advice values that meet mlock (trace-format ops; spec §3.8.3)."""
+
+from __future__ import annotations
+
+from mmsvc.mm.errors import KernelError, einval
+from mmsvc.mm.machine import Machine
+from mmsvc.mm.memory import Faults, Programs, zap_range
+from mmsvc.mm.mlock import Mlock
+from mmsvc.mm.mm_struct import MmState, pt_read
+from mmsvc.mm.page import PTEBit
+from mmsvc.mm.swap import Swap
+from mmsvc.mm.types import Advice
+from mmsvc.mm.vma import VM, Vma
+from mmsvc.mm.vmscan import ShrinkStats, Vmscan
+from mmsvc.store.redis_store import RedisStore
+
+
+def _check_vmas(mm: MmState, start: int, end: int, advice: Advice) -> list[Vma]:
+    vmas = mm.overlapping(start, end)
+    for vma in vmas:
+        if vma.flags & VM.PFNMAP:
+            raise einval("madvise on a VM_PFNMAP mapping")
+        locked = bool(vma.flags & VM.LOCKED)
+        if advice in (Advice.MADV_DONTNEED, Advice.MADV_FREE) and locked:
+            raise einval("MADV_DONTNEED/MADV_FREE on a VM_LOCKED mapping")
+        if advice in (Advice.MADV_COLD, Advice.MADV_PAGEOUT) and locked:
+            # can_madv_lru_vma(): the cold/pageout paths still refuse VM_LOCKED (03/13)
+            raise einval("MADV_COLD/MADV_PAGEOUT on a VM_LOCKED mapping")
+        if advice == Advice.MADV_FREE and not vma.is_anon:
+            raise einval("MADV_FREE on a file mapping")
+    return vmas
+
+
+class Madvise:
+    def __init__(self, store: RedisStore, swap: Swap, faults: Faults, mlock: Mlock,
+                 vmscan: Vmscan) -> None:
+        self.store = store
+        self.swap = swap
+        self.faults = faults
+        self.mlock = mlock
+        self.vmscan = vmscan
+
+    async def madvise(self, m: Machine, mm: MmState, start: int, end: int,
+                      advice: Advice) -> None:
+        vmas = _check_vmas(mm, start, end, advice)
+        holes = not mm.covered(start, end)
+        if advice in (Advice.MADV_DONTNEED, Advice.MADV_DONTNEED_LOCKED):
+            for vma in vmas:
+                await zap_range(self.store, self.swap, m, mm, vma, max(start, vma.start),
+                                min(end, vma.end))
+        elif advice in (Advice.MADV_POPULATE_READ, Advice.MADV_POPULATE_WRITE):
+            write = advice == Advice.MADV_POPULATE_WRITE
+            await self.swap.lru_add_drain(m)
+            for vma in vmas:
+                if vma.flags & VM.IO:
+                    raise einval("populate of a VM_IO mapping")
+                if not vma.flags & (VM.READ | VM.WRITE):
+                    raise KernelError("ENOMEM", "populate of a PROT_NONE mapping")
+                await self.faults.fault_range(m, mm, vma, max(start, vma.start),
+                                              min(end, vma.end), write)
+        elif advice == Advice.MADV_COLD:
+            await self.swap.lru_add_drain(m)
+            await self._each_page(m, mm, vmas, start, end, "D")
+        elif advice == Advice.MADV_FREE:
+            await self._each_page(m, mm, vmas, start, end, "Z", exclusive=True)
+        elif advice == Advice.MADV_PAGEOUT:
+            await self.swap.lru_add_drain(m)
+            await self._pageout(m, mm, vmas, start, end)
+        else:  # pragma: no cover - Advice is a closed enum
+            raise einval(f"unsupported advice {advice!r}")
+        if holes:
+            raise KernelError("ENOMEM", "range not fully mapped")
+
+    async def _each_page(self, m: Machine, mm: MmState, vmas: list[Vma], start: int, end: int,
+                         op: str, exclusive: bool = False) -> None:
+        from mmsvc.mm.memory import read_pages
+
+        progs = Programs.empty()
+        for vma in vmas:
+            ptes = await pt_read(self.store, mm.key, max(start, vma.start), min(end, vma.end))
+            real = [p for p in ptes.values() if not p.bits & PTEBit.ZERO]
+            pages = await read_pages(self.store, m, [(p.lv, p.idx) for p in real])
+            for pte, page in zip(real, pages, strict=True):
+                if exclusive and page.mapcount != 1:
+                    continue  # MADV_FREE only frees pages this process alone maps
+                progs.add(pte.lv, [op, pte.idx])
+        await progs.execute(self.swap, m)
+
+    async def _pageout(self, m: Machine, mm: MmState, vmas: list[Vma], start: int,
+                       end: int) -> None:
+        """reclaim_pages(): isolate the range's pages and run shrink_folio_list on them."""
+        stats = ShrinkStats()
+        from collections import Counter
+
+        stats.verdicts = Counter()
+        for vma in vmas:
+            ptes = await pt_read(self.store, mm.key, max(start, vma.start), min(end, vma.end))
+            by_lv: dict[int, list[int]] = {}
+            for p in sorted(ptes.values(), key=lambda p: p.vpn):
+                if not p.bits & PTEBit.ZERO:
+                    by_lv.setdefault(p.lv, []).append(p.idx)
+            for lv, idxs in by_lv.items():
+                res = await self.swap.run(m, lv, [["I", i] for i in dict.fromkeys(idxs)])
+                await self.vmscan.shrink_folio_list(m, lv, res.isolated, stats)
