@@ -10,20 +10,20 @@ local function flush_run(which, cpu, count)
   return entries
 end
 
+-- tok: the caller holds the lruvec lock (queued acquisition): check it (fencing).
+-- Otherwise take it inline; nil, 'locked' when someone else holds or awaits it.
 local function locked_flush(which, cpu, count, tok)
   local L = T .. ':lock'
-  local t0 = redis.call('TIME')
   local entries
   if tok then
     if not lk_holds(L, tok) then return nil, 'fenced' end
     entries = flush_run(which, cpu, count)
+  elseif INSIDE then
+    entries = flush_run(which, cpu, count)  -- already inside a critical section of this call
   else
-    local itok, bounce = lk_inline_acquire(L, cpu)
-    if not itok then return nil, 'locked' end
+    if not ilock_enter(L, cpu) then return nil, 'locked' end
     entries = flush_run(which, cpu, count)
-    local t1 = redis.call('TIME')
-    local hold = (tonumber(t1[1]) - tonumber(t0[1])) * 1e6 + tonumber(t1[2]) - tonumber(t0[2])
-    lk_inline_release(L, itok, bounce, hold)
+    ilock_exit()
   end
   -- after unlock: the batch's references go (this may free pages, §6)
   if which == 'mlb' then
@@ -35,6 +35,8 @@ local function locked_flush(which, cpu, count, tok)
 end
 
 local function result(extra)
+  if INSIDE then ilock_exit() end
+  ilock_commit()
   commit()
   extra.freed = FREED
   extra.reserve = meta('reserve')
@@ -53,6 +55,7 @@ end
 --      lruvec lock is taken; `done` ops have been applied.
 redis.register_function('mm_pages', function(keys, args)
   begin(keys[1])
+  ILK = nil; INSIDE = false
   local h = cjson.decode(args[1])
   local ops = cjson.decode(args[2])
   CFG = h
@@ -67,8 +70,8 @@ redis.register_function('mm_pages', function(keys, args)
   end
   -- A mirror that disagrees with the store (another CPU drained this one as offline, or
   -- the worker restarted) is reloaded by the caller before anything is done.
-  if (h.mlb_local == 1 and redis.call('LLEN', T .. ':mlb:' .. cpu) ~= mlb_n)
-      or (h.lab_local == 1 and redis.call('LLEN', T .. ':lab:' .. cpu) ~= lab_n) then
+  if (h.mlb_local == 1 and #batch('mlb', cpu) ~= mlb_n)
+      or (h.lab_local == 1 and #batch('lab', cpu) ~= lab_n) then
     return result({done = 0, reason = 'stale', alloc = allocs, mlb_n = mlb_n, lab_n = lab_n,
                    seq = seq})
   end
@@ -77,7 +80,7 @@ redis.register_function('mm_pages', function(keys, args)
   local isolated, failed = {}, {}
   -- The lruvec lock, when this program holds it: taken inline by the first isolation, or
   -- held by the caller (queued acquisition) and passed as h.tok (checked: fencing).
-  local held, hbounce, external = nil, 0, false
+  local held, external = nil, false
   if h.tok and h.tok > 0 then
     if not lk_holds(T .. ':lock', h.tok) then
       return result({done = 0, reason = 'fenced', alloc = allocs, mlb_n = mlb_n,
@@ -105,7 +108,7 @@ redis.register_function('mm_pages', function(keys, args)
       if not has(p, PG_LRU) then
         failed[#failed + 1] = idx
       else
-        if not held then held, hbounce = lk_inline_acquire(T .. ':lock', cpu) end
+        if not held then held = ilock_enter(T .. ':lock', cpu) end
         if not held then reason = 'lru_locked'; done = k - 1; break end
         clr(p, PG_LRU)
         list_del(idx, p, page_lru(p))
@@ -115,7 +118,7 @@ redis.register_function('mm_pages', function(keys, args)
       end
     elseif c == 'S' then
       -- isolate_lru_folios (reclaim): up to op[3] pages from the tail of list op[2].
-      if not held then held, hbounce = lk_inline_acquire(T .. ':lock', cpu) end
+      if not held then held = ilock_enter(T .. ':lock', cpu) end
       if not held then reason = 'lru_locked'; done = k - 1; break end
       local lru, want = op[2], op[3]
       local n = 0
@@ -143,7 +146,7 @@ redis.register_function('mm_pages', function(keys, args)
       put_page(idx, 1)
       if lab_n >= h.lab_max or has(p, PG_HEAD) or h.disabled == 1 then
         if h.lab_local == 1 then
-          local nflushed, why = locked_flush('lab', cpu, lab_n, held)
+          local nflushed, why = locked_flush('lab', cpu, lab_n, external and held or nil)
           if nflushed then lab_n = 0 else reason = 'lab_' .. why end
         else reason = 'lab' end
       end
@@ -154,7 +157,7 @@ redis.register_function('mm_pages', function(keys, args)
       local idx = ix(op[2])
       local p = pg(idx)
       if has(p, PG_LRU) and not has(p, PG_UNEVICTABLE) then
-        if not held then held, hbounce = lk_inline_acquire(T .. ':lock', cpu) end
+        if not held then held = ilock_enter(T .. ':lock', cpu) end
         if not held then reason = 'lru_locked'; done = k - 1; break end
         if c == 'D' then
           list_move(idx, p, function(q) clr(q, PG_ACTIVE); clr(q, PG_REFERENCED) end)
@@ -175,7 +178,7 @@ redis.register_function('mm_pages', function(keys, args)
       -- §2.2.1.3: flush when full, on a THP head, or while lru_cache_disabled.
       if mlb_n >= h.mlb_max or thp or h.disabled == 1 then
         if h.mlb_local == 1 then
-          local n, why = locked_flush('mlb', cpu, mlb_n, held)
+          local n, why = locked_flush('mlb', cpu, mlb_n, external and held or nil)
           if n then mlb_n = 0 else reason = 'mlb_' .. why end
         else reason = 'mlb' end
       end
@@ -185,7 +188,7 @@ redis.register_function('mm_pages', function(keys, args)
       lab_n = lab_n + 1
       if lab_n >= h.lab_max or has(p, PG_HEAD) or h.disabled == 1 then
         if h.lab_local == 1 then
-          local n, why = locked_flush('lab', cpu, lab_n, held)
+          local n, why = locked_flush('lab', cpu, lab_n, external and held or nil)
           if n then lab_n = 0 else reason = 'lab_' .. why end
         else reason = 'lab' end
       end
@@ -195,7 +198,6 @@ redis.register_function('mm_pages', function(keys, args)
     done = k
     if reason then break end
   end
-  if held and not external then lk_inline_release(T .. ':lock', held, hbounce, 0) end
   return result({done = done, reason = reason, alloc = allocs, mlb_n = mlb_n, lab_n = lab_n,
                  seq = seq, isolated = isolated, failed = failed})
 end)
@@ -205,6 +207,7 @@ end)
 -- (queued acquisition) and tok is checked against its holders (fencing).
 redis.register_function('mm_flush', function(keys, args)
   begin(keys[1])
+  ILK = nil; INSIDE = false
   CFG = cjson.decode(args[5] or '{}')
   local which, cpu, count, tok = args[1], tonumber(args[2]), tonumber(args[3]), tonumber(args[4])
   if tok == 0 then tok = nil end

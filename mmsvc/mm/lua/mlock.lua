@@ -11,7 +11,7 @@ local function mlock_page(idx, cpu, seq)
     ev('unevictable_pgs_mlocked', nr_pages(p))
   end
   get_page(idx, 1)
-  redis.call('RPUSH', T .. ':mlb:' .. cpu, idx .. '|L|' .. seq)
+  batch_push('mlb', cpu, idx .. '|L|' .. seq)
   return p
 end
 
@@ -23,14 +23,14 @@ local function mlock_new_page(idx, cpu, seq)
   meta_add('nr_mlock', nr_pages(p))
   ev('unevictable_pgs_mlocked', nr_pages(p))
   get_page(idx, 1)
-  redis.call('RPUSH', T .. ':mlb:' .. cpu, idx .. '|N|' .. seq)
+  batch_push('mlb', cpu, idx .. '|N|' .. seq)
   return p
 end
 
 -- §2.2.3 munlock_page: changes nothing but the reference; the batch decides (Appendix C.1).
 local function munlock_page(idx, cpu, seq)
   local p = get_page(idx, 1)
-  redis.call('RPUSH', T .. ':mlb:' .. cpu, idx .. '|U|' .. seq)
+  batch_push('mlb', cpu, idx .. '|U|' .. seq)
   return p
 end
 
@@ -108,9 +108,7 @@ end
 
 -- §2.3 mlock_pagevec for this lruvec's run of `count` entries of cpu's batch.
 local function mlock_flush(cpu, count)
-  local key = T .. ':mlb:' .. cpu
-  local entries = redis.call('LRANGE', key, 0, count - 1)
-  redis.call('LTRIM', key, count, -1)
+  local entries = batch_take('mlb', cpu, count)
   for _, e in ipairs(entries) do
     local idx, tag = string.match(e, '^(%d+)|(%a)')
     idx = tonumber(idx)

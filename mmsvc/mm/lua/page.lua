@@ -12,6 +12,7 @@ local MDIRTY = {}      -- field -> true
 local EV = {}          -- vmstat event deltas
 local FREED = 0        -- pages released to the lruvec's frame reserve by this call
 local STATS = {offlru = 0, flushes = 0}
+local FREE_PUSHES = {}  -- struct page indexes freed by this call
 
 -- bit/struct/cjson exist only when a function runs, not while the library loads.
 local function band(a, b) return bit.band(a, b) end
@@ -24,14 +25,48 @@ local function clr(p, f) p.flags = band(p.flags, bnot(f)) end
 local function test_clear(p, f) local was = has(p, f); clr(p, f); return was end
 local function test_set(p, f) local was = has(p, f); set(p, f); return was end
 
-local function rkey(idx) return T .. ':pg:' .. math.floor(idx / CHUNK_PAGES) end
+local CH = {}           -- chunk number -> chunk string as loaded (records of CHUNK_PAGES pages)
+local BATCH = {}        -- "which:cpu" -> entries of this lruvec's part of a CPU's batch
+local BDIRTY = {}       -- "which:cpu" -> true when BATCH differs from the store
+
+local function ckey(c) return T .. ':pg:' .. c end
 
 local function begin(tag)
-  T = tag; P = {}; PDIRTY = {}; MDIRTY = {}; EV = {}; FREED = 0
+  T = tag; P = {}; PDIRTY = {}; MDIRTY = {}; EV = {}; FREED = 0; CH = {}
+  BATCH = {}; BDIRTY = {}; FREE_PUSHES = {}
   STATS = {offlru = 0, flushes = 0}
   local raw = redis.call('HGETALL', T .. ':meta')
   META = {}
   for i = 1, #raw, 2 do META[raw[i]] = tonumber(raw[i + 1]) end
+end
+
+-- A CPU's batch part, loaded once per call; changes are written back by commit().
+local function batch(which, cpu)
+  local k = which .. ':' .. cpu
+  local b = BATCH[k]
+  if b == nil then
+    b = redis.call('LRANGE', T .. ':' .. k, 0, -1)
+    BATCH[k] = b
+  end
+  return b, k
+end
+
+local function batch_push(which, cpu, entry)
+  local b, k = batch(which, cpu)
+  b[#b + 1] = entry
+  BDIRTY[k] = true
+end
+
+-- Take the first `count` entries of a batch part.
+local function batch_take(which, cpu, count)
+  local b, k = batch(which, cpu)
+  local taken, rest = {}, {}
+  for i, e in ipairs(b) do
+    if i <= count then taken[#taken + 1] = e else rest[#rest + 1] = e end
+  end
+  BATCH[k] = rest
+  BDIRTY[k] = true
+  return taken
 end
 
 local function meta(f) return META[f] or 0 end
@@ -39,13 +74,41 @@ local function meta_set(f, v) META[f] = v; MDIRTY[f] = true end
 local function meta_add(f, d) meta_set(f, meta(f) + d) end
 local function ev(name, n) EV[name] = (EV[name] or 0) + n end
 
+-- The free struct page indexes of this lruvec, as a stack kept in the store.
+local function FREELIST_POP()
+  if #FREE_PUSHES > 0 then
+    local idx = FREE_PUSHES[#FREE_PUSHES]; FREE_PUSHES[#FREE_PUSHES] = nil; return idx
+  end
+  local idx = redis.call('RPOP', T .. ':free')
+  if idx then return tonumber(idx) end
+  idx = meta('top'); meta_set('top', idx + 1)
+  return idx
+end
+local function FREELIST_PUSH(idx) FREE_PUSHES[#FREE_PUSHES + 1] = idx end
+local function FREELIST_COMMIT()
+  for i = 1, #FREE_PUSHES, 500 do
+    redis.call('RPUSH', T .. ':free', unpack(FREE_PUSHES, i, math.min(#FREE_PUSHES, i + 499)))
+  end
+  FREE_PUSHES = {}
+end
+
+local function chunk(c)
+  local s = CH[c]
+  if s == nil then
+    s = redis.call('GET', ckey(c)) or ''
+    CH[c] = s
+  end
+  return s
+end
+
 local function pg(idx)
   local p = P[idx]
   if p then return p end
+  local c = math.floor(idx / CHUNK_PAGES)
+  local s = chunk(c)
   local off = (idx % CHUNK_PAGES) * RECORD_SIZE
-  local s = redis.call('GETRANGE', rkey(idx), off, off + RECORD_SIZE - 1)
-  if #s < RECORD_SIZE then error('mmsvc: no struct page at index ' .. idx .. ' of ' .. T) end
-  local f, ref, mc, prev, nxt, mapping, index, aux = struct.unpack(RECORD_FMT, s)
+  if #s < off + RECORD_SIZE then error('mmsvc: no struct page at index ' .. idx .. ' of ' .. T) end
+  local f, ref, mc, prev, nxt, mapping, index, aux = struct.unpack(RECORD_FMT, s, off + 1)
   p = {flags = f, ref = ref, mapcount = mc, prev = prev, next = nxt,
        mapping = mapping, index = index, aux = aux}
   if band(f, PG_INUSE) == 0 then error('mmsvc: page ' .. idx .. ' of ' .. T .. ' is free') end
@@ -55,18 +118,53 @@ end
 
 local function dirty(idx) PDIRTY[idx] = true end
 
+local ZERO_RECORD = nil
+
 local function commit()
+  -- Pages: rebuild each touched chunk once (one GET and one SET per 256 pages).
+  local by_chunk = {}
   for idx in pairs(PDIRTY) do
-    local p = P[idx]
-    redis.call('SETRANGE', rkey(idx), (idx % CHUNK_PAGES) * RECORD_SIZE,
-      struct.pack(RECORD_FMT, p.flags, p.ref, p.mapcount, p.prev, p.next,
-                  p.mapping, p.index, p.aux))
+    local c = math.floor(idx / CHUNK_PAGES)
+    local t = by_chunk[c]
+    if t == nil then t = {}; by_chunk[c] = t end
+    t[idx % CHUNK_PAGES] = P[idx]
   end
+  if ZERO_RECORD == nil then ZERO_RECORD = string.rep('\0', RECORD_SIZE) end
+  for c, recs in pairs(by_chunk) do
+    local s = chunk(c)
+    local have = math.floor(#s / RECORD_SIZE)
+    local top = have
+    for i in pairs(recs) do if i + 1 > top then top = i + 1 end end
+    local parts = {}
+    for i = 0, top - 1 do
+      local p = recs[i]
+      if p then
+        parts[#parts + 1] = struct.pack(RECORD_FMT, p.flags, p.ref, p.mapcount, p.prev, p.next,
+                                        p.mapping, p.index, p.aux)
+      elseif i < have then
+        parts[#parts + 1] = string.sub(s, i * RECORD_SIZE + 1, (i + 1) * RECORD_SIZE)
+      else
+        parts[#parts + 1] = ZERO_RECORD
+      end
+    end
+    s = table.concat(parts)
+    CH[c] = s
+    redis.call('SET', ckey(c), s)
+  end
+  for k in pairs(BDIRTY) do
+    local key = T .. ':' .. k
+    redis.call('DEL', key)
+    local b = BATCH[k]
+    for i = 1, #b, 500 do
+      redis.call('RPUSH', key, unpack(b, i, math.min(#b, i + 499)))
+    end
+  end
+  FREELIST_COMMIT()
   for name, n in pairs(EV) do meta_add('ev:' .. name, n) end
   local args = {}
   for f in pairs(MDIRTY) do args[#args + 1] = f; args[#args + 1] = META[f] end
   if #args > 0 then redis.call('HSET', T .. ':meta', unpack(args)) end
-  PDIRTY = {}; MDIRTY = {}; EV = {}
+  PDIRTY = {}; MDIRTY = {}; EV = {}; BDIRTY = {}
 end
 
 -- nr_pages of a page: THP heads carry their order in `aux` (bits 0-7).
@@ -125,9 +223,7 @@ local function page_alloc(flags, mapping, index, aux)
   if meta('reserve') <= 0 then return nil end
   meta_add('reserve', -1)
   meta_add('used', 1)
-  local idx = redis.call('RPOP', T .. ':free')
-  if idx then idx = tonumber(idx)
-  else idx = meta('top'); meta_set('top', idx + 1) end
+  local idx = FREELIST_POP()
   local p = {flags = bor(flags, PG_INUSE), ref = 0, mapcount = 0, prev = -1, next = -1,
              mapping = mapping, index = index, aux = aux}
   P[idx] = p
@@ -150,7 +246,7 @@ local function free_page(idx, p)
   if has(p, PG_ISOLATED) then error('mmsvc: freeing an isolated page ' .. idx) end
   p.flags = 0; p.mapcount = 0; p.prev = -1; p.next = -1
   dirty(idx)
-  redis.call('LPUSH', T .. ':free', idx)
+  FREELIST_PUSH(idx)
   meta_add('used', -1)
   meta_add('reserve', 1)
   FREED = FREED + 1

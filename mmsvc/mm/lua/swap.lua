@@ -29,9 +29,7 @@ end
 
 -- Process the first `count` entries of this lruvec's part of cpu's lru_add batch.
 local function lru_add_flush(cpu, count)
-  local key = T .. ':lab:' .. cpu
-  local entries = redis.call('LRANGE', key, 0, count - 1)
-  redis.call('LTRIM', key, count, -1)
+  local entries = batch_take('lab', cpu, count)
   for _, e in ipairs(entries) do lru_add_one(tonumber(string.match(e, '^(%d+)'))) end
   -- §2.1.4: after the loop, unlock, then drop each entry's reference.
   return entries
@@ -45,6 +43,6 @@ end
 local function lru_cache_add(idx, cpu, seq)
   local p = get_page(idx, 1)
   if has(p, PG_LRU) then error('mmsvc: lru_cache_add of a page already on the LRU') end
-  redis.call('RPUSH', T .. ':lab:' .. cpu, idx .. '|' .. seq)
+  batch_push('lab', cpu, idx .. '|' .. seq)
   return p
 end

@@ -1,0 +1,60 @@
+"""Benchmark (a): mlock of an already-faulted 64k-page range, pages/s, against
+`redis-benchmark -P 32 -t hset` ops/s on the same private redis-server (target ratio >= 0.25).
+
+Run: python -m benchmarks.bench_mlock [--pages 65536] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+from benchmarks.common import redis_benchmark_hset
+from mmsvc.mm.syscalls import Kernel
+from mmsvc.mm.types import MachineConfig, MmapArgs, ProcessSpec
+from mmsvc.store.embedded import EmbeddedRedis
+from mmsvc.store.redis_store import RedisStore
+
+
+async def one_run(url: str, pages: int) -> tuple[float, float]:
+    store = await RedisStore.connect(url)
+    k = Kernel(store, 0)
+    mid = await k.create_machine(MachineConfig(frames_per_node=pages + 4096))
+    pid = await k.create_process(mid, ProcessSpec())
+    addr = await k.mmap(mid, pid, MmapArgs(length=pages * 4096))
+    await k.fault(mid, pid, addr, pages * 4096, True)
+    await k.drain(mid, False)
+    t0 = time.perf_counter()
+    await k.mlock(mid, pid, addr, pages * 4096)
+    t_lock = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await k.munlock(mid, pid, addr, pages * 4096)
+    t_unlock = time.perf_counter() - t0
+    report = await k.check(mid, True)
+    assert report.ok, report.violations[:5]
+    await k.delete_machine(mid)
+    await store.close()
+    return pages / t_lock, pages / t_unlock
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pages", type=int, default=65536)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    with EmbeddedRedis() as server:
+        baseline = redis_benchmark_hset(server)
+        runs = [asyncio.run(one_run(server.url, args.pages)) for _ in range(args.repeat)]
+    lock = statistics.median(r[0] for r in runs)
+    unlock = statistics.median(r[1] for r in runs)
+    print(f"baseline redis-benchmark -P 32 -t hset: {baseline:,.0f} ops/s")
+    print(f"mlock   of {args.pages} faulted pages: {lock:,.0f} pages/s  ratio {lock / baseline:.3f}"
+          "  (target >= 0.25)")
+    print(f"munlock of {args.pages} locked pages:  {unlock:,.0f} pages/s  "
+          f"ratio {unlock / baseline:.3f}")
+
+
+if __name__ == "__main__":
+    main()
