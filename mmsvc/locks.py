@@ -31,6 +31,7 @@ class Held:
     bounce: int
     wait_us: float
     granted_at: float
+    stats: str | None = None  # statistics kept for a family of locks (page locks)
 
 
 class Locks:
@@ -41,12 +42,22 @@ class Locks:
         self.cpu = cpu
         self.lease_ms = lease_ms
 
-    async def acquire(self, key: str, mode: str = "w") -> Held:
+    async def try_acquire(self, key: str, mode: str = "w", stats: str | None = None) -> Held | None:
+        """trylock: the lock now, or None (nothing queued)."""
+        res = await self.store.fcall("lk_acquire", key, mode, self.cpu, "-", self.lease_ms,
+                                     "try", stats or key)
+        if int(res[0]) == 1:
+            return Held(key, mode, int(res[1]), False, int(res[2]), 0.0, time.perf_counter(),
+                        stats)
+        return None
+
+    async def acquire(self, key: str, mode: str = "w", stats: str | None = None) -> Held:
         wid = uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
         res = await self.store.fcall("lk_acquire", key, mode, self.cpu, wid, self.lease_ms)
         if int(res[0]) == 1:
-            return Held(key, mode, int(res[1]), False, int(res[2]), 0.0, time.perf_counter())
+            return Held(key, mode, int(res[1]), False, int(res[2]), 0.0, time.perf_counter(),
+                        stats)
         # Queued: the releaser hands us the token on our private list.
         popped = await self.store.client.blpop([f"{key}:w:{wid}"], timeout=self.lease_ms / 1000)
         if popped is None:
@@ -54,18 +65,20 @@ class Locks:
             raise KernelError("EAGAIN", f"timed out waiting for lock {key}")
         tok, bounce = text(popped[1]).split("|")
         now = time.perf_counter()
-        return Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now)
+        return Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now, stats)
 
     async def release(self, held: Held) -> None:
         hold_us = (time.perf_counter() - held.granted_at) * 1e6
         await self.store.fcall(
             "lk_release", held.key, held.token, int(held.contended), held.bounce,
-            f"{held.wait_us:.3f}", f"{hold_us:.3f}", self.lease_ms,
+            f"{held.wait_us:.3f}", f"{hold_us:.3f}", self.lease_ms, held.stats or held.key,
         )
 
     @asynccontextmanager
-    async def hold(self, key: str, mode: str = "w") -> AsyncIterator[Held]:
-        held = await self.acquire(key, mode)
+    async def hold(
+        self, key: str, mode: str = "w", stats: str | None = None
+    ) -> AsyncIterator[Held]:
+        held = await self.acquire(key, mode, stats)
         try:
             yield held
         finally:

@@ -116,7 +116,8 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
     balance = (ev["unevictable_pgs_mlocked"] - ev["unevictable_pgs_munlocked"]
                - ev["unevictable_pgs_stranded"] - ev["unevictable_pgs_cleared"])
     total_mlocked = sum(mlock_by_node.values())
-    if balance != total_mlocked:  # A2 (§7.3)
+    legacy = str(m.cfg.protocol) == "legacy"  # §8.5: A2, A5, Q3 (and Q9) do not apply
+    if balance != total_mlocked and not legacy:  # A2 (§7.3)
         v.append(f"A2 mlocked-munlocked-stranded-cleared = {balance} != {total_mlocked} "
                  "PG_mlocked pages")
 
@@ -126,7 +127,7 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
         lru_unev = p.has(PG.LRU) and p.has(PG.UNEVICTABLE)
         if lru_unev and p.has(PG.ACTIVE):
             v.append(f"A4 {name}: active and unevictable on the LRU")
-        if lru_unev and p.prev < 0:
+        if lru_unev and p.prev < 0 and not legacy:
             v.append(f"A5 {name}: mlock_count {p.prev} < 0")
         if p.has(PG.MLOCKED) and p.has(PG.TAIL):
             v.append(f"A7 {name}: PG_mlocked on a THP tail")
@@ -144,11 +145,11 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
             v.append(f"Q1 {name}: mlocked page on an evictable list")
         if lru_unev and not p.has(PG.MLOCKED) and not p.has(PG.UNEVICTABLE_MAPPING):
             v.append(f"Q2 {name}: stranded on the unevictable LRU without PG_mlocked")
-        if lru_unev and p.has(PG.MLOCKED) and p.prev > M:
+        if lru_unev and p.has(PG.MLOCKED) and p.prev > M and not legacy:
             v.append(f"Q3 {name}: mlock_count {p.prev} > {M} locked mappings (overcount)")
         if p.has(PG.MLOCKED) and M == 0 and not p.has(PG.UNEVICTABLE_MAPPING):
             v.append(f"Q4 {name}: PG_mlocked with no VM_LOCKED mapping")
-        if M >= 1 and (not p.has(PG.MLOCKED) or (lru_unev and p.prev < M)):
+        if M >= 1 and (not p.has(PG.MLOCKED) or (lru_unev and p.prev < M and not legacy)):
             rep.undercounts += 1  # Q5: allowed, reclaim repairs it
     for ref, p in pages.items():
         if not p.flags & PG.INUSE and p.flags:

@@ -10,12 +10,17 @@ from mmsvc.store.redis_store import RedisStore
 
 async def lock_instances(store: RedisStore, m: Machine) -> list[tuple[str, str, str]]:
     """(class, instance, key) of every lock of the machine, in a stable order."""
-    out = [("lruvec_lock", f"node{n}/{cg}", f"{m.lv_key(lv)}:lock")
-           for (n, cg), lv in sorted(m.lruvecs.items(), key=lambda kv: kv[1])]
+    out: list[tuple[str, str, str]] = []
+    for (n, cg), lv in sorted(m.lruvecs.items(), key=lambda kv: kv[1]):
+        out.append(("lruvec_lock", f"node{n}/{cg}", f"{m.lv_key(lv)}:lock"))
+        out.append(("page_lock", f"node{n}/{cg}", f"{m.lv_key(lv)}:page_lock"))
     for f in sorted(m.files.values(), key=lambda f: f.fid):
         out.append(("i_mmap_rwsem", f.name, f"{keys.file(m.mid, f.fid)}:i_mmap_rwsem"))
     pids = sorted(int(p) for p in await store.client.smembers(f"{keys.machine(m.mid)}:procs"))
     out += [("mmap_lock", f"pid{p}", f"{keys.mm(m.mid, p)}:mmap_lock") for p in pids]
+    avs = int(await store.client.hget(f"{keys.machine(m.mid)}:ids", "anon_vma") or 0)
+    out += [("anon_vma_lock", f"av{a}", f"{keys.anon_vma(m.mid, a)}:lock")
+            for a in range(1, avs + 1)]
     return out
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap
 from mmsvc.mm.page import PG, Page, PTEBit
+from mmsvc.mm.rmap import new_anon_ops, page_add_rmap_ops, page_remove_rmap_ops
 from mmsvc.mm.swap import Op, Swap
-from mmsvc.mm.vma import VM, VM_SPECIAL, Vma
+from mmsvc.mm.vma import VM, Vma
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
 
@@ -29,21 +31,6 @@ FILE_CACHE_FLAGS = int(PG.PAGECACHE)
 def cache_flags(shmem: bool) -> int:
     """A new page cache page: shmem pages are swap-backed (anon LRU lists)."""
     return SHMEM_CACHE_FLAGS if shmem else FILE_CACHE_FLAGS
-
-
-def mlock_filter(vma: Vma) -> bool:
-    """§2.8.1 mlock_vma_page: VM_LOCKED without VM_IO (the mlock walk's guard, §3.6)."""
-    return (vma.flags & (VM.LOCKED | VM.IO)) == VM.LOCKED
-
-
-def munlock_filter(vma: Vma) -> bool:
-    """§2.8.2 munlock_vma_page: VM_LOCKED; VM_IO is not checked."""
-    return bool(vma.flags & VM.LOCKED)
-
-
-def new_anon_locked(vma: Vma) -> bool:
-    """§2.9: VM_LOCKED and none of VM_SPECIAL -> mlock_new_page, else lru_cache_add."""
-    return bool(vma.flags & VM.LOCKED) and not vma.flags & VM_SPECIAL
 
 
 @dataclass
@@ -99,6 +86,8 @@ class Faults:
     def __init__(self, store: RedisStore, swap: Swap) -> None:
         self.store = store
         self.swap = swap
+        # legacy: COW in a VM_LOCKED vma munlocks the old page with page_mlock (§9.7)
+        self.legacy_cow: Callable[[Machine, list[tuple[int, int]]], Awaitable[None]] | None = None
 
     async def fault_range(
         self, m: Machine, mm: MmState, vma: Vma, start: int, end: int, write: bool
@@ -123,6 +112,7 @@ class Faults:
         installs: list[tuple[int, int | None, int]] = []  # vpn, new page slot or None, bits
         expect: dict[int, Pte] = {}
         wp_reuse: list[Pte] = []
+        cow_old: list[tuple[int, int]] = []
         new_count = 0
         to_check = [p for vpn, p in ptes.items() if write and not p.bits & PTEBit.WRITE
                     and not p.bits & PTEBit.ZERO]
@@ -147,20 +137,13 @@ class Faults:
                     wp_reuse.append(cur)  # do_wp_page: reuse the only reference
                     continue
                 # wp_page_copy: the old page loses this mapping (§3.4.2 COW caller).
-                old_ops: list[Op] = [["U", cur.idx]]
-                if munlock_filter(vma):
-                    old_ops.append(["K", cur.idx])
-                old_ops.append(["P", cur.idx])
-                old_progs.add(cur.lv, *old_ops)
+                old_progs.add(cur.lv, *page_remove_rmap_ops(m, vma, cur.idx), ["P", cur.idx])
+                cow_old.append((cur.lv, cur.idx))
             if cur is not None:
                 expect[vpn] = cur
             new_count += 1
-            ops: list[Op] = [
-                ["A", ANON_FLAGS, vma.anon_vma, vma.linear_index(vpn), 0],
-                ["M", -new_count],
-                ["N" if new_anon_locked(vma) else "C", -new_count],
-            ]
-            progs.add(mm.lv, *ops)
+            progs.add(mm.lv, ["A", ANON_FLAGS, vma.anon_vma, vma.linear_index(vpn), 0],
+                      *new_anon_ops(m, vma, -new_count))
             installs.append((vpn, new_count, int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)))
         allocs = await progs.execute(self.swap, m)
         new_ptes = [
@@ -175,6 +158,9 @@ class Faults:
         if raced:
             raise KernelError("EAGAIN", f"concurrent fault on {len(raced)} pages")
         await old_progs.execute(self.swap, m)
+        legacy = str(m.cfg.protocol) == "legacy"
+        if self.legacy_cow is not None and cow_old and vma.locked and legacy:
+            await self.legacy_cow(m, cow_old)
         return new_count
 
     # ---------------------------------------------------------------- file / shmem -------
@@ -259,7 +245,7 @@ class Faults:
                 hit = around_cache.get(index)
                 if hit is None:
                     continue
-                progs.add(hit[0], ["M", hit[1]], *([["L", hit[1]]] if mlock_filter(vma) else []))
+                progs.add(hit[0], *page_add_rmap_ops(m, vma, hit[1]))
                 installs.append((vpn, hit, map_bits))
                 continue
             page = cache[index]
@@ -279,21 +265,18 @@ class Faults:
                 # do_cow_fault / wp_page_copy: a private anonymous copy of the file page.
                 if cur is not None:
                     expect[vpn] = cur
-                    old_ops: list[Op] = [["U", cur.idx]]
-                    if munlock_filter(vma):
-                        old_ops.append(["K", cur.idx])
-                    old_ops.append(["P", cur.idx])
-                    old_progs.add(cur.lv, *old_ops)
+                    old_progs.add(cur.lv, *page_remove_rmap_ops(m, vma, cur.idx),
+                                  ["P", cur.idx])
                 slots += 1
-                progs.add(lv, ["A", ANON_FLAGS, vma.anon_vma, index, 0], ["M", -slots],
-                          ["N" if new_anon_locked(vma) else "C", -slots])
+                progs.add(lv, ["A", ANON_FLAGS, vma.anon_vma, index, 0],
+                          *new_anon_ops(m, vma, -slots))
                 installs.append((vpn, slots, int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)))
                 continue
             ref: tuple[int, int] | int = page if page is not None else new_cache[index]
             if isinstance(ref, tuple):
-                progs.add(ref[0], ["M", ref[1]], *([["L", ref[1]]] if mlock_filter(vma) else []))
+                progs.add(ref[0], *page_add_rmap_ops(m, vma, ref[1]))
             else:
-                progs.add(lv, ["M", -ref], *([["L", -ref]] if mlock_filter(vma) else []))
+                progs.add(lv, *page_add_rmap_ops(m, vma, -ref))
             installs.append((vpn, ref, map_bits | (PTEBit.DIRTY if write else 0)))
         allocs = await progs.execute(self.swap, m)
         publish: list[int | str] = []
@@ -329,10 +312,7 @@ async def zap_range(
     for p in removed:
         if p.bits & PTEBit.ZERO:
             continue
-        ops: list[Op] = [["U", p.idx]]
-        if munlock_filter(vma):
-            ops.append(["K", p.idx])  # §3.4.1: at the end of every page_remove_rmap
-        rmap.add(p.lv, *ops)
+        rmap.add(p.lv, *page_remove_rmap_ops(m, vma, p.idx))  # §3.4.1
         puts.add(p.lv, ["P", p.idx])
     await rmap.execute(swap, m)
     await puts.execute(swap, m)

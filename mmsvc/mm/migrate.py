@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine
-from mmsvc.mm.memory import mlock_filter, munlock_filter, read_pages
+from mmsvc.mm.memory import read_pages
 from mmsvc.mm.mm_struct import Pte, pt_install
 from mmsvc.mm.page import PG, Page, PTEBit
-from mmsvc.mm.rmap import Mapping, Rmap
+from mmsvc.mm.rmap import Mapping, Rmap, page_add_rmap_ops, page_remove_rmap_ops
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
@@ -74,12 +74,8 @@ class Migrate:
         for mp in maps:
             entry = Pte(mp.pte.vpn, idx, lv, int(PTEBit.MIGRATION) | (mp.pte.bits & PTEBit.WRITE))
             await pt_install(self.store, mp.mm_key, [entry], {mp.pte.vpn: mp.pte})
-            ops: list[Op] = [["U", idx]]
-            if munlock_filter(mp.vma):
-                ops.append(["K", idx])
-            ops.append(["P", idx])
-            await self.swap.run(m, lv, ops)
-            if drain and munlock_filter(mp.vma):
+            await self.swap.run(m, lv, [*page_remove_rmap_ops(m, mp.vma, idx), ["P", idx]])
+            if drain and mp.vma.locked:
                 await self.swap.lru_add_drain(m)  # mlock_drain_local() (11/13)
 
     async def _restore(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
@@ -92,9 +88,9 @@ class Migrate:
             raced = await pt_install(self.store, mp.mm_key, [restored], {mp.pte.vpn: entry})
             if raced:
                 continue  # the mapping was zapped meanwhile
-            ops: list[Op] = [["M", nidx]]
-            if mlock_filter(mp.vma):
-                ops.append(["L", nidx])  # the rmap add counts the mapping (§4.2.4)
+            ops = page_add_rmap_ops(m, mp.vma, nidx)  # counts the mapping again (§4.2.4)
+            if str(m.cfg.protocol) == "legacy" and mp.vma.locked:
+                ops.append(["Y", nidx])  # legacy remove_migration_pte mlocks explicitly (§9.3.5)
             await self.swap.run(m, nlv, ops)
             if mp.vma.locked:
                 await self.swap.lru_add_drain(m)  # §4.2.3

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from mmsvc.mm.errors import KernelError, einval
+from mmsvc.mm.legacy import Legacy
 from mmsvc.mm.machine import Machine, new_id
 from mmsvc.mm.memory import Faults, Programs
 from mmsvc.mm.mm_struct import MmState, pt_read, save
@@ -44,10 +45,11 @@ def can_do_mlock(mm: MmState) -> bool:
 class Mlock:
     """The mlock family of syscalls on behalf of one CPU."""
 
-    def __init__(self, store: RedisStore, swap: Swap, faults: Faults) -> None:
+    def __init__(self, store: RedisStore, swap: Swap, faults: Faults, legacy: Legacy) -> None:
         self.store = store
         self.swap = swap
         self.faults = faults
+        self.legacy = legacy
 
     # ------------------------------------------------------------------ mlock_fixup ------
     async def mlock_fixup(
@@ -63,7 +65,14 @@ class Mlock:
             mm.set_info("locked_vm", mm.geti("locked_vm") - npages)
         elif not oldflags & VM.LOCKED:
             mm.set_info("locked_vm", mm.geti("locked_vm") + npages)
-        if newflags & VM.LOCKED and oldflags & VM.LOCKED:
+        if str(m.cfg.protocol) == "legacy":
+            # §9.3.1 / §9.4.1: the flags change directly; munlock clears them, then walks.
+            target = replace(target, flags=newflags)
+            mm.update_vma(target)
+            if oldflags & VM.LOCKED and not newflags & VM.LOCKED:
+                await save(self.store, mm)
+                await self.legacy.munlock_range(m, mm, target.start, target.end)
+        elif newflags & VM.LOCKED and oldflags & VM.LOCKED:
             # §3.5.4: "No work to do, and mlocking twice would be wrong".
             target = replace(target, flags=newflags)
             mm.update_vma(target)
@@ -211,13 +220,20 @@ class Mlock:
             if vma.start > pos and not ignore_errors:
                 raise KernelError("ENOMEM", "populate: range not fully mapped")
             pos = min(end, vma.end)
-            if vma.flags & (VM.IO | VM.PFNMAP) or vma.flags & VM.LOCKONFAULT:
+            a, b = max(start, vma.start), min(end, vma.end)
+            legacy = str(m.cfg.protocol) == "legacy"
+            if vma.flags & (VM.IO | VM.PFNMAP):
+                continue
+            if vma.flags & VM.LOCKONFAULT:
+                if legacy:  # §9.3.2: FOLL_MLOCK without FOLL_POPULATE: present pages only
+                    await self.legacy.populate_mlock(m, mm, vma, a, b)
                 continue  # §3.7.3: VM_LOCKONFAULT populate is "no work at all"
             if not vma.flags & (VM.READ | VM.WRITE | VM.EXEC):
                 continue  # PROT_NONE: nothing to fault
             write = (vma.flags & (VM.WRITE | VM.SHARED)) == VM.WRITE  # break COW (§3.7.2)
-            await self.faults.fault_range(m, mm, vma, max(start, vma.start),
-                                          min(end, vma.end), write)
+            await self.faults.fault_range(m, mm, vma, a, b, write)
+            if legacy:
+                await self.legacy.populate_mlock(m, mm, vma, a, b)
         if pos < end and not ignore_errors:
             raise KernelError("ENOMEM", "populate: range not fully mapped")
 

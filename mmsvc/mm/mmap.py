@@ -78,6 +78,21 @@ class Mmap:
         self.locks = locks
         self.faults = faults
         self.mlock = mlock
+        self.legacy = mlock.legacy
+
+    async def _legacy_munlock_all(self, m: Machine, mm: MmState, vmas: list[Vma]) -> list[Vma]:
+        """Legacy munmap/exit: munlock_vma_pages_all for each VM_LOCKED vma first (§9.6)."""
+        if str(m.cfg.protocol) != "legacy":
+            return vmas
+        out = []
+        for vma in vmas:
+            if vma.locked:
+                vma = replace(vma, flags=vma.flags & ~VM_LOCKED_MASK)
+                mm.update_vma(vma)
+                await save(self.store, mm)
+                await self.legacy.munlock_range(m, mm, vma.start, vma.end)
+            out.append(vma)
+        return out
 
     async def do_mmap(self, m: Machine, mm: MmState, args: MmapArgs) -> tuple[Vma, bool]:
         """Create the VMA; returns it and whether it must be populated."""
@@ -220,6 +235,7 @@ class Mmap:
         for vma in inside:
             if vma.locked:
                 mm.set_info("locked_vm", mm.geti("locked_vm") - vma.pages)
+        inside = await self._legacy_munlock_all(m, mm, inside)
         mm.replace_vmas(inside, [])
         await save(self.store, mm)
         for vma in inside:
@@ -262,7 +278,7 @@ class Mmap:
 
     async def exit_mmap(self, m: Machine, mm: MmState) -> None:
         """§3.8.2: no locked_vm update and no munlock pass; the zap does it."""
-        vmas = list(mm.vmas)
+        vmas = await self._legacy_munlock_all(m, mm, list(mm.vmas))
         for vma in vmas:
             await zap_range(self.store, self.swap, m, mm, vma, vma.start, vma.end)
         await self._i_mmap_unlink(m, mm, vmas)

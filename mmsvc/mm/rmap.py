@@ -16,7 +16,7 @@ from mmsvc.locks import Locks
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_read
 from mmsvc.mm.page import PG, Page, PTEBit
-from mmsvc.mm.vma import Vma
+from mmsvc.mm.vma import VM, VM_SPECIAL, Vma
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
 
@@ -91,3 +91,55 @@ class Rmap:
                 if pte and not pte.bits & PTEBit.ZERO and (pte.lv, pte.idx) == (lv, idx):
                     out.append(Mapping(pid, mm.key, vma, pte))
         return out
+
+
+# ------------------------------------------------------------------------- rmap hooks ------
+# The page-program ops that adding or removing a mapping implies.  This is where the two
+# designs differ most: the rework counts every mapping of a VM_LOCKED vma (§3.2-§3.4), the
+# legacy design mlocks new anonymous pages at fault, leaves file pages to populate's FOLL_MLOCK
+# pass or to reclaim, and clears PG_mlocked when the last mapping goes (§9.3, §9.6, §9.8).
+
+def _legacy(m: Machine) -> bool:
+    return str(m.cfg.protocol) == "legacy"
+
+
+def mlock_filter(vma: Vma) -> bool:
+    """§2.8.1 mlock_vma_page: VM_LOCKED without VM_IO (the mlock walk's guard, §3.6)."""
+    return (vma.flags & (VM.LOCKED | VM.IO)) == VM.LOCKED
+
+
+def munlock_filter(vma: Vma) -> bool:
+    """§2.8.2 munlock_vma_page: VM_LOCKED; VM_IO is not checked."""
+    return bool(vma.flags & VM.LOCKED)
+
+
+def new_anon_locked(vma: Vma) -> bool:
+    """§2.9: VM_LOCKED and none of VM_SPECIAL -> mlock_new_page, else lru_cache_add."""
+    return bool(vma.flags & VM.LOCKED) and not vma.flags & VM_SPECIAL
+
+
+def page_add_rmap_ops(m: Machine, vma: Vma, ref: int) -> list[list[int | str]]:
+    """page_add_{anon,file}_rmap: mapcount and reference, then (rework) mlock_vma_page."""
+    if not _legacy(m) and mlock_filter(vma):
+        return [["M", ref], ["L", ref]]
+    return [["M", ref]]
+
+
+def page_remove_rmap_ops(m: Machine, vma: Vma, ref: int) -> list[list[int | str]]:
+    """page_remove_rmap: (rework) munlock_vma_page at the end, whatever the mapcount (§3.4);
+    (legacy) clear_page_mlock when the mapcount reached zero (§9.8)."""
+    if _legacy(m):
+        return [["U", ref], ["Q", ref]]
+    if munlock_filter(vma):
+        return [["U", ref], ["K", ref]]
+    return [["U", ref]]
+
+
+def new_anon_ops(m: Machine, vma: Vma, ref: int) -> list[list[int | str]]:
+    """A new anonymous page: page_add_new_anon_rmap, then lru_cache_add_inactive_or_unevictable
+    (rework: mlock_new_page, §2.9); legacy: PG_mlocked set now, culled by lru-add (§9.3.3)."""
+    if not new_anon_locked(vma):
+        return [["M", ref], ["C", ref]]
+    if _legacy(m):
+        return [["M", ref], ["X", ref], ["C", ref]]
+    return [["M", ref], ["N", ref]]

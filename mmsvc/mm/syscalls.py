@@ -16,6 +16,7 @@ from mmsvc.mm import vmstat as views
 from mmsvc.mm.checker import check_machine
 from mmsvc.mm.errors import KernelError, einval
 from mmsvc.mm.kernel import MigrateResult, ReclaimResult
+from mmsvc.mm.legacy import Legacy
 from mmsvc.mm.lockstat import lock_stat
 from mmsvc.mm.machine import Machine, release_reserve
 from mmsvc.mm.madvise import Madvise
@@ -57,9 +58,11 @@ class Kernel:
         self.locks = Locks(store, cpu)
         self.swap = Swap(store, self.locks)
         self.faults = Faults(store, self.swap)
-        self.mlocks = Mlock(store, self.swap, self.faults)
-        self.mmaps = Mmap(store, self.swap, self.locks, self.faults, self.mlocks)
         self.rmap = Rmap(store, self.locks)
+        self.legacy = Legacy(store, self.swap, self.locks, self.rmap)
+        self.faults.legacy_cow = self.legacy.cow_munlock
+        self.mlocks = Mlock(store, self.swap, self.faults, self.legacy)
+        self.mmaps = Mmap(store, self.swap, self.locks, self.faults, self.mlocks)
         self.vmscan = Vmscan(store, self.swap, self.rmap)
         self.migrator = Migrate(store, self.swap, self.rmap)
         self.madv = Madvise(store, self.swap, self.faults, self.mlocks, self.vmscan)

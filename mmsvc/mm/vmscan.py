@@ -17,10 +17,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 from mmsvc.mm.machine import Machine
-from mmsvc.mm.memory import Programs, mlock_filter, munlock_filter, read_pages
+from mmsvc.mm.memory import Programs, read_pages
 from mmsvc.mm.mm_struct import Pte, pt_install
 from mmsvc.mm.page import LRU, PG, Page
-from mmsvc.mm.rmap import Mapping, Rmap
+from mmsvc.mm.rmap import Mapping, Rmap, mlock_filter, page_remove_rmap_ops
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
@@ -78,7 +78,13 @@ class Vmscan:
         async with self.rmap.locked(m, page):
             maps = await self.rmap.mappings(m, lv, idx, page)
             locked = [mp for mp in maps if mp.vma.locked]
-            if locked and m.cfg.protocol == "rework":
+            if locked and str(m.cfg.protocol) == "legacy":
+                # §9.7: page_referenced_one reports VM_LOCKED -> PAGEREF_RECLAIM; then
+                # try_to_unmap_one mlocks the page (locked by reclaim) and fails the unmap.
+                await self.swap.run(m, lv, [["Y", idx]])
+                stats.culled += 1
+                return KEEP
+            if locked:
                 # §5.2.1 page_referenced_one: "restore the mlock which got missed".
                 if mlock_filter(locked[0].vma):
                     await self.swap.run(m, lv, [["L", idx]])
@@ -96,10 +102,7 @@ class Vmscan:
         for mp in maps:
             await pt_install(self.store, mp.mm_key, [Pte(mp.pte.vpn, 0, 0, 0)],
                              {mp.pte.vpn: mp.pte})
-            ops.append(["U", idx])
-            if munlock_filter(mp.vma):
-                ops.append(["K", idx])  # §4.2.2: with a drain, for TTU_IGNORE_MLOCK users
-            ops.append(["P", idx])
+            ops += [*page_remove_rmap_ops(m, mp.vma, idx), ["P", idx]]
         if ops:
             await self.swap.run(m, lv, ops)
 

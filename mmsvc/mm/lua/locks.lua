@@ -88,7 +88,8 @@ local function lk_wake(L, now, lease_ms)
   end
 end
 
--- lk_acquire(L; mode, cpu, wid, lease_ms) -> {1, tok, bounce} granted | {0} queued as wid
+-- lk_acquire(L; mode, cpu, wid, lease_ms[, try]) -> {1, tok, bounce} granted | {0} queued as
+-- wid | {-1} busy (try: trylock, nothing queued)
 redis.register_function('lk_acquire', function(keys, args)
   local L, mode, cpu, wid, lease_ms = keys[1], args[1], tonumber(args[2]), args[3], tonumber(args[4])
   local now = now_ms()
@@ -96,6 +97,10 @@ redis.register_function('lk_acquire', function(keys, args)
   if lk_free_for(L, mode) then
     local tok, bounce = lk_grant(L, mode, cpu, lease_ms, now)
     return {1, tok, bounce}
+  end
+  if args[5] == 'try' then
+    redis.call('HINCRBY', (args[6] or L) .. ':st', 'trylock_failed', 1)
+    return {-1}
   end
   redis.call('RPUSH', L .. ':q', wid .. '|' .. mode .. '|' .. cpu)
   return {0}
@@ -125,7 +130,9 @@ redis.register_function('lk_release', function(keys, args)
   local now = now_ms()
   lk_purge(L, now)
   if removed == 1 then
-    lk_stat(L, tonumber(args[2]), tonumber(args[3]), tonumber(args[4]), tonumber(args[5]))
+    -- args[7]: statistics of a lock class kept per family (page locks: per lruvec)
+    lk_stat(args[7] or L, tonumber(args[2]), tonumber(args[3]), tonumber(args[4]),
+            tonumber(args[5]))
   end
   if redis.call('ZCARD', L .. ':h') == 0 then redis.call('HSET', L, 'mode', '') end
   lk_wake(L, now, tonumber(args[6]))

@@ -165,6 +165,91 @@ redis.register_function('mm_pages', function(keys, args)
           list_move(idx, p, function(q) clr(q, PG_ACTIVE); clr(q, PG_SWAPBACKED) end)
         end
       end
+    elseif c == 'X' then
+      -- legacy new anon page in a VM_LOCKED vma (§9.3.3): PG_mlocked now, culled at lru-add.
+      local p = pg(ix(op[2]))
+      if not test_set(p, PG_MLOCKED) then
+        meta_add('nr_mlock', nr_pages(p)); ev('unevictable_pgs_mlocked', nr_pages(p))
+      end
+      dirty(ix(op[2]))
+    elseif c == 'Y' then
+      -- legacy mlock_vma_page (§9.2), page locked by the caller: if the test-and-set wins,
+      -- count, then isolate and put back (lru-add culls it).
+      local idx = ix(op[2])
+      local p = pg(idx)
+      dirty(idx)
+      if not test_set(p, PG_MLOCKED) then
+        meta_add('nr_mlock', nr_pages(p)); ev('unevictable_pgs_mlocked', nr_pages(p))
+        if has(p, PG_LRU) then
+          if not held then held = ilock_enter(T .. ':lock', cpu) end
+          if not held then reason = 'lru_locked'; done = k - 1; break end
+          clr(p, PG_LRU)
+          list_del(idx, p, page_lru(p))
+          lru_cache_add(idx, cpu, seq)  -- putback_lru_page: the isolation ref becomes the entry's
+          seq = seq + 1
+          lab_n = lab_n + 1
+          if lab_n >= h.lab_max or has(p, PG_HEAD) or h.disabled == 1 then
+            if h.lab_local == 1 then
+              local n, why = locked_flush('lab', cpu, lab_n, external and held or nil)
+              if n then lab_n = 0 else reason = 'lab_' .. why end
+            else reason = 'lab' end
+          end
+        end
+      end
+    elseif c == 'W' then
+      -- legacy munlock_vma_pages_range phase 1 (§9.4.4), under the lruvec lock.
+      local idx = ix(op[2])
+      local p = pg(idx)
+      if not held then held = ilock_enter(T .. ':lock', cpu) end
+      if not held then reason = 'lru_locked'; done = k - 1; break end
+      dirty(idx)
+      if test_clear(p, PG_MLOCKED) then
+        meta_add('nr_mlock', -nr_pages(p))
+        if has(p, PG_LRU) then
+          clr(p, PG_LRU)
+          list_del(idx, p, page_lru(p))
+          set(p, PG_ISOLATED)
+          get_page(idx, 1)
+          isolated[#isolated + 1] = idx
+        elseif has(p, PG_UNEVICTABLE) then ev('unevictable_pgs_stranded', nr_pages(p))
+        else ev('unevictable_pgs_munlocked', nr_pages(p)) end
+      end
+    elseif c == 'V' then
+      -- legacy phase 2 fast path + phase 3: straight back to an evictable list.
+      local idx = ix(op[2])
+      local p = pg(idx)
+      if not held then held = ilock_enter(T .. ':lock', cpu) end
+      if not held then reason = 'lru_locked'; done = k - 1; break end
+      clr(p, PG_ISOLATED)
+      local was_unev = test_clear(p, PG_UNEVICTABLE)
+      list_add(idx, p, page_lru(p))
+      set(p, PG_LRU)
+      ev('unevictable_pgs_munlocked', nr_pages(p))
+      if was_unev then ev('unevictable_pgs_rescued', nr_pages(p)) end
+      put_page(idx, 1)
+    elseif c == 'E' then
+      -- legacy __munlock_isolated_page: "if the page is still not PG_mlocked count MUNLOCKED"
+      local p = pg(ix(op[2]))
+      if not has(p, PG_MLOCKED) then ev('unevictable_pgs_munlocked', nr_pages(p)) end
+    elseif c == 'Q' then
+      -- legacy clear_page_mlock (§9.8) when the last mapping went (page_remove_rmap).
+      local idx = ix(op[2])
+      local p = pg(idx)
+      if p.mapcount == 0 and test_clear(p, PG_MLOCKED) then
+        dirty(idx)
+        meta_add('nr_mlock', -nr_pages(p)); ev('unevictable_pgs_cleared', nr_pages(p))
+        if has(p, PG_LRU) then
+          if not held then held = ilock_enter(T .. ':lock', cpu) end
+          if not held then reason = 'lru_locked'; done = k - 1; break end
+          clr(p, PG_LRU)
+          list_del(idx, p, page_lru(p))
+          lru_cache_add(idx, cpu, seq)
+          seq = seq + 1
+          lab_n = lab_n + 1
+        elseif has(p, PG_UNEVICTABLE) then
+          ev('unevictable_pgs_stranded', nr_pages(p))
+        end
+      end
     elseif c == 'F' then
       local p = pg(ix(op[2])); set(p, op[3]); clr(p, op[4]); dirty(ix(op[2]))
     elseif c == 'L' or c == 'N' or c == 'K' then

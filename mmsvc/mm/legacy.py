@@ -1,0 +1,157 @@
+"""The pre-rework design (spec §9), for A/B comparison on the same machine model and load.
+
+No mlock_count: PG_mlocked means "some VM_LOCKED vma maps this page, as last determined".
+Locking a range is populate's FOLL_MLOCK pass, one page at a time under the page lock with a
+per-page lru_add_drain (§9.3); unlocking a range (munlock, munlockall, and munmap/exit of a
+VM_LOCKED vma) visits every address and, for pages still mapped elsewhere, asks the rmap with
+``page_mlock`` under i_mmap_rwsem held for read (§9.4, §9.5).  Those read holds, the page
+locks and the re-mlocks are the costs the rework removed (§9.9); every one of them goes
+through the store's instrumented locks, so lock_stat shows them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from mmsvc.locks import Locks
+from mmsvc.mm.machine import Machine
+from mmsvc.mm.memory import read_pages
+from mmsvc.mm.mm_struct import MmState, Pte, pt_read
+from mmsvc.mm.page import PG, Page, PTEBit
+from mmsvc.mm.rmap import Rmap
+from mmsvc.mm.swap import Swap
+from mmsvc.mm.vma import Vma
+from mmsvc.store.redis_store import RedisStore
+
+PAGEVEC_SIZE = 15
+WALK_CHUNK = 4096
+
+
+@dataclass
+class LegacyCosts:
+    """What a legacy munlock did (the observables of §9.9)."""
+
+    lookups: int = 0  # addresses visited by munlock_vma_pages_range
+    page_mlock_calls: int = 0
+    vma_visits: int = 0
+
+
+def page_lock_key(m: Machine, lv: int, idx: int) -> str:
+    return f"{m.lv_key(lv)}:page_lock:{idx}"
+
+
+def page_lock_stats(m: Machine, lv: int) -> str:
+    """Page locks are counted per lruvec, as one lock_stat row (class page_lock)."""
+    return f"{m.lv_key(lv)}:page_lock"
+
+
+class Legacy:
+    def __init__(self, store: RedisStore, swap: Swap, locks: Locks, rmap: Rmap) -> None:
+        self.store = store
+        self.swap = swap
+        self.locks = locks
+        self.rmap = rmap
+        self.costs = LegacyCosts()
+
+    @asynccontextmanager
+    async def page_locked(self, m: Machine, lv: int, idx: int) -> AsyncIterator[None]:
+        """lock_page(): sleeping, queued, instrumented."""
+        async with self.locks.hold(page_lock_key(m, lv, idx), "w", page_lock_stats(m, lv)):
+            yield
+
+    # ------------------------------------------------------------- §9.3 mlock a range ---
+    async def populate_mlock(self, m: Machine, mm: MmState, vma: Vma, start: int,
+                             end: int) -> None:
+        """FOLL_MLOCK: each present small page of a VM_LOCKED vma, under trylock_page, with
+        lru_add_drain() per page, gets the legacy mlock_vma_page (§9.3.2)."""
+        if not vma.locked:
+            return
+        for s in range(start, end, WALK_CHUNK):
+            ptes = await pt_read(self.store, mm.key, s, min(end, s + WALK_CHUNK))
+            for vpn in sorted(ptes):
+                p = ptes[vpn]
+                if p.bits & PTEBit.ZERO:
+                    continue  # no page->mapping: the zero page is not mlocked
+                held = await self.locks.try_acquire(page_lock_key(m, p.lv, p.idx), "w",
+                                                    page_lock_stats(m, p.lv))
+                if held is None:
+                    continue  # "vmscan will handle it later"
+                try:
+                    await self.swap.lru_add_drain(m)
+                    await self.swap.run(m, p.lv, [["Y", p.idx]])
+                finally:
+                    await self.locks.release(held)
+
+    # ----------------------------------------------------------- §9.4 munlock a range ---
+    async def munlock_range(self, m: Machine, mm: MmState, start: int, end: int) -> None:
+        """munlock_vma_pages_range: the vma's VM_LOCKED is already cleared (§9.4.1)."""
+        self.costs.lookups += end - start  # one follow_page per address, populated or not
+        for s in range(start, end, WALK_CHUNK):
+            ptes = await pt_read(self.store, mm.key, s, min(end, s + WALK_CHUNK))
+            for batch in _pagevecs([ptes[v] for v in sorted(ptes)]):
+                await self._munlock_pagevec(m, batch)
+
+    async def _munlock_pagevec(self, m: Machine, batch: list[Pte]) -> None:
+        lv = batch[0].lv
+        # Phase 1, under the lruvec lock: clear PG_mlocked, isolate (or count and release).
+        res = await self.swap.run(m, lv, [["W", p.idx] for p in batch])
+        pages = await read_pages(self.store, m, [(lv, i) for i in res.isolated])
+        # Phase 2: each isolated page under its (sleeping) page lock.
+        for idx, page in zip(res.isolated, pages, strict=True):
+            async with self.page_locked(m, lv, idx):
+                await self._munlock_isolated(m, lv, idx, page)
+
+    async def _munlock_isolated(self, m: Machine, lv: int, idx: int, page: Page) -> None:
+        if page.mapcount <= 1 and not page.has(PG.UNEVICTABLE_MAPPING):
+            # fast path: straight back to an evictable list, munlocked (+ rescued) (phase 3)
+            await self.swap.run(m, lv, [["V", idx]])
+            return
+        if page.mapcount > 1:
+            await self.page_mlock(m, lv, idx, page)
+        # "if the page is still not PG_mlocked count MUNLOCKED"; putback re-decides the LRU
+        await self.swap.run(m, lv, [["E", idx], ["B", idx, 0]])
+
+    async def page_mlock(self, m: Machine, lv: int, idx: int, page: Page) -> bool:
+        """§9.5: under the rmap lock held for read, find a VM_LOCKED vma still mapping the
+        page and re-mlock it (counted as a new ``mlocked`` event)."""
+        self.costs.page_mlock_calls += 1
+        async with self.rmap.locked(m, page):
+            for mp in await self.rmap.mappings(m, lv, idx, page):
+                self.costs.vma_visits += 1
+                if mp.vma.locked:
+                    await self.swap.run(m, lv, [["Y", idx]])
+                    return True
+        return False
+
+    async def munlock_page(self, m: Machine, lv: int, idx: int) -> None:
+        """Legacy single-page munlock_vma_page (COW of a page in a VM_LOCKED vma, §9.7)."""
+        async with self.page_locked(m, lv, idx):
+            res = await self.swap.run(m, lv, [["W", idx]])
+            for i in res.isolated:
+                page = (await read_pages(self.store, m, [(lv, i)]))[0]
+                if page.mapcount > 1:
+                    await self.page_mlock(m, lv, i, page)
+                await self.swap.run(m, lv, [["E", i], ["B", i, 0]])
+
+    async def cow_munlock(self, m: Machine, old: list[tuple[int, int]]) -> None:
+        for lv, idx in old:
+            page = (await read_pages(self.store, m, [(lv, idx)]))[0]
+            if page.flags & PG.INUSE and page.has(PG.MLOCKED):
+                await self.munlock_page(m, lv, idx)
+
+
+def _pagevecs(ptes: list[Pte]) -> list[list[Pte]]:
+    """§9.4.4: runs of present small pages of one page table and one zone, at most 15."""
+    out: list[list[Pte]] = []
+    for p in ptes:
+        if p.bits & PTEBit.ZERO:
+            continue
+        cur = out[-1] if out else None
+        if (cur is not None and len(cur) < PAGEVEC_SIZE and cur[-1].vpn + 1 == p.vpn
+                and cur[-1].vpn // 512 == p.vpn // 512 and cur[-1].lv == p.lv):
+            cur.append(p)
+        else:
+            out.append([p])
+    return out
