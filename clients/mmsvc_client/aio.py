@@ -1,0 +1,213 @@
+"""The asyncio client: one coroutine per RPC, mirroring :class:`mmsvc.mm.kernel.KernelAPI`."""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from mmsvc.mm.kernel import MigrateResult, ReclaimResult
+from mmsvc.mm.types import (
+    Advice,
+    CheckReport,
+    FileSpec,
+    LockStatRow,
+    MachineConfig,
+    MmapArgs,
+    PageInfo,
+    ProcessSpec,
+    ProcStatus,
+    SmapsEntry,
+)
+from mmsvc.proto_gen.mmsvc.v1 import mm_service_pb2_grpc as pb_grpc
+from mmsvc_client import _calls as c
+from mmsvc_client._base import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, RetryPolicy, page_chunks
+from mmsvc_client.errors import from_rpc_error
+
+T = TypeVar("T")
+
+
+class AsyncMmsvcClient:
+    """``async with AsyncMmsvcClient("127.0.0.1:50051") as k: await k.ping()``.
+
+    Every call has a deadline (``timeout`` seconds, default 60).  Idempotent calls are retried
+    on UNAVAILABLE per ``retry``.  Failures raise :class:`mmsvc_client.MmsvcError`.
+    A client uses one channel (one connection): against a multi-worker server all its calls
+    land on one worker; use a worker's private port to choose the CPU.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry if retry is not None else RetryPolicy()
+        self._channel = (
+            channel
+            if channel is not None
+            else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        )
+        self._stub: Any = pb_grpc.MmServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncMmsvcClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until the channel is connected (or raise asyncio.TimeoutError)."""
+        await asyncio.wait_for(self._channel.channel_ready(), timeout)
+
+    async def _run(self, call: c.Call[T]) -> T:
+        method = getattr(self._stub, call.method)
+        attempts = self.retry.attempts if call.idempotent else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                response = await method(call.request, timeout=self.timeout)
+                return call.convert(response)
+            except grpc.aio.AioRpcError as e:
+                if attempt < attempts and e.code() in self.retry.retry_codes:
+                    await asyncio.sleep(self.retry.backoff(attempt))
+                    continue
+                raise from_rpc_error(e) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- baseline -------------------------------------------------------------------------
+
+    async def ping(self) -> int:
+        """No-op RPC; returns the CPU (worker) that answered."""
+        return await self._run(c.ping())
+
+    # -- machines -------------------------------------------------------------------------
+
+    async def create_machine(self, cfg: MachineConfig | None = None) -> str:
+        return await self._run(c.create_machine(cfg or MachineConfig()))
+
+    async def delete_machine(self, machine: str) -> None:
+        await self._run(c.delete_machine(machine))
+
+    async def machine_config(self, machine: str) -> MachineConfig:
+        return await self._run(c.machine_config(machine))
+
+    async def list_machines(self) -> list[str]:
+        return await self._run(c.list_machines())
+
+    async def create_file(self, machine: str, spec: FileSpec) -> None:
+        await self._run(c.create_file(machine, spec))
+
+    # -- processes ------------------------------------------------------------------------
+
+    async def create_process(self, machine: str, spec: ProcessSpec | None = None) -> int:
+        return await self._run(c.create_process(machine, spec or ProcessSpec()))
+
+    async def fork(self, machine: str, pid: int) -> int:
+        return await self._run(c.fork(machine, pid))
+
+    async def exit(self, machine: str, pid: int) -> None:
+        await self._run(c.exit_(machine, pid))
+
+    async def setrlimit(self, machine: str, pid: int, soft: int, hard: int) -> None:
+        await self._run(c.setrlimit(machine, pid, soft, hard))
+
+    async def drop_capability(self, machine: str, pid: int, cap: str = "CAP_IPC_LOCK") -> None:
+        await self._run(c.drop_capability(machine, pid, cap))
+
+    # -- address space --------------------------------------------------------------------
+
+    async def mmap(self, machine: str, pid: int, args: MmapArgs) -> int:
+        return await self._run(c.mmap(machine, pid, args))
+
+    async def munmap(self, machine: str, pid: int, addr: int, length: int) -> None:
+        await self._run(c.munmap(machine, pid, addr, length))
+
+    async def mprotect(self, machine: str, pid: int, addr: int, length: int, prot: int) -> None:
+        await self._run(c.mprotect(machine, pid, addr, length, prot))
+
+    async def madvise(
+        self, machine: str, pid: int, addr: int, length: int, advice: Advice | int
+    ) -> None:
+        await self._run(c.madvise(machine, pid, addr, length, advice))
+
+    async def mlock(
+        self, machine: str, pid: int, addr: int, length: int, flags: int = 0
+    ) -> None:
+        await self._run(c.mlock(machine, pid, addr, length, flags))
+
+    async def munlock(self, machine: str, pid: int, addr: int, length: int) -> None:
+        await self._run(c.munlock(machine, pid, addr, length))
+
+    async def mlockall(self, machine: str, pid: int, flags: int) -> None:
+        await self._run(c.mlockall(machine, pid, flags))
+
+    async def munlockall(self, machine: str, pid: int) -> None:
+        await self._run(c.munlockall(machine, pid))
+
+    async def fault(
+        self, machine: str, pid: int, addr: int, length: int, write: bool = True
+    ) -> int:
+        return await self._run(c.fault(machine, pid, addr, length, write))
+
+    async def migrate(
+        self, machine: str, pid: int, addr: int, length: int, node: int
+    ) -> MigrateResult:
+        return await self._run(c.migrate(machine, pid, addr, length, node))
+
+    # -- pressure and batches -------------------------------------------------------------
+
+    async def reclaim(
+        self, machine: str, node: int | None, memcg: str | None, nr_pages: int
+    ) -> ReclaimResult:
+        return await self._run(c.reclaim(machine, node, memcg, nr_pages))
+
+    async def drain(self, machine: str, all_cpus: bool = False) -> None:
+        await self._run(c.drain(machine, all_cpus))
+
+    # -- views ----------------------------------------------------------------------------
+
+    async def vmstat(self, machine: str) -> dict[str, int]:
+        return await self._run(c.vmstat(machine))
+
+    async def meminfo(self, machine: str) -> dict[str, int]:
+        return await self._run(c.meminfo(machine))
+
+    async def proc_status(self, machine: str, pid: int) -> ProcStatus:
+        return await self._run(c.proc_status(machine, pid))
+
+    async def smaps(self, machine: str, pid: int) -> list[SmapsEntry]:
+        return await self._run(c.smaps(machine, pid))
+
+    async def page_flags(
+        self, machine: str, pid: int, addr: int, length: int
+    ) -> list[PageInfo]:
+        """One PageInfo per page; large ranges are fetched in several calls."""
+        out: list[PageInfo] = []
+        for a, n in page_chunks(addr, length):
+            chunk = await self._run(c.page_flags(machine, pid, a, n))
+            out.extend(chunk)
+        return out
+
+    async def file_pages(self, machine: str, file: str) -> list[PageInfo]:
+        return await self._run(c.file_pages(machine, file))
+
+    async def lock_stat(self, machine: str) -> list[LockStatRow]:
+        return await self._run(c.lock_stat(machine))
+
+    async def check(self, machine: str, drain_all: bool = False) -> CheckReport:
+        return await self._run(c.check(machine, drain_all))

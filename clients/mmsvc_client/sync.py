@@ -1,0 +1,216 @@
+"""The blocking client: one method per RPC, mirroring :class:`mmsvc.mm.kernel.KernelAPI`.
+
+Same surface and behaviour as :class:`mmsvc_client.aio.AsyncMmsvcClient`, without asyncio.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from mmsvc.mm.kernel import MigrateResult, ReclaimResult
+from mmsvc.mm.types import (
+    Advice,
+    CheckReport,
+    FileSpec,
+    LockStatRow,
+    MachineConfig,
+    MmapArgs,
+    PageInfo,
+    ProcessSpec,
+    ProcStatus,
+    SmapsEntry,
+)
+from mmsvc.proto_gen.mmsvc.v1 import mm_service_pb2_grpc as pb_grpc
+from mmsvc_client import _calls as c
+from mmsvc_client._base import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, RetryPolicy, page_chunks
+from mmsvc_client.errors import from_rpc_error
+
+T = TypeVar("T")
+
+
+class MmsvcClient:
+    """``with MmsvcClient("127.0.0.1:50051") as k: k.ping()``.
+
+    Every call has a deadline (``timeout`` seconds, default 60).  Idempotent calls are retried
+    on UNAVAILABLE per ``retry``.  Failures raise :class:`mmsvc_client.MmsvcError`.
+    A client uses one channel (one connection): against a multi-worker server all its calls
+    land on one worker; use a worker's private port to choose the CPU.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry if retry is not None else RetryPolicy()
+        self._channel = (
+            channel
+            if channel is not None
+            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        )
+        self._stub: Any = pb_grpc.MmServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> MmsvcClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until the channel is connected (or raise grpc.FutureTimeoutError)."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def _run(self, call: c.Call[T]) -> T:
+        method = getattr(self._stub, call.method)
+        attempts = self.retry.attempts if call.idempotent else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                response = method(call.request, timeout=self.timeout)
+                return call.convert(response)
+            except grpc.RpcError as e:
+                code = e.code() if isinstance(e, grpc.Call) else None
+                if attempt < attempts and code in self.retry.retry_codes:
+                    time.sleep(self.retry.backoff(attempt))
+                    continue
+                raise from_rpc_error(e) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- baseline -------------------------------------------------------------------------
+
+    def ping(self) -> int:
+        """No-op RPC; returns the CPU (worker) that answered."""
+        return self._run(c.ping())
+
+    # -- machines -------------------------------------------------------------------------
+
+    def create_machine(self, cfg: MachineConfig | None = None) -> str:
+        return self._run(c.create_machine(cfg or MachineConfig()))
+
+    def delete_machine(self, machine: str) -> None:
+        self._run(c.delete_machine(machine))
+
+    def machine_config(self, machine: str) -> MachineConfig:
+        return self._run(c.machine_config(machine))
+
+    def list_machines(self) -> list[str]:
+        return self._run(c.list_machines())
+
+    def create_file(self, machine: str, spec: FileSpec) -> None:
+        self._run(c.create_file(machine, spec))
+
+    # -- processes ------------------------------------------------------------------------
+
+    def create_process(self, machine: str, spec: ProcessSpec | None = None) -> int:
+        return self._run(c.create_process(machine, spec or ProcessSpec()))
+
+    def fork(self, machine: str, pid: int) -> int:
+        return self._run(c.fork(machine, pid))
+
+    def exit(self, machine: str, pid: int) -> None:
+        self._run(c.exit_(machine, pid))
+
+    def setrlimit(self, machine: str, pid: int, soft: int, hard: int) -> None:
+        self._run(c.setrlimit(machine, pid, soft, hard))
+
+    def drop_capability(self, machine: str, pid: int, cap: str = "CAP_IPC_LOCK") -> None:
+        self._run(c.drop_capability(machine, pid, cap))
+
+    # -- address space --------------------------------------------------------------------
+
+    def mmap(self, machine: str, pid: int, args: MmapArgs) -> int:
+        return self._run(c.mmap(machine, pid, args))
+
+    def munmap(self, machine: str, pid: int, addr: int, length: int) -> None:
+        self._run(c.munmap(machine, pid, addr, length))
+
+    def mprotect(self, machine: str, pid: int, addr: int, length: int, prot: int) -> None:
+        self._run(c.mprotect(machine, pid, addr, length, prot))
+
+    def madvise(
+        self, machine: str, pid: int, addr: int, length: int, advice: Advice | int
+    ) -> None:
+        self._run(c.madvise(machine, pid, addr, length, advice))
+
+    def mlock(
+        self, machine: str, pid: int, addr: int, length: int, flags: int = 0
+    ) -> None:
+        self._run(c.mlock(machine, pid, addr, length, flags))
+
+    def munlock(self, machine: str, pid: int, addr: int, length: int) -> None:
+        self._run(c.munlock(machine, pid, addr, length))
+
+    def mlockall(self, machine: str, pid: int, flags: int) -> None:
+        self._run(c.mlockall(machine, pid, flags))
+
+    def munlockall(self, machine: str, pid: int) -> None:
+        self._run(c.munlockall(machine, pid))
+
+    def fault(
+        self, machine: str, pid: int, addr: int, length: int, write: bool = True
+    ) -> int:
+        return self._run(c.fault(machine, pid, addr, length, write))
+
+    def migrate(
+        self, machine: str, pid: int, addr: int, length: int, node: int
+    ) -> MigrateResult:
+        return self._run(c.migrate(machine, pid, addr, length, node))
+
+    # -- pressure and batches -------------------------------------------------------------
+
+    def reclaim(
+        self, machine: str, node: int | None, memcg: str | None, nr_pages: int
+    ) -> ReclaimResult:
+        return self._run(c.reclaim(machine, node, memcg, nr_pages))
+
+    def drain(self, machine: str, all_cpus: bool = False) -> None:
+        self._run(c.drain(machine, all_cpus))
+
+    # -- views ----------------------------------------------------------------------------
+
+    def vmstat(self, machine: str) -> dict[str, int]:
+        return self._run(c.vmstat(machine))
+
+    def meminfo(self, machine: str) -> dict[str, int]:
+        return self._run(c.meminfo(machine))
+
+    def proc_status(self, machine: str, pid: int) -> ProcStatus:
+        return self._run(c.proc_status(machine, pid))
+
+    def smaps(self, machine: str, pid: int) -> list[SmapsEntry]:
+        return self._run(c.smaps(machine, pid))
+
+    def page_flags(
+        self, machine: str, pid: int, addr: int, length: int
+    ) -> list[PageInfo]:
+        """One PageInfo per page; large ranges are fetched in several calls."""
+        out: list[PageInfo] = []
+        for a, n in page_chunks(addr, length):
+            chunk = self._run(c.page_flags(machine, pid, a, n))
+            out.extend(chunk)
+        return out
+
+    def file_pages(self, machine: str, file: str) -> list[PageInfo]:
+        return self._run(c.file_pages(machine, file))
+
+    def lock_stat(self, machine: str) -> list[LockStatRow]:
+        return self._run(c.lock_stat(machine))
+
+    def check(self, machine: str, drain_all: bool = False) -> CheckReport:
+        return self._run(c.check(machine, drain_all))

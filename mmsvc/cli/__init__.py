@@ -1,0 +1,1 @@
+"""The mmsvc command line (console script ``mmsvc``)."""

@@ -1,0 +1,90 @@
+"""errno → gRPC status mapping and rich error details.
+
+Every non-OK status the mmsvc service returns carries a ``google.rpc.Status`` in the
+``grpc-status-details-bin`` trailer with one ``google.rpc.ErrorInfo``:
+``domain="mmsvc"``, ``reason=<errno name>`` (``"INTERNAL"`` for server faults) and metadata
+``machine`` / ``pid`` (when the request had them).  Request-validation failures also carry a
+``google.rpc.BadRequest`` naming the offending field.  docs/api.md documents the table below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "mmsvc"
+INTERNAL_REASON = "INTERNAL"
+INTERNAL_MESSAGE = "internal server error"
+
+ERRNO_TO_CODE: Mapping[str, grpc.StatusCode] = {
+    "EINVAL": grpc.StatusCode.INVALID_ARGUMENT,
+    "EFAULT": grpc.StatusCode.INVALID_ARGUMENT,
+    "E2BIG": grpc.StatusCode.INVALID_ARGUMENT,
+    "EOVERFLOW": grpc.StatusCode.OUT_OF_RANGE,
+    "ENOMEM": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "ENOSPC": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # EAGAIN: "could not be done now, the same call may succeed later" (mlock could not lock
+    # some pages, a page was busy during migration).  ABORTED rather than UNAVAILABLE: clients
+    # and proxies retry UNAVAILABLE transparently, and these calls are not idempotent.
+    "EAGAIN": grpc.StatusCode.ABORTED,
+    "EPERM": grpc.StatusCode.PERMISSION_DENIED,
+    "EACCES": grpc.StatusCode.PERMISSION_DENIED,
+    "ESRCH": grpc.StatusCode.NOT_FOUND,
+    "ENOENT": grpc.StatusCode.NOT_FOUND,
+    "EBADF": grpc.StatusCode.NOT_FOUND,
+    "EBUSY": grpc.StatusCode.FAILED_PRECONDITION,
+    "ENODEV": grpc.StatusCode.FAILED_PRECONDITION,
+    "EEXIST": grpc.StatusCode.ALREADY_EXISTS,
+    "ENOTSUP": grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def code_for_errno(errno: str) -> grpc.StatusCode:
+    """The gRPC status code for an errno name (UNKNOWN for names not in the table)."""
+    return ERRNO_TO_CODE.get(errno, grpc.StatusCode.UNKNOWN)
+
+
+def _pack(msg: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(msg)
+    return detail
+
+
+def build_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: Mapping[str, str] | None = None,
+    field: str | None = None,
+) -> grpc.Status:
+    """A ``grpc.Status`` whose trailers carry ``google.rpc.Status`` with an ErrorInfo."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata or {}))
+    details = [_pack(info)]
+    if field is not None:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+            ]
+        )
+        details.append(_pack(bad))
+    status = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=message, details=details
+    )
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
+
+
+def request_metadata(request: object) -> dict[str, str]:
+    """``machine`` and ``pid`` of a request, for ErrorInfo metadata and logs."""
+    meta: dict[str, str] = {}
+    machine = getattr(request, "machine", None)
+    if isinstance(machine, str) and machine:
+        meta["machine"] = machine
+    pid = getattr(request, "pid", None)
+    if isinstance(pid, int) and pid:
+        meta["pid"] = str(pid)
+    return meta

@@ -1,0 +1,115 @@
+"""A small scenario language over the Kernel API, for readable protocol tests (spec §11)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmsvc.mm.syscalls import Kernel
+from mmsvc.mm.types import (
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    FileSpec,
+    MachineConfig,
+    MmapArgs,
+    PageInfo,
+    ProcessSpec,
+)
+from mmsvc.store.redis_store import RedisStore
+
+P = 4096
+
+
+@dataclass
+class World:
+    store: RedisStore
+    kernel: Kernel
+    mid: str
+    base: dict[str, int] = field(default_factory=dict)
+    maps: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
+    kernels: dict[int, Kernel] = field(default_factory=dict)
+
+    @classmethod
+    async def create(cls, url: str, **cfg: Any) -> World:
+        store = await RedisStore.connect(url)
+        kernel = Kernel(store, 0)
+        conf = {"frames_per_node": 8192, **cfg}
+        mid = await kernel.create_machine(MachineConfig(**conf))
+        w = cls(store, kernel, mid)
+        w.kernels[0] = kernel
+        w.base = await kernel.vmstat(mid)
+        return w
+
+    async def close(self) -> None:
+        await self.kernel.delete_machine(self.mid)
+        await self.store.close()
+
+    def on(self, cpu: int) -> Kernel:
+        """The same machine seen from another CPU (worker)."""
+        if cpu not in self.kernels:
+            self.kernels[cpu] = Kernel(self.store, cpu)
+        return self.kernels[cpu]
+
+    async def proc(self, **spec: Any) -> int:
+        return await self.kernel.create_process(self.mid, ProcessSpec(**spec))
+
+    async def file(self, name: str, pages: int, prefill: bool = False) -> None:
+        await self.kernel.create_file(self.mid, FileSpec(name, pages, prefill))
+
+    async def mmap(self, pid: int, name: str, pages: int, *, file: str = "", shared: bool = False,
+                   flags: int = 0, prot: int = 3) -> int:
+        f = (MAP_SHARED if shared else MAP_PRIVATE) | (0 if file else MAP_ANONYMOUS) | flags
+        addr = await self.kernel.mmap(self.mid, pid, MmapArgs(pages * P, prot, f, file))
+        self.maps[(pid, name)] = (addr, pages)
+        return addr
+
+    def rng(self, pid: int, name: str, a: int = 0, b: int | None = None) -> tuple[int, int]:
+        addr, pages = self.maps[(pid, name)]
+        b = pages if b is None else b
+        return addr + a * P, (b - a) * P
+
+    async def touch(self, pid: int, name: str, a: int = 0, b: int | None = None,
+                    write: bool = True, cpu: int = 0) -> None:
+        addr, length = self.rng(pid, name, a, b)
+        for off in range(0, length, P):  # one page at a time, ascending: real faults
+            await self.on(cpu).fault(self.mid, pid, addr + off, P, write)
+
+    async def mlock(self, pid: int, name: str, a: int = 0, b: int | None = None,
+                    flags: int = 0, cpu: int = 0) -> None:
+        await self.on(cpu).mlock(self.mid, pid, *self.rng(pid, name, a, b), flags)
+
+    async def munlock(self, pid: int, name: str, a: int = 0, b: int | None = None,
+                      cpu: int = 0) -> None:
+        await self.on(cpu).munlock(self.mid, pid, *self.rng(pid, name, a, b))
+
+    async def munmap(self, pid: int, name: str, a: int = 0, b: int | None = None) -> None:
+        await self.kernel.munmap(self.mid, pid, *self.rng(pid, name, a, b))
+
+    async def drain(self, cpu: int = 0) -> None:
+        await self.on(cpu).drain(self.mid, False)
+
+    async def drain_all(self) -> None:
+        await self.kernel.drain(self.mid, True)
+
+    async def delta(self) -> dict[str, int]:
+        """vmstat events since the world was made, short names (spec §11 convention)."""
+        now = await self.kernel.vmstat(self.mid)
+        out = {k.removeprefix("unevictable_pgs_"): now[k] - self.base.get(k, 0)
+               for k in now if k.startswith("unevictable_pgs_")}
+        out["nr_mlock"] = now["nr_mlock"]
+        out["nr_unev"] = now["nr_unevictable"]
+        out["inactive_anon"] = now["nr_inactive_anon"]
+        out["inactive_file"] = now["nr_inactive_file"]
+        return out
+
+    async def pages(self, pid: int, name: str) -> list[PageInfo]:
+        return await self.kernel.page_flags(self.mid, pid, *self.rng(pid, name))
+
+    async def locked_vm(self, pid: int) -> int:
+        return (await self.kernel.proc_status(self.mid, pid)).vm_lck_kb // 4
+
+
+def sub(d: dict[str, int], **expected: int) -> dict[str, int]:
+    """The entries of d named in expected (for compact assertions)."""
+    return {k: d[k] for k in expected}
