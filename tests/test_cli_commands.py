@@ -64,7 +64,10 @@ def test_replay_options() -> None:
     assert args.traces == ["a.json", "b.json"]
     assert args.batch_size == 31
     assert args.target is None
-    assert build_parser().parse_args(["replay", "a.json"]).batch_size == 15
+    default = build_parser().parse_args(["replay", "a.json"])
+    assert (default.batch_size, default.profile) == (None, "seed")  # the profile decides: 15
+    linux = build_parser().parse_args(["replay", "a.json", "--profile", "linux-6.18"])
+    assert linux.profile == "linux-6.18"
 
 
 def test_worker_port_layout() -> None:

@@ -88,8 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("traces", nargs="+", metavar="TRACE.json")
     add_target(replay, required=False)
     replay.add_argument(
-        "--batch-size", type=_positive_int, default=15, metavar="N",
-        help="mlock and lru_add batch length (default %(default)s; Linux 6.18 uses 31)",
+        "--batch-size", type=_positive_int, default=None, metavar="N",
+        help="mlock and lru_add batch length (default: the profile's; seed 15, Linux 6.18 31)",
+    )
+    replay.add_argument(
+        "--profile", choices=("seed", "linux-6.18"), default="seed",
+        help="kernel behaviour to emulate: the seed-era rework (batches of 15, populate does "
+             "not drain) or Linux 6.18 (batches of 31, populate drains); default %(default)s",
     )
     replay.add_argument(
         "--redis", default=None, metavar="URL",
@@ -179,7 +184,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     async def run() -> dict[str, object]:
         async with _client(args) as client:
-            return await replay_traces(client, traces, args.batch_size)
+            linux = args.profile == "linux-6.18"
+            batch = args.batch_size or (31 if linux else 15)
+            return await replay_traces(client, traces, batch, populate_drain=linux)
 
     try:
         doc = asyncio.run(run())

@@ -140,6 +140,7 @@ class _Proc:
     alive: bool = True
     mappings: dict[str, _Mapping] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)  # ids whose mmap failed
+    failed_pages: dict[str, int] = field(default_factory=dict)  # their requested sizes
 
 
 def _flag_bits(value: Any, names: Mapping[str, int], what: str) -> int:
@@ -217,7 +218,9 @@ def smaps_sum(entries: Sequence[SmapsEntry], start: int, end: int) -> dict[str, 
 class Replayer:
     """Executes one scenario against ``target``."""
 
-    def __init__(self, target: Target, trace: Mapping[str, Any], batch_size: int) -> None:
+    def __init__(self, target: Target, trace: Mapping[str, Any], batch_size: int,
+                 populate_drain: bool = False) -> None:
+        self.populate_drain = populate_drain
         self.k = target
         self.trace = trace
         self.batch_size = batch_size
@@ -233,20 +236,20 @@ class Replayer:
             mlock_batch_len=self.batch_size,
             lru_add_batch_len=self.batch_size,
             name=f"replay:{name}"[:256],
+            populate_drain=self.populate_drain,
         )
         self.machine = await self.k.create_machine(cfg)
         try:
             await self._setup()
             ops_out: list[dict[str, Any]] = []
             snapshots: list[dict[str, Any]] = []
-            last_op = -1
             for i, op in enumerate(self._ops()):
                 kind = op.get("op")
                 if kind == "snapshot":
-                    snapshots.append(await self._snapshot(str(op.get("label", "")), last_op))
+                    # "after_op": the index of the op just before the snapshot
+                    snapshots.append(await self._snapshot(str(op.get("label", "")), i - 1))
                     continue
                 ops_out.append(await self._op(i, op))
-                last_op = i
             return {
                 "scenario": name,
                 "runner": RUNNER,
@@ -359,9 +362,15 @@ class Replayer:
             await k.munmap(machine, pid, addr, length)
         elif kind == "madvise":
             addr, length = self._range(proc, op)
-            advice = ADVICE.get(str(op.get("advice")))
+            raw = op.get("advice")
+            advice = ADVICE.get(str(raw))
+            if advice is None and isinstance(raw, int) and not isinstance(raw, bool):
+                if raw in {int(a) for a in ADVICE.values()}:
+                    advice = next(a for a in ADVICE.values() if int(a) == raw)
+                else:
+                    raise _OpFailed("EINVAL")  # madvise(2) with an unknown advice value
             if advice is None:
-                raise ReplayError(f"madvise: unknown advice {op.get('advice')!r}")
+                raise ReplayError(f"madvise: unknown advice {raw!r}")
             await k.madvise(machine, pid, addr, length, advice)
         elif kind == "mprotect":
             addr, length = self._range(proc, op)
@@ -424,8 +433,10 @@ class Replayer:
             addr = await self.k.mmap(self.machine, proc.pid, args)
         except SyscallError:
             proc.failed.add(mid)
+            proc.failed_pages[mid] = pages
             raise
         proc.failed.discard(mid)
+        proc.failed_pages.pop(mid, None)
         proc.mappings[mid] = _Mapping(addr, pages)
 
     # -- snapshots -------------------------------------------------------------------------
@@ -471,6 +482,14 @@ class Replayer:
                 **page_strings(pages),
                 "smaps": smaps_sum(smaps, m.addr, m.addr + length),
             }
+        for mid, npages in proc.failed_pages.items():
+            # a mapping whose mmap failed: no VMA covers any of its pages
+            gone = "x" * npages
+            mappings[mid] = {
+                "pages": npages, "present": gone, "mlocked": gone, "unevictable": gone,
+                "vma_locked": gone, "vma_onfault": gone, "lru": gone, "kind": gone,
+                "smaps": {"size_kb": 0, "rss_kb": 0, "locked_kb": 0, "vmas": 0},
+            }
         return {"alive": True, "VmLck_kb": status.vm_lck_kb, "mappings": mappings}
 
 
@@ -479,18 +498,21 @@ async def replay_trace(
     trace: Mapping[str, Any],
     batch_size: int = DEFAULT_BATCH_SIZE,
     keep_machine: bool = False,
+    populate_drain: bool = False,
 ) -> dict[str, Any]:
     """Run one scenario on a fresh machine and return its result document."""
-    return await Replayer(target, trace, batch_size).run(keep_machine)
+    return await Replayer(target, trace, batch_size, populate_drain).run(keep_machine)
 
 
 async def replay_traces(
     target: Target,
     traces: Sequence[Mapping[str, Any]],
     batch_size: int = DEFAULT_BATCH_SIZE,
+    populate_drain: bool = False,
 ) -> dict[str, Any]:
     """One document for one trace, ``{"results": [...]}`` for several."""
-    results = [await replay_trace(target, t, batch_size) for t in traces]
+    results = [await replay_trace(target, t, batch_size, populate_drain=populate_drain)
+               for t in traces]
     if len(results) == 1:
         return results[0]
     return {"results": results}

@@ -50,7 +50,6 @@ class Madvise:
                                 min(end, vma.end))
         elif advice in (Advice.MADV_POPULATE_READ, Advice.MADV_POPULATE_WRITE):
             write = advice == Advice.MADV_POPULATE_WRITE
-            await self.swap.lru_add_drain(m)
             for vma in vmas:
                 if vma.flags & VM.IO:
                     raise einval("populate of a VM_IO mapping")
@@ -58,6 +57,8 @@ class Madvise:
                     raise KernelError("ENOMEM", "populate of a PROT_NONE mapping")
                 await self.faults.fault_range(m, mm, vma, max(start, vma.start),
                                               min(end, vma.end), write)
+            if m.cfg.populate_drain:
+                await self.swap.lru_add_drain(m)
         elif advice == Advice.MADV_COLD:
             await self.swap.lru_add_drain(m)
             await self._each_page(m, mm, vmas, start, end, "D")

@@ -212,9 +212,13 @@ class Mlock:
         self, m: Machine, mm: MmState, start: int, end: int, *, ignore_errors: bool = False,
         drain: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """__mm_populate(): fault in [start, end); no mlock work of its own (§3.7.1)."""
-        if drain is not None:
-            await drain()
+        """__mm_populate(): fault in [start, end); no mlock work of its own (§3.7.1).
+
+        With ``populate_drain`` (Linux 6.18) the CPU's batches are drained after each VMA
+        that was actually faulted in, as observed on the host kernel (an empty range, or a
+        VM_LOCKONFAULT one, drains nothing); the seed-era kernel left them queued (S2)."""
+        if start >= end:
+            return
         pos = start
         for vma in list(mm.overlapping(start, end)):
             if vma.start > pos and not ignore_errors:
@@ -231,9 +235,13 @@ class Mlock:
             if not vma.flags & (VM.READ | VM.WRITE | VM.EXEC):
                 continue  # PROT_NONE: nothing to fault
             write = (vma.flags & (VM.WRITE | VM.SHARED)) == VM.WRITE  # break COW (§3.7.2)
-            await self.faults.fault_range(m, mm, vma, a, b, write)
-            if legacy:
-                await self.legacy.populate_mlock(m, mm, vma, a, b)
+            try:
+                await self.faults.fault_range(m, mm, vma, a, b, write)
+                if legacy:
+                    await self.legacy.populate_mlock(m, mm, vma, a, b)
+            finally:
+                if drain is not None and m.cfg.populate_drain:
+                    await drain()
         if pos < end and not ignore_errors:
             raise KernelError("ENOMEM", "populate: range not fully mapped")
 

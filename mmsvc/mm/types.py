@@ -63,6 +63,8 @@ class MachineConfig:
     fault_around_pages: int = 16
     hpage_pmd_nr: int = 512
     name: str = ""
+    # Linux 6.18 drains the local batches when a populate finishes; the seed kernel did not.
+    populate_drain: bool = False
 
 
 @dataclass(frozen=True)

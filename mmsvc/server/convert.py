@@ -62,6 +62,8 @@ def machine_config_from_pb(msg: tpb.MachineConfig) -> MachineConfig:
         changes["memcgs"] = tuple(msg.memcgs)
     if msg.thp:
         changes["thp"] = True
+    if msg.populate_drain:
+        changes["populate_drain"] = True
     if msg.protocol in _PROTOCOL_FROM_PB:
         changes["protocol"] = _PROTOCOL_FROM_PB[msg.protocol]
     if msg.name:
@@ -82,6 +84,7 @@ def machine_config_to_pb(cfg: MachineConfig) -> tpb.MachineConfig:
         fault_around_pages=cfg.fault_around_pages,
         hpage_pmd_nr=cfg.hpage_pmd_nr,
         name=cfg.name,
+        populate_drain=cfg.populate_drain,
     )
 
 

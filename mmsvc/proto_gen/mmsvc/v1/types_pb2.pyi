@@ -152,6 +152,7 @@ class MachineConfig(_message.Message):
     FAULT_AROUND_PAGES_FIELD_NUMBER: _builtins.int
     HPAGE_PMD_NR_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    POPULATE_DRAIN_FIELD_NUMBER: _builtins.int
     nodes: _builtins.int
     """NUMA nodes (default 1)."""
     frames_per_node: _builtins.int
@@ -172,6 +173,10 @@ class MachineConfig(_message.Message):
     """Pages per PMD-mapped THP (default 512)."""
     name: _builtins.str
     """Free-form name."""
+    populate_drain: _builtins.bool
+    """Populate (mlock, MAP_POPULATE, MAP_LOCKED, MADV_POPULATE_*) drains this CPU's batches
+    when it is done, as Linux 6.18 does; the seed-era kernel did not (spec §11 S2).
+    """
     @_builtins.property
     def memcgs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Memory cgroups (default ["root"])."""
@@ -190,10 +195,11 @@ class MachineConfig(_message.Message):
         fault_around_pages: _builtins.int = ...,
         hpage_pmd_nr: _builtins.int = ...,
         name: _builtins.str = ...,
+        populate_drain: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fault_around_pages", b"fault_around_pages", "frames_per_node", b"frames_per_node", "hpage_pmd_nr", b"hpage_pmd_nr", "lru_add_batch_len", b"lru_add_batch_len", "memcgs", b"memcgs", "mlock_batch_len", b"mlock_batch_len", "name", b"name", "nodes", b"nodes", "protocol", b"protocol", "swap_pages", b"swap_pages", "thp", b"thp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fault_around_pages", b"fault_around_pages", "frames_per_node", b"frames_per_node", "hpage_pmd_nr", b"hpage_pmd_nr", "lru_add_batch_len", b"lru_add_batch_len", "memcgs", b"memcgs", "mlock_batch_len", b"mlock_batch_len", "name", b"name", "nodes", b"nodes", "populate_drain", b"populate_drain", "protocol", b"protocol", "swap_pages", b"swap_pages", "thp", b"thp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
