@@ -67,6 +67,47 @@ class Locks:
         now = time.perf_counter()
         return Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now, stats)
 
+    async def enter_mm(
+        self, mm_key: str, mode: str, prefetch: tuple[int, int] | None = None
+    ) -> tuple[Held, list[bytes], list[bytes], list[int] | None] | None:
+        """mmap_lock + the address space (+ the ptes of a range) in one round trip; None when
+        there is no such process.  A queued acquisition waits for its token, then loads."""
+        wid = uuid.uuid4().hex[:16]
+        t0 = time.perf_counter()
+        extra = list(prefetch) if prefetch else []
+        res = await self.store.fcall("mm_enter", mm_key, mode, self.cpu, wid, self.lease_ms,
+                                     *extra)
+        if int(res[0]) == -1:
+            return None
+        key = f"{mm_key}:mmap_lock"
+        if int(res[0]) == 1:
+            held = Held(key, mode, int(res[1]), False, int(res[2]), 0.0, time.perf_counter())
+            ptes = [int(x) for x in res[5]] if prefetch else None
+            return held, list(res[3]), list(res[4]), ptes
+        popped = await self.store.client.blpop([f"{key}:w:{wid}"], timeout=self.lease_ms / 1000)
+        if popped is None:
+            await self.store.fcall("lk_cancel", key, wid, self.lease_ms)
+            raise KernelError("EAGAIN", f"timed out waiting for lock {key}")
+        tok, bounce = text(popped[1]).split("|")
+        now = time.perf_counter()
+        held = Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now)
+        pipe = self.store.client.pipeline(transaction=False)
+        pipe.hgetall(f"{mm_key}:info")
+        pipe.hgetall(f"{mm_key}:vma")
+        info, vmas = await pipe.execute()
+        flat_info = [x for kv in info.items() for x in kv]
+        flat_vmas = [x for kv in vmas.items() for x in kv]
+        ptes = None
+        if prefetch:
+            ptes = [int(x) for x in await self.store.fcall("pt_read", mm_key, *prefetch)]
+        return held, flat_info, flat_vmas, ptes
+
+    def release_args(self, held: Held) -> list[str | int]:
+        """lk_release's arguments for held (for functions that release as their last step)."""
+        hold_us = (time.perf_counter() - held.granted_at) * 1e6
+        return [held.token, int(held.contended), held.bounce, f"{held.wait_us:.3f}",
+                f"{hold_us:.3f}", self.lease_ms]
+
     async def release(self, held: Held) -> None:
         hold_us = (time.perf_counter() - held.granted_at) * 1e6
         await self.store.fcall(

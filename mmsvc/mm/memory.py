@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine
-from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap
+from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap, pte_args
 from mmsvc.mm.page import PG, Page, PTEBit
 from mmsvc.mm.rmap import new_anon_ops, page_add_rmap_ops, page_remove_rmap_ops
 from mmsvc.mm.swap import Op, Swap
@@ -97,7 +97,9 @@ class Faults:
             raise KernelError("EFAULT", "write fault on a mapping without PROT_WRITE")
         if not vma.flags & (VM.READ | VM.WRITE):
             raise KernelError("EFAULT", "fault on a PROT_NONE mapping")
-        ptes = await pt_read(self.store, mm.key, start, end)
+        ptes = mm.take_prefetched(start, end)
+        if ptes is None:
+            ptes = await pt_read(self.store, mm.key, start, end)
         if vma.is_anon:
             return await self._anon(m, mm, vma, start, end, write, ptes)
         return await self._file(m, mm, vma, start, end, write, ptes)
@@ -154,9 +156,8 @@ class Faults:
         new_ptes += [Pte(p.vpn, p.idx, p.lv, p.bits | PTEBit.WRITE | PTEBit.DIRTY)
                      for p in wp_reuse]
         expect.update({p.vpn: p for p in wp_reuse})
-        raced = await pt_install(self.store, mm.key, new_ptes, expect)
-        if raced:
-            raise KernelError("EAGAIN", f"concurrent fault on {len(raced)} pages")
+        fresh = {vpn for vpn, slot, _ in installs if slot is not None}
+        await self._install(m, mm, vma, new_ptes, expect, fresh, last=not old_progs.runs)
         await old_progs.execute(self.swap, m)
         legacy = str(m.cfg.protocol) == "legacy"
         if self.legacy_cow is not None and cow_old and vma.locked and legacy:
@@ -290,11 +291,32 @@ class Faults:
                 new_ptes.append(Pte(vpn, ref[1], ref[0], bits))
             else:
                 new_ptes.append(Pte(vpn, allocs[ref - 1], lv, bits))
-        raced = await pt_install(self.store, mm.key, new_ptes, expect)
-        if raced:
-            raise KernelError("EAGAIN", f"concurrent fault on {len(raced)} pages")
+        mapped_new = {vpn for vpn, ref, _ in installs
+                      if not (vma.shared and ptes.get(vpn) is not None)}
+        await self._install(m, mm, vma, new_ptes, expect, mapped_new, last=not old_progs.runs)
         await old_progs.execute(self.swap, m)
         return len(new_ptes)
+
+
+    async def _install(self, m: Machine, mm: MmState, vma: Vma, new: list[Pte],
+                       expect: dict[int, Pte], mapped: set[int], *, last: bool) -> None:
+        """set_pte_at under the PTL; a fault that raced with another on the same pte backs off,
+        dropping the mapping it had prepared (the kernel's pte_same() check)."""
+        if last and mm.unlock_on_install and mm.held is not None:
+            held, mm.held = mm.held, None  # the lock goes with the install
+            raced = [int(v) for v in await self.store.fcall(
+                "pt_install_unlock", mm.key, *self.swap.locks.release_args(held),
+                *pte_args(new, expect))]
+        else:
+            raced = await pt_install(self.store, mm.key, new, expect)
+        if not raced:
+            return
+        undo = Programs.empty()
+        for p in new:
+            if p.vpn in raced and p.vpn in mapped and not p.bits & PTEBit.ZERO:
+                undo.add(p.lv, *page_remove_rmap_ops(m, vma, p.idx), ["P", p.idx])
+        await undo.execute(self.swap, m)
+        raise KernelError("EAGAIN", f"concurrent fault on {len(raced)} pages")
 
 
 def _lv_idx(s: str) -> tuple[int, int]:

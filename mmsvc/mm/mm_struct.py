@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from mmsvc.locks import Held
 from mmsvc.mm.errors import esrch
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.page import PTE
@@ -32,6 +33,18 @@ class MmState:
     removed: set[int] = field(default_factory=set)
     changed: dict[int, Vma] = field(default_factory=dict)
     info_changes: dict[str, int | str] = field(default_factory=dict)
+    # Set by the syscall layer: the mmap_lock held, ptes read with it, and whether the last
+    # pte install of a fault may release the lock in the same round trip.
+    held: Held | None = None
+    prefetched: tuple[int, int, dict[int, Pte]] | None = None
+    unlock_on_install: bool = False
+
+    def take_prefetched(self, start: int, end: int) -> dict[int, Pte] | None:
+        """The ptes read together with the mmap_lock, once, if they cover [start, end)."""
+        pre, self.prefetched = self.prefetched, None
+        if pre is None or not (pre[0] <= start and end <= pre[1]):
+            return None
+        return {v: p for v, p in pre[2].items() if start <= v < end}
 
     def geti(self, name: str) -> int:
         return int(self.info[name])
@@ -89,6 +102,17 @@ async def load_mm(store: RedisStore, m: Machine, pid: int, *, allow_dead: bool =
     pipe.hgetall(f"{key}:info")
     pipe.hgetall(f"{key}:vma")
     info_raw, vmas_raw = await pipe.execute()
+    return decode_mm(m, pid, info_raw, vmas_raw, allow_dead=allow_dead)
+
+
+def decode_mm(m: Machine, pid: int, info_raw: dict[bytes, bytes] | list[bytes],
+              vmas_raw: dict[bytes, bytes] | list[bytes], *, allow_dead: bool = False) -> MmState:
+    """An MmState from HGETALL replies (dicts, or flat lists from a function)."""
+    key = keys.mm(m.mid, pid)
+    if isinstance(info_raw, list):
+        info_raw = dict(zip(info_raw[::2], info_raw[1::2], strict=True))
+    if isinstance(vmas_raw, list):
+        vmas_raw = dict(zip(vmas_raw[::2], vmas_raw[1::2], strict=True))
     if not info_raw:
         raise esrch(f"no process {pid} on machine {m.mid}")
     info: dict[str, int | str] = {}
@@ -125,6 +149,11 @@ async def pt_read(store: RedisStore, mm_key: str, start: int, end: int) -> dict[
             for i in range(0, len(flat), 4)}
 
 
+def decode_ptes(flat: list[int]) -> dict[int, Pte]:
+    return {int(flat[i]): Pte(int(flat[i]), int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
+            for i in range(0, len(flat), 4)}
+
+
 async def pt_zap(store: RedisStore, mm_key: str, start: int, end: int) -> list[Pte]:
     flat = await store.fcall("pt_zap", mm_key, start, end)
     return [Pte(int(flat[i]), int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
@@ -143,6 +172,15 @@ async def pt_install(
         args += [int(p.vpn), int(p.idx), int(p.lv), int(p.bits)]
         args += [int(e.idx), int(e.lv), int(e.bits)] if e else [0, 0, 0]
     return [int(v) for v in await store.fcall("pt_install", mm_key, *args)]
+
+
+def pte_args(new: list[Pte], expect: dict[int, Pte]) -> list[int]:
+    args: list[int] = []
+    for p in new:
+        e = expect.get(p.vpn)
+        args += [int(p.vpn), int(p.idx), int(p.lv), int(p.bits)]
+        args += [int(e.idx), int(e.lv), int(e.bits)] if e else [0, 0, 0]
+    return args
 
 
 assert PTE.size == 8

@@ -23,7 +23,7 @@ from mmsvc.mm.madvise import Madvise
 from mmsvc.mm.memory import Faults, Programs, cache_flags, read_pages
 from mmsvc.mm.migrate import Migrate, MigrateStats, check_target
 from mmsvc.mm.mlock import Mlock, page_range
-from mmsvc.mm.mm_struct import MmState, load_mm, pt_read
+from mmsvc.mm.mm_struct import MmState, decode_mm, decode_ptes, load_mm, pt_read
 from mmsvc.mm.mmap import Mmap, aligned_range
 from mmsvc.mm.page import PTEBit
 from mmsvc.mm.rmap import Rmap
@@ -123,16 +123,26 @@ class Kernel:
     # ----------------------------------------------------------------- processes -------
     @asynccontextmanager
     async def _mm(
-        self, machine: str, pid: int, mode: str
+        self, machine: str, pid: int, mode: str, prefetch: tuple[int, int] | None = None
     ) -> AsyncIterator[tuple[Machine, MmState]]:
+        """mmap_lock held (and the address space loaded) around one syscall."""
         m = await self.machine(machine)
-        await load_mm(self.store, m, pid)  # ESRCH before queueing on a lock
-        async with self.locks.hold(f"{keys.mm(m.mid, pid)}:mmap_lock", mode):
-            mm = await load_mm(self.store, m, pid)
-            try:
-                yield m, mm
-            except KeyError as exc:  # a file created by another worker since we cached
-                raise KernelError("EAGAIN", f"stale machine shape: {exc}") from exc
+        entered = await self.locks.enter_mm(keys.mm(m.mid, pid), mode, prefetch)
+        if entered is None:
+            raise KernelError("ESRCH", f"no process {pid} on machine {m.mid}")
+        held, info, vmas, ptes = entered
+        mm: MmState | None = None
+        try:
+            mm = decode_mm(m, pid, info, vmas)
+            mm.held = held
+            if prefetch is not None and ptes is not None:
+                mm.prefetched = (prefetch[0], prefetch[1], decode_ptes(ptes))
+            yield m, mm
+        except KeyError as exc:  # a file created by another worker since we cached
+            raise KernelError("EAGAIN", f"stale machine shape: {exc}") from exc
+        finally:
+            if mm is None or mm.held is not None:  # not released by a fault's last install
+                await self.locks.release(held)
 
     async def create_process(self, machine: str, spec: ProcessSpec) -> int:
         return await machines.create_process(self.store, await self.machine(machine), spec)
@@ -252,11 +262,13 @@ class Kernel:
         start, end = aligned_range(addr, length)
         if end - start > MAX_RANGE_PAGES:
             raise einval("range too large")
-        async with self._mm(machine, pid, "r") as (m, mm):
+        async with self._mm(machine, pid, "r", prefetch=(start, end)) as (m, mm):
             if not mm.covered(start, end):
                 raise KernelError("EFAULT", "SIGSEGV: address not mapped")
             done = 0
-            for vma in mm.overlapping(start, end):
+            vmas = mm.overlapping(start, end)
+            mm.unlock_on_install = len(vmas) == 1
+            for vma in vmas:
                 done += await self.faults.fault_range(m, mm, vma, max(start, vma.start),
                                                       min(end, vma.end), write)
             return done

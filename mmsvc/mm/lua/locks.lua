@@ -13,6 +13,31 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Present ptes of [v0, v1) of address space M as a flat {vpn, idx, lv, bits, ...}
+-- (page tables: M:pt:<pmd>, 512 entries of PTE_FMT; empty tables cost nothing, S26).
+local function pt_read_range(M, v0, v1)
+  local out = {}
+  local pmd = math.floor(v0 / PTRS_PER_PMD)
+  local last = math.floor((v1 - 1) / PTRS_PER_PMD)
+  while pmd <= last do
+    local s = redis.call('GET', M .. ':pt:' .. pmd)
+    if s then
+      local base = pmd * PTRS_PER_PMD
+      local a = math.max(v0, base) - base
+      local b = math.min(v1, base + PTRS_PER_PMD) - base
+      for i = a, b - 1 do
+        local idx, lv, bits = struct.unpack(PTE_FMT, s, i * PTE_SIZE + 1)
+        if bit.band(bits, PTE_PRESENT) ~= 0 then
+          out[#out + 1] = base + i; out[#out + 1] = idx
+          out[#out + 1] = lv; out[#out + 1] = bits
+        end
+      end
+    end
+    pmd = pmd + 1
+  end
+  return out
+end
+
 local function lk_purge(L, now)
   local expired = redis.call('ZRANGEBYSCORE', L .. ':h', '-inf', now)
   if #expired > 0 then
@@ -122,21 +147,23 @@ redis.register_function('lk_cancel', function(keys, args)
   return 1
 end)
 
--- lk_release(L; tok, contended, bounce, wait_us, hold_us, lease_ms)
-redis.register_function('lk_release', function(keys, args)
-  local L = keys[1]
-  local tok = args[1]
-  local removed = redis.call('ZREM', L .. ':h', tok)
+-- Release token a[1] of L; a = {tok, contended, bounce, wait_us, hold_us, lease_ms[, stats]}.
+local function lk_release_impl(L, a)
+  local removed = redis.call('ZREM', L .. ':h', a[1])
   local now = now_ms()
   lk_purge(L, now)
   if removed == 1 then
-    -- args[7]: statistics of a lock class kept per family (page locks: per lruvec)
-    lk_stat(args[7] or L, tonumber(args[2]), tonumber(args[3]), tonumber(args[4]),
-            tonumber(args[5]))
+    -- a[7]: statistics of a lock class kept per family (page locks: per lruvec)
+    lk_stat(a[7] or L, tonumber(a[2]), tonumber(a[3]), tonumber(a[4]), tonumber(a[5]))
   end
   if redis.call('ZCARD', L .. ':h') == 0 then redis.call('HSET', L, 'mode', '') end
-  lk_wake(L, now, tonumber(args[6]))
+  lk_wake(L, now, tonumber(a[6]))
   return removed
+end
+
+-- lk_release(L; tok, contended, bounce, wait_us, hold_us, lease_ms[, stats])
+redis.register_function('lk_release', function(keys, args)
+  return lk_release_impl(keys[1], args)
 end)
 
 -- Inline holds inside a data function.  A function call is atomic, so when the lock is free
@@ -190,3 +217,23 @@ local function ilock_commit()
   end
   redis.call('HSET', k.L, 'last', k.cpu)
 end
+
+-- mm_enter(M; mode, cpu, wid, lease_ms): take mmap_lock and load the address space in one
+-- round trip: {-1} no such mm | {0} queued as wid | {1, tok, bounce, info, vmas}.
+redis.register_function('mm_enter', function(keys, args)
+  local M = keys[1]
+  if redis.call('EXISTS', M .. ':info') == 0 then return {-1} end
+  local L = M .. ':mmap_lock'
+  local mode, cpu, wid, lease_ms = args[1], tonumber(args[2]), args[3], tonumber(args[4])
+  local now = now_ms()
+  lk_purge(L, now)
+  if not lk_free_for(L, mode) then
+    redis.call('RPUSH', L .. ':q', wid .. '|' .. mode .. '|' .. cpu)
+    return {0}
+  end
+  local tok, bounce = lk_grant(L, mode, cpu, lease_ms, now)
+  local out = {1, tok, bounce, redis.call('HGETALL', M .. ':info'),
+               redis.call('HGETALL', M .. ':vma')}
+  if args[5] then out[6] = pt_read_range(M, tonumber(args[5]), tonumber(args[6])) end
+  return out
+end)

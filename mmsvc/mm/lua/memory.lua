@@ -333,27 +333,7 @@ local function pte_key(M, vpn) return M .. ':pt:' .. math.floor(vpn / PTRS_PER_P
 -- Empty page tables are skipped at no cost per address (spec §3.6.3, S26).
 redis.register_function{function_name = 'pt_read', flags = {'no-writes'},
   callback = function(keys, args)
-    local M, v0, v1 = keys[1], tonumber(args[1]), tonumber(args[2])
-    local out = {}
-    local pmd = math.floor(v0 / PTRS_PER_PMD)
-    local last = math.floor((v1 - 1) / PTRS_PER_PMD)
-    while pmd <= last do
-      local s = redis.call('GET', M .. ':pt:' .. pmd)
-      if s then
-        local base = pmd * PTRS_PER_PMD
-        local a = math.max(v0, base) - base
-        local b = math.min(v1, base + PTRS_PER_PMD) - base
-        for i = a, b - 1 do
-          local idx, lv, bits = struct.unpack(PTE_FMT, s, i * PTE_SIZE + 1)
-          if band(bits, PTE_PRESENT) ~= 0 then
-            out[#out + 1] = base + i; out[#out + 1] = idx
-            out[#out + 1] = lv; out[#out + 1] = bits
-          end
-        end
-      end
-      pmd = pmd + 1
-    end
-    return out
+    return pt_read_range(keys[1], tonumber(args[1]), tonumber(args[2]))
   end}
 
 local function pt_store(M, vpn, idx, lv, bits)
@@ -373,10 +353,9 @@ end
 
 -- pt_install(M; flat {vpn, idx, lv, bits, expect_idx, expect_lv, expect_bits}...): set ptes
 -- whose current value is the expected one (0,0,0 = none); returns the vpns that differed.
-redis.register_function('pt_install', function(keys, args)
-  local M = keys[1]
+local function pt_install_impl(M, args, first)
   local conflicts = {}
-  for i = 1, #args, 7 do
+  for i = first, #args, 7 do
     local vpn = tonumber(args[i])
     local cidx, clv, cbits = pt_load(M, vpn)
     if cidx == tonumber(args[i + 4]) and clv == tonumber(args[i + 5])
@@ -386,6 +365,18 @@ redis.register_function('pt_install', function(keys, args)
       conflicts[#conflicts + 1] = vpn
     end
   end
+  return conflicts
+end
+
+redis.register_function('pt_install', function(keys, args)
+  return pt_install_impl(keys[1], args, 1)
+end)
+
+-- pt_install_unlock(M; tok, contended, bounce, wait_us, hold_us, lease_ms, entries...):
+-- the last step of a fault: install the ptes, then release mmap_lock, in one round trip.
+redis.register_function('pt_install_unlock', function(keys, args)
+  local conflicts = pt_install_impl(keys[1], args, 7)
+  lk_release_impl(keys[1] .. ':mmap_lock', {args[1], args[2], args[3], args[4], args[5], args[6]})
   return conflicts
 end)
 

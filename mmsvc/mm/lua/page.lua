@@ -28,11 +28,12 @@ local function test_set(p, f) local was = has(p, f); set(p, f); return was end
 local CH = {}           -- chunk number -> chunk string as loaded (records of CHUNK_PAGES pages)
 local BATCH = {}        -- "which:cpu" -> entries of this lruvec's part of a CPU's batch
 local BDIRTY = {}       -- "which:cpu" -> true when BATCH differs from the store
+local SINGLES = {}      -- chunk -> records read one by one (a few are cheaper than the chunk)
 
 local function ckey(c) return T .. ':pg:' .. c end
 
 local function begin(tag)
-  T = tag; P = {}; PDIRTY = {}; MDIRTY = {}; EV = {}; FREED = 0; CH = {}
+  T = tag; P = {}; PDIRTY = {}; MDIRTY = {}; EV = {}; FREED = 0; CH = {}; SINGLES = {}
   BATCH = {}; BDIRTY = {}; FREE_PUSHES = {}
   STATS = {offlru = 0, flushes = 0}
   local raw = redis.call('HGETALL', T .. ':meta')
@@ -105,10 +106,20 @@ local function pg(idx)
   local p = P[idx]
   if p then return p end
   local c = math.floor(idx / CHUNK_PAGES)
-  local s = chunk(c)
   local off = (idx % CHUNK_PAGES) * RECORD_SIZE
-  if #s < off + RECORD_SIZE then error('mmsvc: no struct page at index ' .. idx .. ' of ' .. T) end
-  local f, ref, mc, prev, nxt, mapping, index, aux = struct.unpack(RECORD_FMT, s, off + 1)
+  local s, pos
+  if CH[c] == nil and (SINGLES[c] or 0) < 4 then
+    SINGLES[c] = (SINGLES[c] or 0) + 1
+    s = redis.call('GETRANGE', ckey(c), off, off + RECORD_SIZE - 1)
+    pos = 1
+  else
+    s = chunk(c)
+    pos = off + 1
+  end
+  if #s < pos + RECORD_SIZE - 1 then
+    error('mmsvc: no struct page at index ' .. idx .. ' of ' .. T)
+  end
+  local f, ref, mc, prev, nxt, mapping, index, aux = struct.unpack(RECORD_FMT, s, pos)
   p = {flags = f, ref = ref, mapcount = mc, prev = prev, next = nxt,
        mapping = mapping, index = index, aux = aux}
   if band(f, PG_INUSE) == 0 then error('mmsvc: page ' .. idx .. ' of ' .. T .. ' is free') end
@@ -122,34 +133,44 @@ local ZERO_RECORD = nil
 
 local function commit()
   -- Pages: rebuild each touched chunk once (one GET and one SET per 256 pages).
-  local by_chunk = {}
+  local by_chunk, counts = {}, {}
   for idx in pairs(PDIRTY) do
     local c = math.floor(idx / CHUNK_PAGES)
     local t = by_chunk[c]
-    if t == nil then t = {}; by_chunk[c] = t end
+    if t == nil then t = {}; by_chunk[c] = t; counts[c] = 0 end
     t[idx % CHUNK_PAGES] = P[idx]
+    counts[c] = counts[c] + 1
   end
   if ZERO_RECORD == nil then ZERO_RECORD = string.rep('\0', RECORD_SIZE) end
   for c, recs in pairs(by_chunk) do
-    local s = chunk(c)
-    local have = math.floor(#s / RECORD_SIZE)
-    local top = have
-    for i in pairs(recs) do if i + 1 > top then top = i + 1 end end
-    local parts = {}
-    for i = 0, top - 1 do
-      local p = recs[i]
-      if p then
-        parts[#parts + 1] = struct.pack(RECORD_FMT, p.flags, p.ref, p.mapcount, p.prev, p.next,
-                                        p.mapping, p.index, p.aux)
-      elseif i < have then
-        parts[#parts + 1] = string.sub(s, i * RECORD_SIZE + 1, (i + 1) * RECORD_SIZE)
-      else
-        parts[#parts + 1] = ZERO_RECORD
+    if counts[c] <= 8 then
+      -- a few records: write them in place (SETRANGE pads a short string with zeros)
+      for i, p in pairs(recs) do
+        redis.call('SETRANGE', ckey(c), i * RECORD_SIZE, struct.pack(RECORD_FMT, p.flags, p.ref,
+          p.mapcount, p.prev, p.next, p.mapping, p.index, p.aux))
       end
+      CH[c] = nil
+    else
+      local s = chunk(c)
+      local have = math.floor(#s / RECORD_SIZE)
+      local top = have
+      for i in pairs(recs) do if i + 1 > top then top = i + 1 end end
+      local parts = {}
+      for i = 0, top - 1 do
+        local p = recs[i]
+        if p then
+          parts[#parts + 1] = struct.pack(RECORD_FMT, p.flags, p.ref, p.mapcount, p.prev,
+                                          p.next, p.mapping, p.index, p.aux)
+        elseif i < have then
+          parts[#parts + 1] = string.sub(s, i * RECORD_SIZE + 1, (i + 1) * RECORD_SIZE)
+        else
+          parts[#parts + 1] = ZERO_RECORD
+        end
+      end
+      s = table.concat(parts)
+      CH[c] = s
+      redis.call('SET', ckey(c), s)
     end
-    s = table.concat(parts)
-    CH[c] = s
-    redis.call('SET', ckey(c), s)
   end
   for k in pairs(BDIRTY) do
     local key = T .. ':' .. k
