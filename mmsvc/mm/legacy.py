@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from mmsvc.locks import Locks
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
-from mmsvc.mm.mm_struct import MmState, Pte, pt_read
+from mmsvc.mm.mm_struct import MmState, Pte, pt_walk
 from mmsvc.mm.page import PG, Page, PTEBit
 from mmsvc.mm.rmap import Rmap
 from mmsvc.mm.swap import Swap
@@ -68,8 +68,7 @@ class Legacy:
         lru_add_drain() per page, gets the legacy mlock_vma_page (§9.3.2)."""
         if not vma.locked:
             return
-        for s in range(start, end, WALK_CHUNK):
-            ptes = await pt_read(self.store, mm.key, s, min(end, s + WALK_CHUNK))
+        async for ptes in pt_walk(self.store, mm.key, start, end, WALK_CHUNK):
             for vpn in sorted(ptes):
                 p = ptes[vpn]
                 if p.bits & PTEBit.ZERO:
@@ -88,8 +87,7 @@ class Legacy:
     async def munlock_range(self, m: Machine, mm: MmState, start: int, end: int) -> None:
         """munlock_vma_pages_range: the vma's VM_LOCKED is already cleared (§9.4.1)."""
         self.costs.lookups += end - start  # one follow_page per address, populated or not
-        for s in range(start, end, WALK_CHUNK):
-            ptes = await pt_read(self.store, mm.key, s, min(end, s + WALK_CHUNK))
+        async for ptes in pt_walk(self.store, mm.key, start, end, WALK_CHUNK):
             for batch in _pagevecs([ptes[v] for v in sorted(ptes)]):
                 await self._munlock_pagevec(m, batch)
 

@@ -18,6 +18,7 @@ async def lock_instances(store: RedisStore, m: Machine) -> list[tuple[str, str, 
         out.append(("i_mmap_rwsem", f.name, f"{keys.file(m.mid, f.fid)}:i_mmap_rwsem"))
     pids = sorted(int(p) for p in await store.client.smembers(f"{keys.machine(m.mid)}:procs"))
     out += [("mmap_lock", f"pid{p}", f"{keys.mm(m.mid, p)}:mmap_lock") for p in pids]
+    out += [("ptl", f"pid{p}", f"{keys.mm(m.mid, p)}:ptl") for p in pids]
     avs = int(await store.client.hget(f"{keys.machine(m.mid)}:ids", "anon_vma") or 0)
     out += [("anon_vma_lock", f"av{a}", f"{keys.anon_vma(m.mid, a)}:lock")
             for a in range(1, avs + 1)]

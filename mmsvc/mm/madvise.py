@@ -78,7 +78,8 @@ class Madvise:
 
         progs = Programs.empty()
         for vma in vmas:
-            ptes = await pt_read(self.store, mm.key, max(start, vma.start), min(end, vma.end))
+            a, b = max(start, vma.start), min(end, vma.end)
+            ptes = await pt_read(self.store, mm.key, a, b, walk=True)
             real = [p for p in ptes.values() if not p.bits & PTEBit.ZERO]
             pages = await read_pages(self.store, m, [(p.lv, p.idx) for p in real])
             for pte, page in zip(real, pages, strict=True):
@@ -95,7 +96,8 @@ class Madvise:
 
         stats.verdicts = Counter()
         for vma in vmas:
-            ptes = await pt_read(self.store, mm.key, max(start, vma.start), min(end, vma.end))
+            a, b = max(start, vma.start), min(end, vma.end)
+            ptes = await pt_read(self.store, mm.key, a, b, walk=True)
             by_lv: dict[int, list[int]] = {}
             for p in sorted(ptes.values(), key=lambda p: p.vpn):
                 if not p.bits & PTEBit.ZERO:

@@ -99,7 +99,7 @@ class Faults:
             raise KernelError("EFAULT", "fault on a PROT_NONE mapping")
         ptes = mm.take_prefetched(start, end)
         if ptes is None:
-            ptes = await pt_read(self.store, mm.key, start, end)
+            ptes = await pt_read(self.store, mm.key, start, end, walk=True)
         if vma.is_anon:
             return await self._anon(m, mm, vma, start, end, write, ptes)
         return await self._file(m, mm, vma, start, end, write, ptes)

@@ -16,7 +16,7 @@ from mmsvc.mm.errors import KernelError, einval
 from mmsvc.mm.legacy import Legacy
 from mmsvc.mm.machine import Machine, new_id
 from mmsvc.mm.memory import Faults, Programs
-from mmsvc.mm.mm_struct import MmState, pt_read, save
+from mmsvc.mm.mm_struct import MmState, pt_walk, save
 from mmsvc.mm.page import PTEBit
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.types import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, MLOCK_ONFAULT, PAGE_SHIFT
@@ -116,9 +116,7 @@ class Mlock:
         await save(self.store, mm)  # one atomic store of the flags, visible to rmap walkers
         await self.swap.lru_add_drain(m)
         lock = bool(newflags & VM.LOCKED)
-        for s in range(vma.start, vma.end, WALK_CHUNK):
-            e = min(vma.end, s + WALK_CHUNK)
-            ptes = await pt_read(self.store, mm.key, s, e)
+        async for ptes in pt_walk(self.store, mm.key, vma.start, vma.end, WALK_CHUNK):
             progs = Programs.empty()
             for vpn in sorted(ptes):
                 p = ptes[vpn]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from mmsvc.locks import Held
@@ -143,10 +144,30 @@ async def save(store: RedisStore, mm: MmState) -> None:
     mm.info_changes.clear()
 
 
-async def pt_read(store: RedisStore, mm_key: str, start: int, end: int) -> dict[int, Pte]:
-    flat = await store.fcall("pt_read", mm_key, start, end)
+async def pt_read(store: RedisStore, mm_key: str, start: int, end: int, *,
+                  walk: bool = False) -> dict[int, Pte]:
+    """Present ptes of [start, end); walk=True for kernel walks that hold each page table's
+    lock (counted in lock_stat as class ptl), False for views and the checker."""
+    flat = await store.fcall("pt_walk" if walk else "pt_read", mm_key, start, end)
     return {int(flat[i]): Pte(int(flat[i]), int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
             for i in range(0, len(flat), 4)}
+
+
+async def pt_walk(
+    store: RedisStore, mm_key: str, start: int, end: int, max_ptes: int = 4096
+) -> AsyncIterator[dict[int, Pte]]:
+    """walk_page_range: the present ptes of [start, end), a few page tables per round trip,
+    visiting only page tables that exist (an unpopulated range costs one call)."""
+    pos = start
+    while pos < end:
+        flat = await store.fcall("pt_walk", mm_key, pos, end, max_ptes)
+        resume = int(flat[0])
+        ptes = decode_ptes([int(x) for x in flat[1:]])
+        if ptes:
+            yield ptes
+        if resume <= pos:  # pragma: no cover - the function always moves forward
+            raise RuntimeError("pt_walk made no progress")
+        pos = resume
 
 
 def decode_ptes(flat: list[int]) -> dict[int, Pte]:

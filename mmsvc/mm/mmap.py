@@ -271,7 +271,7 @@ class Mmap:
                                           drain=lambda: self.swap.lru_add_drain(m))
 
     async def _wrprotect(self, mm: MmState, start: int, end: int) -> None:
-        ptes = await pt_read(self.store, mm.key, start, end)
+        ptes = await pt_read(self.store, mm.key, start, end, walk=True)
         new = [Pte(p.vpn, p.idx, p.lv, p.bits & ~PTEBit.WRITE) for p in ptes.values()
                if p.bits & PTEBit.WRITE]
         await pt_install(self.store, mm.key, new, ptes)
@@ -299,7 +299,7 @@ class Mmap:
                 await self._i_mmap_link(m, child, cv)
             if vma.shared:
                 continue  # copy_page_range(): shared mappings fault again in the child
-            ptes = await pt_read(self.store, parent.key, vma.start, vma.end)
+            ptes = await pt_read(self.store, parent.key, vma.start, vma.end, walk=True)
             if not ptes:
                 continue
             progs = Programs.empty()

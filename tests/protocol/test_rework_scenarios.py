@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from mmsvc.mm.types import (
@@ -432,3 +433,75 @@ def test_s15_failed_migration_undercounts_the_old_page(run: Any) -> None:
         await w.drain(cpu=2)
 
     run(s, nodes=2)
+
+
+def test_s26_munlockall_of_a_huge_unpopulated_prot_none_area_visits_no_page_table(
+    run: Any,
+) -> None:
+    async def s(w: World) -> None:
+        p = await w.proc()
+        pages = 1 << 24  # 64 GiB
+        await w.mmap(p, "m", pages, prot=0)
+        await w.kernel.mlockall(w.mid, p, MCL_CURRENT)
+        assert await w.locked_vm(p) == pages
+        before = {r.lock_class: r.acquisitions for r in await w.kernel.lock_stat(w.mid)}
+        t0 = time.perf_counter()
+        await w.kernel.munlockall(w.mid, p)
+        elapsed = time.perf_counter() - t0
+        after = {r.lock_class: r.acquisitions for r in await w.kernel.lock_stat(w.mid)}
+        assert await w.locked_vm(p) == 0
+        assert after.get("ptl", 0) == before.get("ptl", 0)  # no page table was visited
+        assert elapsed < 5  # a handful of round trips, not 16M lookups
+
+    run(s, frames_per_node=1024)
+
+
+def test_s26_legacy_munlock_looks_up_every_address(run: Any) -> None:
+    async def s(w: World) -> None:
+        p = await w.proc()
+        pages = 1 << 20  # 4 GiB
+        await w.mmap(p, "m", pages, prot=0)
+        await w.kernel.mlockall(w.mid, p, MCL_CURRENT)
+        await w.kernel.munlockall(w.mid, p)
+        assert w.kernel.legacy.costs.lookups == pages
+
+    run(s, frames_per_node=1024, protocol="legacy")
+
+
+def test_s12_page_in_the_lru_add_batch_when_mlocked(run: Any) -> None:
+    """Order A (§8.2): one drain processes lru_add first, then the LRU_PAGE entry: the count
+    is exact; never 2."""
+
+    async def s(w: World) -> None:
+        await w.file("f", 1)
+        p = await w.proc()
+        await w.kernel.mlockall(w.mid, p, MCL_FUTURE | MCL_ONFAULT)
+        await w.mmap(p, "m", 1, file="f", shared=True)
+        await w.touch(p, "m", write=False)  # read in: lru_add entry, then LRU_PAGE entry
+        page = (await w.pages(p, "m"))[0]
+        assert (page.mlocked, page.lru) == (True, False)
+        await w.drain()
+        page = (await w.pages(p, "m"))[0]
+        assert (page.unevictable, page.mlock_count) == (True, 1)
+        assert sub(await w.delta(), mlocked=1, culled=1) == {"mlocked": 1, "culled": 1}
+
+    run(s)
+
+
+def test_s12_order_b_mlock_batch_flushed_first_undercounts(run: Any) -> None:
+    """Order B: the mlock batch is processed before the lru_add batch (batch length 1 for
+    mlock): the entry finds the page off the LRU; lru-add culls it with count 0 (§8.2)."""
+
+    async def s(w: World) -> None:
+        await w.file("f", 1)
+        p = await w.proc()
+        await w.kernel.mlockall(w.mid, p, MCL_FUTURE | MCL_ONFAULT)
+        await w.mmap(p, "m", 1, file="f", shared=True)
+        await w.touch(p, "m", write=False)
+        await w.drain()
+        page = (await w.pages(p, "m"))[0]
+        assert (page.mlocked, page.unevictable, page.mlock_count) == (True, True, 0)
+        report = await w.kernel.check(w.mid, True)
+        assert report.ok and report.undercounts == 1
+
+    run(s, mlock_batch_len=1)

@@ -13,15 +13,37 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- The page-table locks (PTL) of an address space: a function holds each page table's lock
+-- while it works on it; being atomic it never contends, so only acquisitions and the time
+-- spent are recorded, once per call (class "ptl", one row per process).
+local function ptl_account(M, tables, t0)
+  if tables == 0 then return end
+  local t1 = redis.call('TIME')
+  local us = (tonumber(t1[1]) - tonumber(t0[1])) * 1e6 + tonumber(t1[2]) - tonumber(t0[2])
+  redis.call('HINCRBY', M .. ':ptl:st', 'acquisitions', tables)
+  redis.call('HINCRBYFLOAT', M .. ':ptl:st', 'hold_total', us)
+  if us > tonumber(redis.call('HGET', M .. ':ptl:st', 'hold_max') or '0') then
+    redis.call('HSET', M .. ':ptl:st', 'hold_max', us)
+  end
+end
+
 -- Present ptes of [v0, v1) of address space M as a flat {vpn, idx, lv, bits, ...}
--- (page tables: M:pt:<pmd>, 512 entries of PTE_FMT; empty tables cost nothing, S26).
-local function pt_read_range(M, v0, v1)
+-- (page tables: M:pt:<pmd>, 512 entries of PTE_FMT, listed in the zset M:pmds).  Only page
+-- tables that exist are visited, so a huge unpopulated range costs nothing (§3.6.3, S26).
+-- With `max`, stops after the page table where `max` ptes were reached and also returns the
+-- vpn to resume from.
+local function pt_read_range(M, v0, v1, account, max)
   local out = {}
-  local pmd = math.floor(v0 / PTRS_PER_PMD)
+  local first = math.floor(v0 / PTRS_PER_PMD)
   local last = math.floor((v1 - 1) / PTRS_PER_PMD)
-  while pmd <= last do
+  local t0, tables = redis.call('TIME'), 0
+  local resume = v1
+  for _, p in ipairs(redis.call('ZRANGEBYSCORE', M .. ':pmds', first, last)) do
+    local pmd = tonumber(p)
+    if max and #out >= max * 4 then resume = pmd * PTRS_PER_PMD; break end
     local s = redis.call('GET', M .. ':pt:' .. pmd)
     if s then
+      tables = tables + 1
       local base = pmd * PTRS_PER_PMD
       local a = math.max(v0, base) - base
       local b = math.min(v1, base + PTRS_PER_PMD) - base
@@ -33,9 +55,9 @@ local function pt_read_range(M, v0, v1)
         end
       end
     end
-    pmd = pmd + 1
   end
-  return out
+  if account then ptl_account(M, tables, t0) end
+  return out, resume
 end
 
 local function lk_purge(L, now)
@@ -234,6 +256,6 @@ redis.register_function('mm_enter', function(keys, args)
   local tok, bounce = lk_grant(L, mode, cpu, lease_ms, now)
   local out = {1, tok, bounce, redis.call('HGETALL', M .. ':info'),
                redis.call('HGETALL', M .. ':vma')}
-  if args[5] then out[6] = pt_read_range(M, tonumber(args[5]), tonumber(args[6])) end
+  if args[5] then out[6] = pt_read_range(M, tonumber(args[5]), tonumber(args[6]), true) end
   return out
 end)

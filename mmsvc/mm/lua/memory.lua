@@ -331,15 +331,27 @@ local function pte_key(M, vpn) return M .. ':pt:' .. math.floor(vpn / PTRS_PER_P
 
 -- pt_read(M; v0, v1) -> flat {vpn, idx, lv, bits, ...} for present ptes in [v0, v1).
 -- Empty page tables are skipped at no cost per address (spec §3.6.3, S26).
+-- (Read-only: views and walkers that only look; the PTL is accounted by pt_walk.)
 redis.register_function{function_name = 'pt_read', flags = {'no-writes'},
   callback = function(keys, args)
-    return pt_read_range(keys[1], tonumber(args[1]), tonumber(args[2]))
+    return pt_read_range(keys[1], tonumber(args[1]), tonumber(args[2]), false)
   end}
+
+-- pt_walk(M; v0, v1[, max]): pt_read for a walk that holds each page table's lock
+-- (mlock_pte_range, zap, fault), with the PTL accounted.  With max: {resume_vpn, ptes...}.
+redis.register_function('pt_walk', function(keys, args)
+  local out, resume = pt_read_range(keys[1], tonumber(args[1]), tonumber(args[2]), true,
+                                    tonumber(args[3]))
+  if args[3] then table.insert(out, 1, resume) end
+  return out
+end)
 
 local function pt_store(M, vpn, idx, lv, bits)
   local key = pte_key(M, vpn)
   if redis.call('EXISTS', key) == 0 then
     redis.call('SET', key, string.rep('\0', PTRS_PER_PMD * PTE_SIZE))
+    local pmd = math.floor(vpn / PTRS_PER_PMD)
+    redis.call('ZADD', M .. ':pmds', pmd, pmd)  -- __pte_alloc
   end
   redis.call('SETRANGE', key, (vpn % PTRS_PER_PMD) * PTE_SIZE, struct.pack(PTE_FMT, idx, lv, bits))
 end
@@ -355,7 +367,10 @@ end
 -- whose current value is the expected one (0,0,0 = none); returns the vpns that differed.
 local function pt_install_impl(M, args, first)
   local conflicts = {}
+  local t0, tables, seen = redis.call('TIME'), 0, {}
   for i = first, #args, 7 do
+    local pmd = math.floor(tonumber(args[i]) / PTRS_PER_PMD)
+    if not seen[pmd] then seen[pmd] = true; tables = tables + 1 end
     local vpn = tonumber(args[i])
     local cidx, clv, cbits = pt_load(M, vpn)
     if cidx == tonumber(args[i + 4]) and clv == tonumber(args[i + 5])
@@ -365,6 +380,7 @@ local function pt_install_impl(M, args, first)
       conflicts[#conflicts + 1] = vpn
     end
   end
+  ptl_account(M, tables, t0)
   return conflicts
 end
 
@@ -381,16 +397,21 @@ redis.register_function('pt_install_unlock', function(keys, args)
 end)
 
 -- pt_zap(M; v0, v1) -> flat {vpn, idx, lv, bits} of the present ptes removed from [v0, v1).
+-- Only existing page tables are visited (zap_pmd_range skips empty pmds).
 redis.register_function('pt_zap', function(keys, args)
   local M, v0, v1 = keys[1], tonumber(args[1]), tonumber(args[2])
   local out = {}
-  local pmd = math.floor(v0 / PTRS_PER_PMD)
-  local last = math.floor((v1 - 1) / PTRS_PER_PMD)
+  local t0, tables = redis.call('TIME'), 0
   local zero = string.rep('\0', PTE_SIZE)
-  while pmd <= last do
+  local empty = string.rep('\0', PTRS_PER_PMD * PTE_SIZE)
+  local first = math.floor(v0 / PTRS_PER_PMD)
+  local last = math.floor((v1 - 1) / PTRS_PER_PMD)
+  for _, pm in ipairs(redis.call('ZRANGEBYSCORE', M .. ':pmds', first, last)) do
+    local pmd = tonumber(pm)
     local key = M .. ':pt:' .. pmd
     local s = redis.call('GET', key)
     if s then
+      tables = tables + 1
       local base = pmd * PTRS_PER_PMD
       local a = math.max(v0, base) - base
       local b = math.min(v1, base + PTRS_PER_PMD) - base
@@ -401,12 +422,12 @@ redis.register_function('pt_zap', function(keys, args)
           redis.call('SETRANGE', key, i * PTE_SIZE, zero)
         end
       end
-      if a == 0 and b == PTRS_PER_PMD then redis.call('DEL', key)
-      elseif redis.call('GET', key) == string.rep('\0', PTRS_PER_PMD * PTE_SIZE) then
+      if (a == 0 and b == PTRS_PER_PMD) or redis.call('GET', key) == empty then
         redis.call('DEL', key)  -- free_pgtables(): an empty page table goes
+        redis.call('ZREM', M .. ':pmds', pmd)
       end
     end
-    pmd = pmd + 1
   end
+  ptl_account(M, tables, t0)
   return out
 end)
