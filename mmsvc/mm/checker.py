@@ -13,35 +13,38 @@ from mmsvc.mm.mm_struct import load_mm, pt_read
 from mmsvc.mm.page import CHUNK_PAGES, LRU, PG, RECORD_SIZE, VMSTAT_EVENTS, Page, PTEBit
 from mmsvc.mm.types import CheckReport
 from mmsvc.mm.vma import VM
-from mmsvc.mm.vmstat import lruvec_metas
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
 
 PageRef = tuple[int, int]  # (lruvec id, index)
 
 
-async def _load_pages(store: RedisStore, m: Machine, lv: int, top: int) -> dict[int, Page]:
-    pipe = store.client.pipeline(transaction=False)
-    chunks = range((top + CHUNK_PAGES - 1) // CHUNK_PAGES)
-    for c in chunks:
-        pipe.get(f"{m.lv_key(lv)}:pg:{c}")
+async def _load_lruvec(
+    store: RedisStore, m: Machine, lv: int
+) -> tuple[dict[str, int], dict[int, Page]]:
+    """A lruvec's metadata and pages, read in one atomic call."""
+    res = await store.fcall("mm_dump", m.lv_key(lv))
+    flat = res[0]
+    meta = {text(flat[i]): int(float(flat[i + 1])) for i in range(0, len(flat), 2)}
+    top = meta.get("top", 0)
     pages: dict[int, Page] = {}
-    for c, raw in zip(chunks, await pipe.execute(), strict=True):
+    for c, raw in enumerate(res[1:]):
         raw = raw or b""
         for i in range(len(raw) // RECORD_SIZE):
             idx = c * CHUNK_PAGES + i
             if idx < top:
                 pages[idx] = Page.decode(raw[i * RECORD_SIZE:(i + 1) * RECORD_SIZE])
-    return pages
+    return meta, pages
 
 
 async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> CheckReport:
     rep = CheckReport(quiescent=quiescent)
     v = rep.violations
-    metas = await lruvec_metas(store, m)
+    metas: dict[int, dict[str, int]] = {}
     pages: dict[PageRef, Page] = {}
-    for lv, meta in metas.items():
-        for idx, p in (await _load_pages(store, m, lv, meta.get("top", 0))).items():
+    for lv in sorted(m.lruvecs.values()):
+        metas[lv], lv_pages = await _load_lruvec(store, m, lv)
+        for idx, p in lv_pages.items():
             pages[(lv, idx)] = p
     live = {ref: p for ref, p in pages.items() if p.flags & PG.INUSE}
     rep.pages_checked = len(live)
@@ -104,6 +107,10 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
                 v.append(f"A3 lruvec {lv} list {lru.name}: size {meta.get(f'n{int(lru)}', 0)} "
                          f"!= {sizes[int(lru)]} pages on it")
         _check_links(lv, meta, live, v)
+        lv_mlocked = sum(1 for (plv, _), p in live.items() if plv == lv and p.flags & PG.MLOCKED)
+        if meta.get("nr_mlock", 0) != lv_mlocked:
+            v.append(f"A1 lruvec {lv}: nr_mlock {meta.get('nr_mlock', 0)} != {lv_mlocked} "
+                     "PG_mlocked pages")
         used = sum(1 for (plv, _) in live if plv == lv)
         if meta.get("used", 0) != used:
             v.append(f"A6 lruvec {lv}: {meta.get('used', 0)} frames accounted, {used} in use")

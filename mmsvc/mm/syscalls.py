@@ -403,8 +403,21 @@ class Kernel:
         return await lock_stat(self.store, await self.machine(machine))
 
     async def check(self, machine: str, drain_all: bool) -> CheckReport:
+        """The §8.5 checker.  With drain_all the machine is made quiescent first: every live
+        process's mmap_lock is taken for write (ascending pid, the order fork uses), so no
+        syscall is in progress, then every CPU's batches are drained."""
         m = await self._machine_fresh(machine)
-        if drain_all:
+        if not drain_all:
+            return await check_machine(self.store, m, quiescent=False)
+        pids = sorted(int(p) for p in
+                      await self.store.client.smembers(f"{keys.machine(m.mid)}:procs"))
+        held = []
+        try:
+            for pid in pids:
+                held.append(await self.locks.acquire(f"{keys.mm(m.mid, pid)}:mmap_lock", "w"))
             await self.swap.lru_add_drain(m)
             await self.drain_all(m)
-        return await check_machine(self.store, m, quiescent=drain_all)
+            return await check_machine(self.store, m, quiescent=True)
+        finally:
+            for h in reversed(held):
+                await self.locks.release(h)

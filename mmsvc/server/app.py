@@ -51,10 +51,11 @@ def redis_kernel_factory(redis_url: str, cpu: int) -> KernelFactory:
 
     async def factory() -> KernelAPI:
         from mmsvc.mm.syscalls import Kernel
+        from mmsvc.server.shield import ShieldedKernel
         from mmsvc.store.redis_store import RedisStore
 
         store = await RedisStore.connect(redis_url)
-        return cast(KernelAPI, Kernel(store, cpu))
+        return cast(KernelAPI, ShieldedKernel(Kernel(store, cpu)))
 
     return factory
 
@@ -175,6 +176,9 @@ class MmsvcServer(grpc.aio.Server):
         if self._metrics_http is not None:
             await asyncio.to_thread(self._metrics_http.close)
             self._metrics_http = None
+        finish = getattr(self.kernel, "finish_running", None)
+        if finish is not None:
+            await finish()  # syscalls whose RPC was cancelled still complete
         await _maybe_close(self.kernel)
         store = getattr(self.kernel, "store", None)
         if store is not None:

@@ -431,3 +431,18 @@ redis.register_function('pt_zap', function(keys, args)
   ptl_account(M, tables, t0)
   return out
 end)
+
+-- mm_dump(T) -> {meta (flat), chunks...}: one lruvec's metadata and every struct page, read
+-- atomically, so the checker compares counters with the pages they count (§8.5 A1, A3).
+redis.register_function{function_name = 'mm_dump', flags = {'no-writes'},
+  callback = function(keys, args)
+    local T = keys[1]
+    local meta = redis.call('HGETALL', T .. ':meta')
+    local top = 0
+    for i = 1, #meta, 2 do if meta[i] == 'top' then top = tonumber(meta[i + 1]) end end
+    local out = {meta}
+    for c = 0, math.floor((top + CHUNK_PAGES - 1) / CHUNK_PAGES) - 1 do
+      out[#out + 1] = redis.call('GET', T .. ':pg:' .. c) or ''
+    end
+    return out
+  end}
