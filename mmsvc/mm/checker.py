@@ -10,7 +10,16 @@ from collections import Counter
 
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.mm_struct import load_mm, pt_read
-from mmsvc.mm.page import CHUNK_PAGES, LRU, PG, RECORD_SIZE, VMSTAT_EVENTS, Page, PTEBit
+from mmsvc.mm.page import (
+    CHUNK_PAGES,
+    LRU,
+    PG,
+    PTRS_PER_PMD,
+    RECORD_SIZE,
+    VMSTAT_EVENTS,
+    Page,
+    PTEBit,
+)
 from mmsvc.mm.types import CheckReport
 from mmsvc.mm.vma import VM
 from mmsvc.store import keys
@@ -70,7 +79,8 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
 
     # M(p): ptes in VM_LOCKED vmas outside a VM_IO window; mapcounts from page tables.
     locked_maps: Counter[PageRef] = Counter()
-    mapcounts: Counter[PageRef] = Counter()
+    mapcounts: Counter[PageRef] = Counter()  # pte mappings of small pages, pmds of THPs
+    pte_maps: Counter[PageRef] = Counter()  # pte mappings of THP subpages
     pids = [int(p) for p in await store.client.smembers(f"{keys.machine(m.mid)}:procs")]
     any_alive = False
     for pid in pids:
@@ -84,6 +94,11 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
             for pte in ptes.values():
                 if pte.bits & PTEBit.ZERO:
                     continue
+                if pte.is_subpage:  # a pte mapping of a THP subpage: never counted (§3.9)
+                    pte_maps[(pte.lv, pte.idx)] += 1
+                    continue
+                if pte.is_pmd and pte.vpn % PTRS_PER_PMD:
+                    continue  # one pmd mapping, reported for each of its 512 pages
                 mapcounts[(pte.lv, pte.idx)] += 1
                 if (vma.flags & (VM.LOCKED | VM.IO)) == VM.LOCKED:
                     locked_maps[(pte.lv, pte.idx)] += 1
@@ -97,9 +112,9 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
         sizes: Counter[int] = Counter()
         for (plv, _), p in live.items():
             if plv == lv and p.flags & PG.LRU:
-                sizes[int(p.lru_list)] += 1
+                sizes[int(p.lru_list)] += p.nr_pages
             if plv == lv and p.flags & PG.MLOCKED:
-                mlock_by_node[node] += 1
+                mlock_by_node[node] += p.nr_pages
         for lru in LRU:
             if lru == LRU.NONE:
                 continue
@@ -107,11 +122,12 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
                 v.append(f"A3 lruvec {lv} list {lru.name}: size {meta.get(f'n{int(lru)}', 0)} "
                          f"!= {sizes[int(lru)]} pages on it")
         _check_links(lv, meta, live, v)
-        lv_mlocked = sum(1 for (plv, _), p in live.items() if plv == lv and p.flags & PG.MLOCKED)
+        lv_mlocked = sum(p.nr_pages for (plv, _), p in live.items()
+                         if plv == lv and p.flags & PG.MLOCKED)
         if meta.get("nr_mlock", 0) != lv_mlocked:
             v.append(f"A1 lruvec {lv}: nr_mlock {meta.get('nr_mlock', 0)} != {lv_mlocked} "
                      "PG_mlocked pages")
-        used = sum(1 for (plv, _) in live if plv == lv)
+        used = sum(p.nr_pages for (plv, _), p in live.items() if plv == lv)
         if meta.get("used", 0) != used:
             v.append(f"A6 lruvec {lv}: {meta.get('used', 0)} frames accounted, {used} in use")
     for node in range(m.cfg.nodes):
@@ -138,9 +154,12 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
             v.append(f"A5 {name}: mlock_count {p.prev} < 0")
         if p.has(PG.MLOCKED) and p.has(PG.TAIL):
             v.append(f"A7 {name}: PG_mlocked on a THP tail")
-        expected = mapcounts[ref] + (1 if ref in cache_refs else 0) + batch_refs[ref]
+        expected = (mapcounts[ref] + pte_maps[ref] + (1 if ref in cache_refs else 0)
+                    + batch_refs[ref])
         if p.mapcount != mapcounts[ref]:
             v.append(f"A6 {name}: mapcount {p.mapcount} != {mapcounts[ref]} ptes")
+        if p.pte_mapcount != pte_maps[ref]:
+            v.append(f"A6 {name}: THP pte mapcount {p.pte_mapcount} != {pte_maps[ref]} ptes")
         if p.refcount != expected:
             v.append(f"A6 {name}: refcount {p.refcount} != {expected} "
                      f"(maps {mapcounts[ref]}, cache {int(ref in cache_refs)}, "

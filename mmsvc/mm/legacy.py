@@ -69,10 +69,14 @@ class Legacy:
         if not vma.locked:
             return
         async for ptes in pt_walk(self.store, mm.key, start, end, WALK_CHUNK):
+            thps = await self._pmd_heads(m, ptes)
             for vpn in sorted(ptes):
                 p = ptes[vpn]
-                if p.bits & PTEBit.ZERO:
-                    continue  # no page->mapping: the zero page is not mlocked
+                if p.bits & PTEBit.ZERO or p.is_subpage:
+                    continue  # no page->mapping (zero page); pte-mapped THPs are skipped
+                # §9.3.2: a pmd-mapped THP only if mapped once (no DoubleMap), by its head
+                if p.is_pmd and (vpn % 512 or thps.get((p.lv, p.idx), 2) != 1):
+                    continue
                 held = await self.locks.try_acquire(page_lock_key(m, p.lv, p.idx), "w",
                                                     page_lock_stats(m, p.lv))
                 if held is None:
@@ -83,12 +87,25 @@ class Legacy:
                 finally:
                     await self.locks.release(held)
 
+    async def _pmd_heads(self, m: Machine, ptes: dict[int, Pte]) -> dict[tuple[int, int], int]:
+        """Total mappings (pmd + pte) of the THP heads mapped by pmds among ptes."""
+        heads = list(dict.fromkeys((p.lv, p.idx) for p in ptes.values() if p.is_pmd))
+        pages = await read_pages(self.store, m, heads)
+        return {h: pg.mapcount + pg.pte_mapcount for h, pg in zip(heads, pages, strict=True)}
+
     # ----------------------------------------------------------- §9.4 munlock a range ---
     async def munlock_range(self, m: Machine, mm: MmState, start: int, end: int) -> None:
         """munlock_vma_pages_range: the vma's VM_LOCKED is already cleared (§9.4.1)."""
         self.costs.lookups += end - start  # one follow_page per address, populated or not
         async for ptes in pt_walk(self.store, mm.key, start, end, WALK_CHUNK):
-            for batch in _pagevecs([ptes[v] for v in sorted(ptes)]):
+            # §9.4.3: a THP head gets the single-page munlock; tails (and pte-mapped
+            # subpages) are skipped
+            for p in sorted(ptes.values(), key=lambda p: p.vpn):
+                if p.is_pmd and p.vpn % 512 == 0:
+                    await self.munlock_page(m, p.lv, p.idx)
+            small = [ptes[v] for v in sorted(ptes) if not ptes[v].is_pmd
+                     and not ptes[v].is_subpage]
+            for batch in _pagevecs(small):
                 await self._munlock_pagevec(m, batch)
 
     async def _munlock_pagevec(self, m: Machine, batch: list[Pte]) -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap, pte_args
-from mmsvc.mm.page import PG, Page, PTEBit
-from mmsvc.mm.rmap import new_anon_ops, page_add_rmap_ops, page_remove_rmap_ops
+from mmsvc.mm.page import PG, PTRS_PER_PMD, Page, PTEBit
+from mmsvc.mm.rmap import new_anon_ops, page_add_rmap_ops, page_remove_rmap_ops, pte_unmap_ops
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.vma import VM, Vma
 from mmsvc.store import keys
@@ -26,6 +26,8 @@ from mmsvc.store.redis_store import RedisStore
 ANON_FLAGS = int(PG.ANON | PG.SWAPBACKED)
 SHMEM_CACHE_FLAGS = int(PG.SWAPBACKED | PG.PAGECACHE)
 FILE_CACHE_FLAGS = int(PG.PAGECACHE)
+HPAGE_ORDER = 9  # HPAGE_PMD_NR = 512 (x86-64, 4 KiB pages)
+THP_FLAGS = int(PG.ANON | PG.SWAPBACKED | PG.HEAD)
 
 
 def cache_flags(shmem: bool) -> int:
@@ -101,8 +103,47 @@ class Faults:
         if ptes is None:
             ptes = await pt_read(self.store, mm.key, start, end, walk=True)
         if vma.is_anon:
-            return await self._anon(m, mm, vma, start, end, write, ptes)
+            done = 0
+            if m.cfg.thp and write:
+                done, ptes = await self._huge_anon(m, mm, vma, start, end, ptes)
+            return done + await self._anon(m, mm, vma, start, end, write, ptes)
         return await self._file(m, mm, vma, start, end, write, ptes)
+
+    # ------------------------------------------------------------------ THP (§3.9) -------
+    async def _huge_anon(
+        self, m: Machine, mm: MmState, vma: Vma, start: int, end: int, ptes: dict[int, Pte]
+    ) -> tuple[int, dict[int, Pte]]:
+        """do_huge_pmd_anonymous_page for each empty, aligned pmd of the VMA that the write
+        fault touches; a write to a write-protected huge pmd (after fork) splits it and falls
+        back to pte COW, as 5.17's do_huge_pmd_wp_page does.  Returns the ptes to go on with."""
+        done = 0
+        first, last = start // PTRS_PER_PMD, (end - 1) // PTRS_PER_PMD
+        for pmd in range(first, last + 1):
+            base = pmd * PTRS_PER_PMD
+            in_pmd = [p for v, p in ptes.items() if base <= v < base + PTRS_PER_PMD]
+            if in_pmd and in_pmd[0].is_pmd and not in_pmd[0].bits & PTEBit.WRITE:
+                await split_huge_pmd(self.store, self.swap, m, mm, vma, pmd)
+                continue
+            if in_pmd or base < vma.start or base + PTRS_PER_PMD > vma.end:
+                continue
+            full = await pt_read(self.store, mm.key, base, base + PTRS_PER_PMD)
+            if full:
+                continue  # a page table exists (pmd_none fails): small pages
+            ops: list[Op] = [["A", THP_FLAGS, vma.anon_vma, vma.linear_index(base), HPAGE_ORDER],
+                             *new_anon_ops(m, vma, -1)]
+            head = (await Programs([(mm.lv, ops)]).execute(self.swap, m))[0]
+            bits = int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)
+            installed = int(await self.store.fcall("pmd_install", mm.key, pmd, head, mm.lv, bits,
+                                                   0, 0, 0))
+            if not installed:
+                undo = Programs([(mm.lv, [*page_remove_rmap_ops(m, vma, head), ["P", head]])])
+                await undo.execute(self.swap, m)
+                raise KernelError("EAGAIN", "concurrent fault on a huge pmd")
+            done += PTRS_PER_PMD
+        if done or any(p.is_pmd for p in ptes.values()):
+            ptes = await pt_read(self.store, mm.key, start, end, walk=True)
+        return done, ptes
+
 
     # -------------------------------------------------------------- anonymous private -----
     async def _anon(
@@ -117,7 +158,7 @@ class Faults:
         cow_old: list[tuple[int, int]] = []
         new_count = 0
         to_check = [p for vpn, p in ptes.items() if write and not p.bits & PTEBit.WRITE
-                    and not p.bits & PTEBit.ZERO]
+                    and not p.bits & PTEBit.ZERO and not p.is_pmd]
         records = dict(zip(
             [p.vpn for p in to_check],
             await read_pages(self.store, m, [(p.lv, p.idx) for p in to_check]),
@@ -127,7 +168,7 @@ class Faults:
             cur = ptes.get(vpn)
             if cur is not None and not write:
                 continue
-            if cur is not None and cur.bits & PTEBit.WRITE:
+            if cur is not None and (cur.bits & PTEBit.WRITE or cur.is_pmd):
                 continue
             if cur is None and not write:
                 # Read fault on private anon: the shared zero page (no struct page work).
@@ -135,11 +176,12 @@ class Faults:
                 continue
             if cur is not None and not cur.bits & PTEBit.ZERO:
                 page = records[vpn]
-                if page.mapcount == 1 and page.refcount == 1 and page.has(PG.ANON):
+                if (page.mapcount == 1 and page.refcount == 1 and page.has(PG.ANON)
+                        and not cur.is_subpage):
                     wp_reuse.append(cur)  # do_wp_page: reuse the only reference
                     continue
                 # wp_page_copy: the old page loses this mapping (§3.4.2 COW caller).
-                old_progs.add(cur.lv, *page_remove_rmap_ops(m, vma, cur.idx), ["P", cur.idx])
+                old_progs.add(cur.lv, *pte_unmap_ops(m, vma, cur), ["P", cur.idx])
                 cow_old.append((cur.lv, cur.idx))
             if cur is not None:
                 expect[vpn] = cur
@@ -324,17 +366,47 @@ def _lv_idx(s: str) -> tuple[int, int]:
     return int(lv), int(idx)
 
 
+async def split_huge_pmd(store: RedisStore, swap: Swap, m: Machine, mm: MmState, vma: Vma,
+                         pmd: int) -> bool:
+    """__split_huge_pmd_locked (§3.4.3): the THP's pmd mapping becomes 512 pte mappings of its
+    subpages, which are never counted; removing the pmd mapping is "effectively
+    page_remove_rmap(page, vma, true)", so a VM_LOCKED vma munlocks the THP (an immediate
+    flush: a THP head)."""
+    res = await store.fcall("pmd_split", mm.key, pmd)
+    if not res:
+        return False
+    idx, lv = int(res[0]), int(res[1])
+    ops: list[Op] = [["m", idx] for _ in range(PTRS_PER_PMD)]
+    ops += [*page_remove_rmap_ops(m, vma, idx), ["P", idx]]
+    await Programs([(lv, ops)]).execute(swap, m)
+    return True
+
+
+async def split_huge_pmds_around(store: RedisStore, swap: Swap, m: Machine, mm: MmState,
+                                 start: int, end: int) -> None:
+    """vma_adjust_trans_huge: a range boundary inside a huge pmd splits that pmd."""
+    for vpn in {start, end}:
+        if vpn % PTRS_PER_PMD == 0:
+            continue
+        vma = mm.find(vpn) or mm.find(vpn - 1)
+        if vma is not None:
+            await split_huge_pmd(store, swap, m, mm, vma, vpn // PTRS_PER_PMD)
+
+
 async def zap_range(
     store: RedisStore, swap: Swap, m: Machine, mm: MmState, vma: Vma, start: int, end: int
 ) -> int:
     """zap_pte_range + tlb flush: remove ptes; page_remove_rmap (+ munlock), then the puts."""
+    for vpn in {start, end}:  # a zap that cuts through a huge pmd splits it first
+        if vpn % PTRS_PER_PMD:
+            await split_huge_pmd(store, swap, m, mm, vma, vpn // PTRS_PER_PMD)
     removed = await pt_zap(store, mm.key, start, end)
     rmap = Programs.empty()
     puts = Programs.empty()
     for p in removed:
         if p.bits & PTEBit.ZERO:
             continue
-        rmap.add(p.lv, *page_remove_rmap_ops(m, vma, p.idx))  # §3.4.1
+        rmap.add(p.lv, *pte_unmap_ops(m, vma, p))  # §3.4.1 (a pmd: compound)
         puts.add(p.lv, ["P", p.idx])
     await rmap.execute(swap, m)
     await puts.execute(swap, m)

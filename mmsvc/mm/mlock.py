@@ -15,7 +15,7 @@ from dataclasses import replace
 from mmsvc.mm.errors import KernelError, einval
 from mmsvc.mm.legacy import Legacy
 from mmsvc.mm.machine import Machine, new_id
-from mmsvc.mm.memory import Faults, Programs
+from mmsvc.mm.memory import Faults, Programs, split_huge_pmds_around
 from mmsvc.mm.mm_struct import MmState, pt_walk, save
 from mmsvc.mm.page import PTEBit
 from mmsvc.mm.swap import Swap
@@ -83,6 +83,7 @@ class Mlock:
     async def _split(self, m: Machine, mm: MmState, vma: Vma, start: int, end: int) -> Vma:
         if vma.start >= start and vma.end <= end:
             return vma
+        await split_huge_pmds_around(self.store, self.swap, m, mm, start, end)
         pieces: list[Vma] = []
         for s, e in ((vma.start, start), (start, end), (end, vma.end)):
             s, e = max(s, vma.start), min(e, vma.end)
@@ -118,10 +119,15 @@ class Mlock:
         lock = bool(newflags & VM.LOCKED)
         async for ptes in pt_walk(self.store, mm.key, vma.start, vma.end, WALK_CHUNK):
             progs = Programs.empty()
+            seen_pmds: set[int] = set()
             for vpn in sorted(ptes):
                 p = ptes[vpn]
-                if p.bits & PTEBit.ZERO:
-                    continue  # vm_normal_page(): no page behind the zero page
+                if p.bits & PTEBit.ZERO or p.is_subpage:
+                    continue  # no normal page (zero page); a pte-mapped THP is skipped (§3.9)
+                if p.is_pmd:  # mlock_pte_range: a pmd-mapped THP, once, by its head
+                    if p.pmd in seen_pmds:
+                        continue
+                    seen_pmds.add(p.pmd)
                 progs.add(p.lv, ["L" if lock else "K", p.idx])
             await progs.execute(self.swap, m)
         await self.swap.lru_add_drain(m)

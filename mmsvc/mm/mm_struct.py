@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from mmsvc.locks import Held
 from mmsvc.mm.errors import esrch
 from mmsvc.mm.machine import Machine
-from mmsvc.mm.page import PTE
+from mmsvc.mm.page import PTE, PTRS_PER_PMD, PTEBit
 from mmsvc.mm.vma import Vma
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
@@ -21,6 +21,20 @@ class Pte:
     idx: int
     lv: int
     bits: int
+
+    @property
+    def is_pmd(self) -> bool:
+        """A pmd mapping of a THP (idx is its head); counted as one mapping (§3.9)."""
+        return bool(self.bits & PTEBit.PMD)
+
+    @property
+    def is_subpage(self) -> bool:
+        """A pte mapping one subpage of a THP (idx is its head): never counted (§3.9)."""
+        return bool(self.bits & PTEBit.SUBPAGE)
+
+    @property
+    def pmd(self) -> int:
+        return self.vpn // PTRS_PER_PMD
 
 
 @dataclass

@@ -11,10 +11,10 @@ from dataclasses import replace
 from mmsvc.locks import Locks
 from mmsvc.mm.errors import KernelError, einval
 from mmsvc.mm.machine import Machine, new_id
-from mmsvc.mm.memory import Faults, Programs, zap_range
+from mmsvc.mm.memory import Faults, Programs, split_huge_pmds_around, zap_range
 from mmsvc.mm.mlock import Mlock
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, save
-from mmsvc.mm.page import PTEBit
+from mmsvc.mm.page import PTRS_PER_PMD, PTEBit
 from mmsvc.mm.rmap import anon_vma_add
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.types import (
@@ -216,6 +216,7 @@ class Mmap:
 
     async def split_at(self, m: Machine, mm: MmState, start: int, end: int) -> list[Vma]:
         """Split VMAs so that none straddles start or end; returns those inside."""
+        await split_huge_pmds_around(self.store, self.swap, m, mm, start, end)
         for vma in list(mm.overlapping(start, end)):
             if vma.start >= start and vma.end <= end:
                 continue
@@ -303,11 +304,22 @@ class Mmap:
             if not ptes:
                 continue
             progs = Programs.empty()
-            cow = [Pte(p.vpn, p.idx, p.lv, p.bits & ~PTEBit.WRITE) for p in ptes.values()]
-            for p in ptes.values():
+            small = {v: p for v, p in ptes.items() if not p.is_pmd}
+            cow = [Pte(p.vpn, p.idx, p.lv, p.bits & ~PTEBit.WRITE) for p in small.values()]
+            for p in small.values():
                 if not p.bits & PTEBit.ZERO:
-                    progs.add(p.lv, ["M", p.idx])  # page_dup_rmap: no mlock work (§1.7.4)
+                    # page_dup_rmap: no mlock work (§1.7.4); a THP subpage: a pte mapping
+                    progs.add(p.lv, ["m" if p.is_subpage else "M", p.idx])
+            for p in ptes.values():
+                if p.is_pmd and p.vpn % PTRS_PER_PMD == 0:
+                    # copy_huge_pmd: both pmds write-protected, one more compound mapping
+                    progs.add(p.lv, ["M", p.idx])
+                    bits = int(p.bits & ~(PTEBit.WRITE | PTEBit.PMD))
+                    await self.store.fcall("pmd_install", parent.key, p.pmd, p.idx, p.lv, bits,
+                                           p.idx, p.lv, int(p.bits & ~PTEBit.PMD))
+                    await self.store.fcall("pmd_install", child.key, p.pmd, p.idx, p.lv, bits,
+                                           0, 0, 0)
             await progs.execute(self.swap, m)
-            await pt_install(self.store, parent.key, cow, ptes)
+            await pt_install(self.store, parent.key, cow, small)
             await pt_install(self.store, child.key, cow, {})
         await save(self.store, child)

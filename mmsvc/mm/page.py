@@ -67,8 +67,15 @@ class PTEBit(enum.IntFlag):
     WRITE = 2  # pte is writable (COW broken / shared writable)
     ZERO = 4  # maps the shared zero page (vm_normal_page() says "no page")
     DIRTY = 8
-    YOUNG = 16
-    MIGRATION = 32  # a migration entry (not present): idx/lv name the page being migrated
+    MIGRATION = 16  # a migration entry (not present): idx/lv name the page being migrated
+    PMD = 32  # a pmd mapping of a THP (pt_read reports it for each virtual page of the pmd)
+    SUBPAGE = 64  # a pte mapping subpage (bits >> SUBPAGE_SHIFT) of THP head idx
+
+
+# A pte mapping a subpage of a THP keeps the subpage's number in the pte's high bits.
+SUBPAGE_SHIFT = 7
+AUX_ORDER_MASK = 0xFF  # struct page aux: compound order of a THP head (bits 0-7) ...
+AUX_PTEMAP_SHIFT = 8  # ... and the number of pte mappings of its subpages (bits 8-31)
 
 
 VMSTAT_EVENTS = (
@@ -112,6 +119,15 @@ class Page:
         return LRU(base + (1 if self.flags & PG.ACTIVE else 0))
 
     @property
+    def nr_pages(self) -> int:
+        return 1 << (self.aux & AUX_ORDER_MASK) if self.flags & PG.HEAD else 1
+
+    @property
+    def pte_mapcount(self) -> int:
+        """THP head: pte mappings of its subpages (``mapcount`` counts pmd mappings)."""
+        return self.aux >> AUX_PTEMAP_SHIFT if self.flags & PG.HEAD else 0
+
+    @property
     def mlock_count(self) -> int:
         """Only meaningful on the unevictable LRU (spec §1.3.3); -1 elsewhere."""
         if self.flags & PG.LRU and self.flags & PG.UNEVICTABLE:
@@ -129,6 +145,8 @@ def lua_header() -> str:
         f"local CHUNK_PAGES = {CHUNK_PAGES}",
         f"local PTE_SIZE = {PTE_SIZE}",
         f"local PTRS_PER_PMD = {PTRS_PER_PMD}",
+        f"local SUBPAGE_SHIFT = {SUBPAGE_SHIFT}",
+        f"local AUX_PTEMAP_SHIFT = {AUX_PTEMAP_SHIFT}",
         "local RECORD_FMT = '<I4i4i4i4i4I4I4I4'",
         "local PTE_FMT = '<I4I2I2'",
     ]

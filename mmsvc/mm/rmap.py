@@ -135,6 +135,14 @@ def page_remove_rmap_ops(m: Machine, vma: Vma, ref: int) -> list[list[int | str]
     return [["U", ref]]
 
 
+def pte_unmap_ops(m: Machine, vma: Vma, pte: Pte) -> list[list[int | str]]:
+    """page_remove_rmap for whatever the pte maps: a THP subpage's pte mapping is never
+    counted (§3.9); a pmd mapping or a small page goes through the hook."""
+    if pte.is_subpage:
+        return [["u", pte.idx]]
+    return page_remove_rmap_ops(m, vma, pte.idx)
+
+
 def new_anon_ops(m: Machine, vma: Vma, ref: int) -> list[list[int | str]]:
     """A new anonymous page: page_add_new_anon_rmap, then lru_cache_add_inactive_or_unevictable
     (rework: mlock_new_page, §2.9); legacy: PG_mlocked set now, culled by lru-add (§9.3.3)."""

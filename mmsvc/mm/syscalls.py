@@ -286,6 +286,7 @@ class Kernel:
             ptes = await pt_read(self.store, mm.key, start, end)
             pages = list(dict.fromkeys((p.lv, p.idx) for p in ptes.values()
                                        if not p.bits & PTEBit.ZERO))
+            thps = {(p.lv, p.idx) for p in ptes.values() if p.is_pmd or p.is_subpage}
             stats = MigrateStats()
             # do_pages_move: lru_cache_disable() drains every CPU and keeps batches empty
             self.swap.lru_cache_disabled += 1
@@ -297,6 +298,9 @@ class Kernel:
                     target = m.lv_of(node, memcg)
                     if target == lv:
                         stats.migrated += 1
+                        continue
+                    if (lv, idx) in thps:
+                        stats.failed += 1  # THP migration is not emulated yet
                         continue
                     await self.migrator.migrate_page(m, lv, idx, target, stats)
             finally:

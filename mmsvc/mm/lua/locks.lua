@@ -42,6 +42,19 @@ local function pt_read_range(M, v0, v1, account, max)
     local pmd = tonumber(p)
     if max and #out >= max * 4 then resume = pmd * PTRS_PER_PMD; break end
     local s = redis.call('GET', M .. ':pt:' .. pmd)
+    if not s then
+      -- a huge pmd (M:hpmd:<pmd>): one THP mapped by the pmd itself, no page table
+      local h = redis.call('GET', M .. ':hpmd:' .. pmd)
+      if h then
+        tables = tables + 1
+        local idx, lv, bits = struct.unpack(PTE_FMT, h)
+        local base = pmd * PTRS_PER_PMD
+        for v = math.max(v0, base), math.min(v1, base + PTRS_PER_PMD) - 1 do
+          out[#out + 1] = v; out[#out + 1] = idx; out[#out + 1] = lv
+          out[#out + 1] = bit.bor(bits, PTE_PMD)
+        end
+      end
+    end
     if s then
       tables = tables + 1
       local base = pmd * PTRS_PER_PMD

@@ -63,7 +63,12 @@ redis.register_function('mm_pages', function(keys, args)
   local mlb_n, lab_n = h.mlb_n, h.lab_n
   local allocs = {}
   local need = 0
-  for _, op in ipairs(ops) do if op[1] == 'A' then need = need + 1 end end
+  for _, op in ipairs(ops) do
+    if op[1] == 'A' then
+      if bit.band(op[2], PG_HEAD) ~= 0 then need = need + bit.lshift(1, bit.band(op[5], 255))
+      else need = need + 1 end
+    end
+  end
   if need > meta('reserve') then
     return result({done = 0, reason = 'reserve', need = need, alloc = allocs,
                    mlb_n = mlb_n, lab_n = lab_n, seq = seq})
@@ -99,6 +104,17 @@ redis.register_function('mm_pages', function(keys, args)
     elseif c == 'U' then
       local p = pg(ix(op[2])); p.mapcount = p.mapcount - 1; dirty(ix(op[2]))
       if p.mapcount < 0 then error('mmsvc: mapcount underflow') end
+    elseif c == 'm' or c == 'u' then
+      -- a pte mapping of a THP subpage added / removed: counted apart from pmd mappings,
+      -- never mlocked (§3.9: "count the pmds and ignore the ptes").
+      local idx = ix(op[2])
+      local p = pg(idx)
+      local d = (c == 'm') and 1 or -1
+      local ptemaps = bit.rshift(p.aux, AUX_PTEMAP_SHIFT) + d
+      if ptemaps < 0 then error('mmsvc: THP pte mapcount underflow') end
+      p.aux = bit.bor(bit.band(p.aux, 255), bit.lshift(ptemaps, AUX_PTEMAP_SHIFT))
+      dirty(idx)
+      if c == 'm' then get_page(idx, 1) end
     elseif c == 'G' then get_page(ix(op[2]), 1)
     elseif c == 'P' then put_page(ix(op[2]), 1)
     elseif c == 'I' then
@@ -410,6 +426,20 @@ redis.register_function('pt_zap', function(keys, args)
     local pmd = tonumber(pm)
     local key = M .. ':pt:' .. pmd
     local s = redis.call('GET', key)
+    local h = (not s) and redis.call('GET', M .. ':hpmd:' .. pmd)
+    if h then
+      -- zap_huge_pmd: only whole pmds (the caller splits a pmd a range cuts through)
+      local base = pmd * PTRS_PER_PMD
+      if v0 > base or v1 < base + PTRS_PER_PMD then
+        error('mmsvc: partial zap of a huge pmd ' .. pmd .. ' (split it first)')
+      end
+      tables = tables + 1
+      local idx, lv, bits = struct.unpack(PTE_FMT, h)
+      out[#out + 1] = base; out[#out + 1] = idx; out[#out + 1] = lv
+      out[#out + 1] = bit.bor(bits, PTE_PMD)
+      redis.call('DEL', M .. ':hpmd:' .. pmd)
+      redis.call('ZREM', M .. ':pmds', pmd)
+    end
     if s then
       tables = tables + 1
       local base = pmd * PTRS_PER_PMD
@@ -446,3 +476,42 @@ redis.register_function{function_name = 'mm_dump', flags = {'no-writes'},
     end
     return out
   end}
+
+-- pmd_install(M; pmd, idx, lv, bits, expect_idx, expect_lv, expect_bits): map a THP with the
+-- pmd itself (do_huge_pmd_anonymous_page, copy_huge_pmd, a write-protect); expect 0,0,0 =
+-- pmd_none (no page table, no huge pmd).  Returns 1 when done, 0 when the pmd differed.
+redis.register_function('pmd_install', function(keys, args)
+  local M, pmd = keys[1], tonumber(args[1])
+  local hkey = M .. ':hpmd:' .. pmd
+  local cur = redis.call('GET', hkey)
+  local ei, el, eb = tonumber(args[5]), tonumber(args[6]), tonumber(args[7])
+  if cur then
+    local ci, cl, cb = struct.unpack(PTE_FMT, cur)
+    if ci ~= ei or cl ~= el or cb ~= eb then return 0 end
+  else
+    if ei ~= 0 or el ~= 0 or eb ~= 0 then return 0 end
+    if redis.call('EXISTS', M .. ':pt:' .. pmd) == 1 then return 0 end
+  end
+  redis.call('SET', hkey, struct.pack(PTE_FMT, tonumber(args[2]), tonumber(args[3]),
+                                      tonumber(args[4])))
+  redis.call('ZADD', M .. ':pmds', pmd, pmd)
+  return 1
+end)
+
+-- pmd_split(M; pmd) -> {} or {idx, lv, bits}: __split_huge_pmd: the huge pmd becomes a page
+-- table of 512 ptes, each mapping its subpage of the THP (SUBPAGE, number in the high bits).
+redis.register_function('pmd_split', function(keys, args)
+  local M, pmd = keys[1], tonumber(args[1])
+  local hkey = M .. ':hpmd:' .. pmd
+  local h = redis.call('GET', hkey)
+  if not h then return {} end
+  local idx, lv, bits = struct.unpack(PTE_FMT, h)
+  local parts = {}
+  for i = 0, PTRS_PER_PMD - 1 do
+    parts[#parts + 1] = struct.pack(PTE_FMT, idx, lv,
+      bit.bor(bits, PTE_SUBPAGE, bit.lshift(i, SUBPAGE_SHIFT)))
+  end
+  redis.call('SET', M .. ':pt:' .. pmd, table.concat(parts))
+  redis.call('DEL', hkey)
+  return {idx, lv, bits}
+end)

@@ -241,9 +241,12 @@ end
 
 -- A new struct page from the lruvec's frame reserve (frames granted by the node, spec §1.1).
 local function page_alloc(flags, mapping, index, aux)
-  if meta('reserve') <= 0 then return nil end
-  meta_add('reserve', -1)
-  meta_add('used', 1)
+  -- a THP head takes 2^order frames (aux bits 0-7 = order)
+  local n = 1
+  if band(flags, PG_HEAD) ~= 0 then n = bit.lshift(1, band(aux, 255)) end
+  if meta('reserve') < n then return nil end
+  meta_add('reserve', -n)
+  meta_add('used', n)
   local idx = FREELIST_POP()
   local p = {flags = bor(flags, PG_INUSE), ref = 0, mapcount = 0, prev = -1, next = -1,
              mapping = mapping, index = index, aux = aux}
@@ -265,12 +268,13 @@ local function free_page(idx, p)
     ev('unevictable_pgs_cleared', nr_pages(p))
   end
   if has(p, PG_ISOLATED) then error('mmsvc: freeing an isolated page ' .. idx) end
-  p.flags = 0; p.mapcount = 0; p.prev = -1; p.next = -1
+  local n = nr_pages(p)
+  p.flags = 0; p.mapcount = 0; p.prev = -1; p.next = -1; p.aux = 0
   dirty(idx)
   FREELIST_PUSH(idx)
-  meta_add('used', -1)
-  meta_add('reserve', 1)
-  FREED = FREED + 1
+  meta_add('used', -n)
+  meta_add('reserve', n)
+  FREED = FREED + n
 end
 
 local function get_page(idx, n)
