@@ -25,7 +25,7 @@ from mmsvc.mm.migrate import Migrate, MigrateStats, check_target
 from mmsvc.mm.mlock import Mlock, page_range
 from mmsvc.mm.mm_struct import MmState, decode_mm, decode_ptes, load_mm, pt_read
 from mmsvc.mm.mmap import Mmap, aligned_range
-from mmsvc.mm.page import PTEBit
+from mmsvc.mm.page import PG, PTEBit
 from mmsvc.mm.rmap import Rmap
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.types import (
@@ -339,6 +339,33 @@ class Kernel:
             got += st.reclaimed
             await release_reserve(self.store, m, other)
         return got
+
+    async def isolate(self, machine: str, pid: int, addr: int, length: int) -> int:
+        """Take the range's pages off their LRU, as compaction or NUMA balancing does
+        (isolate_lru_page, §2.1.1; spec Appendix B).  Returns how many were isolated."""
+        start, end = aligned_range(addr, length)
+        async with self._mm(machine, pid, "r") as (m, mm):
+            ptes = await pt_read(self.store, mm.key, start, end)
+            done = 0
+            for lv, idx in dict.fromkeys((p.lv, p.idx) for p in ptes.values()
+                                         if not p.bits & PTEBit.ZERO):
+                done += len((await self.swap.run(m, lv, [["I", idx]])).isolated)
+            return done
+
+    async def putback(self, machine: str, pid: int, addr: int, length: int) -> int:
+        """putback_lru_page for the range's isolated pages (§2.1.2): lru-add re-decides."""
+        start, end = aligned_range(addr, length)
+        async with self._mm(machine, pid, "r") as (m, mm):
+            ptes = await pt_read(self.store, mm.key, start, end)
+            refs = list(dict.fromkeys((p.lv, p.idx) for p in ptes.values()
+                                      if not p.bits & PTEBit.ZERO))
+            pages = await read_pages(self.store, m, refs)
+            done = 0
+            for (lv, idx), page in zip(refs, pages, strict=True):
+                if page.has(PG.ISOLATED):
+                    await self.swap.run(m, lv, [["B", idx, 0]])
+                    done += 1
+            return done
 
     async def drain(self, machine: str, all_cpus: bool) -> None:
         m = await self.machine(machine)

@@ -505,3 +505,59 @@ def test_s12_order_b_mlock_batch_flushed_first_undercounts(run: Any) -> None:
         assert report.ok and report.undercounts == 1
 
     run(s, mlock_batch_len=1)
+
+
+def test_s10_munlock_while_isolated_is_stranded_then_rescued_at_putback(run: Any) -> None:
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await w.mmap(p, "m", 1)
+        await w.touch(p, "m")
+        await w.mlock(p, "m")
+        await w.drain()
+        assert await w.kernel.isolate(w.mid, p, *w.rng(p, "m")) == 1  # compaction isolates it
+        assert (await w.delta())["nr_unev"] == 0  # isolation takes it off the unevictable LRU
+        await w.munlock(p, "m")
+        d = await w.delta()
+        assert sub(d, stranded=1, munlocked=0, nr_mlock=0) == {
+            "stranded": 1, "munlocked": 0, "nr_mlock": 0}
+        await w.kernel.putback(w.mid, p, *w.rng(p, "m"))
+        await w.drain()
+        d = await w.delta()
+        assert sub(d, rescued=1, inactive_anon=1) == {"rescued": 1, "inactive_anon": 1}
+        assert d["mlocked"] == d["munlocked"] + d["stranded"] + d["cleared"]
+
+    run(s)
+
+
+def test_s11_mlock_while_isolated_undercounts_then_munlock_is_clean(run: Any) -> None:
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await w.mmap(p, "m", 1)
+        await w.touch(p, "m")
+        await w.drain()
+        assert await w.kernel.isolate(w.mid, p, *w.rng(p, "m")) == 1  # reclaim isolates it
+        await w.mlock(p, "m")  # the LRU_PAGE entry finds it off the LRU: no cull
+        d = await w.delta()
+        assert (d["mlocked"], d["culled"]) == (1, 0)
+        await w.kernel.putback(w.mid, p, *w.rng(p, "m"))
+        await w.drain()
+        page = (await w.pages(p, "m"))[0]
+        assert (page.unevictable, page.mlock_count) == (True, 0)  # undercount, M = 1
+        assert (await w.delta())["culled"] == 1
+        await w.munlock(p, "m")
+        assert sub(await w.delta(), munlocked=1, rescued=1) == {"munlocked": 1, "rescued": 1}
+
+    run(s)
+
+
+def test_s31_a_batch_left_on_another_cpu_waits_for_drain_all(run: Any) -> None:
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await w.mmap(p, "m", 4)
+        await w.mlock(p, "m", cpu=0)  # four NEW_PAGE entries queued on CPU 0
+        await w.drain(cpu=1)  # the task "moved": CPU 1's drain does nothing for them
+        assert sub(await w.delta(), nr_mlock=4, nr_unev=0) == {"nr_mlock": 4, "nr_unev": 0}
+        await w.on(1).drain(w.mid, True)  # lru_add_drain_all from CPU 1
+        assert (await w.delta())["nr_unev"] == 4
+
+    run(s)
