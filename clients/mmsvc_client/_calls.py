@@ -170,6 +170,20 @@ def mlock(machine: str, pid: int, addr: int, length: int, flags: int) -> Call[No
     )
 
 
+def isolate(machine: str, pid: int, addr: int, length: int) -> Call[int]:
+    return Call(
+        "Isolate", pb.IsolateRequest(machine=machine, pid=pid, addr=addr, length=length),
+        lambda r: int(r.isolated),
+    )
+
+
+def putback(machine: str, pid: int, addr: int, length: int) -> Call[int]:
+    return Call(
+        "Putback", pb.PutbackRequest(machine=machine, pid=pid, addr=addr, length=length),
+        lambda r: int(r.put_back),
+    )
+
+
 def munlock(machine: str, pid: int, addr: int, length: int) -> Call[None]:
     return Call(
         "Munlock", pb.MunlockRequest(machine=machine, pid=pid, addr=addr, length=length), _none

@@ -150,6 +150,12 @@ class AsyncMmsvcClient:
     ) -> None:
         await self._run(c.mlock(machine, pid, addr, length, flags))
 
+    async def isolate(self, machine: str, pid: int, addr: int, length: int) -> int:
+        return await self._run(c.isolate(machine, pid, addr, length))
+
+    async def putback(self, machine: str, pid: int, addr: int, length: int) -> int:
+        return await self._run(c.putback(machine, pid, addr, length))
+
     async def munlock(self, machine: str, pid: int, addr: int, length: int) -> None:
         await self._run(c.munlock(machine, pid, addr, length))
 

@@ -153,6 +153,12 @@ class MmsvcClient:
     ) -> None:
         self._run(c.mlock(machine, pid, addr, length, flags))
 
+    def isolate(self, machine: str, pid: int, addr: int, length: int) -> int:
+        return self._run(c.isolate(machine, pid, addr, length))
+
+    def putback(self, machine: str, pid: int, addr: int, length: int) -> int:
+        return self._run(c.putback(machine, pid, addr, length))
+
     def munlock(self, machine: str, pid: int, addr: int, length: int) -> None:
         self._run(c.munlock(machine, pid, addr, length))
 

@@ -299,6 +299,22 @@ class MmServicer(pb_grpc.MmServiceServicer):
         return pb.MlockResponse()
 
     @rpc
+    async def Isolate(self, request: pb.IsolateRequest, context: Ctx) -> pb.IsolateResponse:
+        v.machine_id(request.machine)
+        v.pid(request.pid)
+        v.byte_range(request.addr, request.length, align_addr=True, allow_zero=False)
+        n = await self.kernel.isolate(request.machine, request.pid, request.addr, request.length)
+        return pb.IsolateResponse(isolated=n)
+
+    @rpc
+    async def Putback(self, request: pb.PutbackRequest, context: Ctx) -> pb.PutbackResponse:
+        v.machine_id(request.machine)
+        v.pid(request.pid)
+        v.byte_range(request.addr, request.length, align_addr=True, allow_zero=False)
+        n = await self.kernel.putback(request.machine, request.pid, request.addr, request.length)
+        return pb.PutbackResponse(put_back=n)
+
+    @rpc
     async def Munlock(self, request: pb.MunlockRequest, context: Ctx) -> pb.MunlockResponse:
         v.machine_id(request.machine)
         v.pid(request.pid)

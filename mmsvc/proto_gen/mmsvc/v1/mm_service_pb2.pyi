@@ -1671,3 +1671,115 @@ class CheckResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckResponse: _TypeAlias = CheckResponse  # noqa: Y015
+
+@_typing.final
+class IsolateRequest(_message.Message):
+    """Isolate input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """Machine id."""
+    pid: _builtins.int
+    """Process id."""
+    addr: _builtins.int
+    """Start address (page aligned)."""
+    length: _builtins.int
+    """Length in bytes (rounded up to pages)."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        addr: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "length", b"length", "machine", b"machine", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IsolateRequest: _TypeAlias = IsolateRequest  # noqa: Y015
+
+@_typing.final
+class IsolateResponse(_message.Message):
+    """Isolate output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ISOLATED_FIELD_NUMBER: _builtins.int
+    isolated: _builtins.int
+    """Pages taken off their LRU (a page not on an LRU cannot be isolated)."""
+    def __init__(
+        self,
+        *,
+        isolated: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["isolated", b"isolated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IsolateResponse: _TypeAlias = IsolateResponse  # noqa: Y015
+
+@_typing.final
+class PutbackRequest(_message.Message):
+    """Putback input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """Machine id."""
+    pid: _builtins.int
+    """Process id."""
+    addr: _builtins.int
+    """Start address (page aligned)."""
+    length: _builtins.int
+    """Length in bytes (rounded up to pages)."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        addr: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "length", b"length", "machine", b"machine", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutbackRequest: _TypeAlias = PutbackRequest  # noqa: Y015
+
+@_typing.final
+class PutbackResponse(_message.Message):
+    """Putback output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUT_BACK_FIELD_NUMBER: _builtins.int
+    put_back: _builtins.int
+    """Isolated pages put back."""
+    def __init__(
+        self,
+        *,
+        put_back: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["put_back", b"put_back"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutbackResponse: _TypeAlias = PutbackResponse  # noqa: Y015

@@ -140,6 +140,16 @@ class MmServiceStub:
                 request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.MigrateRequest.SerializeToString,
                 response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.MigrateResponse.FromString,
                 _registered_method=True)
+        self.Isolate = channel.unary_unary(
+                '/mmsvc.v1.MmService/Isolate',
+                request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.IsolateRequest.SerializeToString,
+                response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.IsolateResponse.FromString,
+                _registered_method=True)
+        self.Putback = channel.unary_unary(
+                '/mmsvc.v1.MmService/Putback',
+                request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.PutbackRequest.SerializeToString,
+                response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.PutbackResponse.FromString,
+                _registered_method=True)
         self.Reclaim = channel.unary_unary(
                 '/mmsvc.v1.MmService/Reclaim',
                 request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.ReclaimRequest.SerializeToString,
@@ -343,6 +353,21 @@ class MmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Isolate(self, request, context):
+        """Takes the range's pages off their LRU, as compaction or NUMA balancing would (the
+        isolation that loses mlock_count, spec §4.4; a test and study hook).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Putback(self, request, context):
+        """Puts the range's isolated pages back (putback_lru_page: lru-add re-decides).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Reclaim(self, request, context):
         """Memory pressure: scans up to nr_pages LRU pages (shrink_lruvec).
         """
@@ -520,6 +545,16 @@ def add_MmServiceServicer_to_server(servicer, server):
                     servicer.Migrate,
                     request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.MigrateRequest.FromString,
                     response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.MigrateResponse.SerializeToString,
+            ),
+            'Isolate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Isolate,
+                    request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.IsolateRequest.FromString,
+                    response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.IsolateResponse.SerializeToString,
+            ),
+            'Putback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Putback,
+                    request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.PutbackRequest.FromString,
+                    response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.PutbackResponse.SerializeToString,
             ),
             'Reclaim': grpc.unary_unary_rpc_method_handler(
                     servicer.Reclaim,
@@ -1140,6 +1175,60 @@ class MmService:
             '/mmsvc.v1.MmService/Migrate',
             mmsvc_dot_v1_dot_mm__service__pb2.MigrateRequest.SerializeToString,
             mmsvc_dot_v1_dot_mm__service__pb2.MigrateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Isolate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsvc.v1.MmService/Isolate',
+            mmsvc_dot_v1_dot_mm__service__pb2.IsolateRequest.SerializeToString,
+            mmsvc_dot_v1_dot_mm__service__pb2.IsolateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Putback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsvc.v1.MmService/Putback',
+            mmsvc_dot_v1_dot_mm__service__pb2.PutbackRequest.SerializeToString,
+            mmsvc_dot_v1_dot_mm__service__pb2.PutbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

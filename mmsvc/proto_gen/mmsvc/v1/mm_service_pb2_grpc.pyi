@@ -85,6 +85,12 @@ class MmServiceStub:
     """Touches one byte per page of a range, ascending: real page faults."""
     Migrate: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.MigrateRequest, _mm_service_pb2.MigrateResponse]
     """Migrates the pages of a range to another node."""
+    Isolate: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.IsolateRequest, _mm_service_pb2.IsolateResponse]
+    """Takes the range's pages off their LRU, as compaction or NUMA balancing would (the
+    isolation that loses mlock_count, spec §4.4; a test and study hook).
+    """
+    Putback: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.PutbackRequest, _mm_service_pb2.PutbackResponse]
+    """Puts the range's isolated pages back (putback_lru_page: lru-add re-decides)."""
     Reclaim: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.ReclaimRequest, _mm_service_pb2.ReclaimResponse]
     """Memory pressure: scans up to nr_pages LRU pages (shrink_lruvec)."""
     Drain: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.DrainRequest, _mm_service_pb2.DrainResponse]
@@ -153,6 +159,12 @@ class MmServiceAsyncStub(MmServiceStub):
     """Touches one byte per page of a range, ascending: real page faults."""
     Migrate: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.MigrateRequest, _mm_service_pb2.MigrateResponse]  # type: ignore[assignment]
     """Migrates the pages of a range to another node."""
+    Isolate: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.IsolateRequest, _mm_service_pb2.IsolateResponse]  # type: ignore[assignment]
+    """Takes the range's pages off their LRU, as compaction or NUMA balancing would (the
+    isolation that loses mlock_count, spec §4.4; a test and study hook).
+    """
+    Putback: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.PutbackRequest, _mm_service_pb2.PutbackResponse]  # type: ignore[assignment]
+    """Puts the range's isolated pages back (putback_lru_page: lru-add re-decides)."""
     Reclaim: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.ReclaimRequest, _mm_service_pb2.ReclaimResponse]  # type: ignore[assignment]
     """Memory pressure: scans up to nr_pages LRU pages (shrink_lruvec)."""
     Drain: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.DrainRequest, _mm_service_pb2.DrainResponse]  # type: ignore[assignment]
@@ -344,6 +356,24 @@ class MmServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mm_service_pb2.MigrateResponse, _abc.Awaitable[_mm_service_pb2.MigrateResponse]]:
         """Migrates the pages of a range to another node."""
+
+    @_abc_1.abstractmethod
+    def Isolate(
+        self,
+        request: _mm_service_pb2.IsolateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mm_service_pb2.IsolateResponse, _abc.Awaitable[_mm_service_pb2.IsolateResponse]]:
+        """Takes the range's pages off their LRU, as compaction or NUMA balancing would (the
+        isolation that loses mlock_count, spec §4.4; a test and study hook).
+        """
+
+    @_abc_1.abstractmethod
+    def Putback(
+        self,
+        request: _mm_service_pb2.PutbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mm_service_pb2.PutbackResponse, _abc.Awaitable[_mm_service_pb2.PutbackResponse]]:
+        """Puts the range's isolated pages back (putback_lru_page: lru-add re-decides)."""
 
     @_abc_1.abstractmethod
     def Reclaim(
