@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ping = sub.add_parser("ping", help="check that a server answers")
     add_target(ping, required=True)
+
+    from mmsvc.conformance.report import add_arguments as add_conformance_arguments
+
+    conformance = sub.add_parser(
+        "conformance", help="fidelity report: replay the kernel-recorded traces and compare"
+    )
+    add_conformance_arguments(conformance)
     return parser
 
 
@@ -239,6 +246,12 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from mmsvc.conformance.report import run
+
+    return run(args.kernel, args.names, args.redis)
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "stat": cmd_stat,
@@ -246,6 +259,7 @@ COMMANDS = {
     "replay": cmd_replay,
     "demo": cmd_demo,
     "ping": cmd_ping,
+    "conformance": cmd_conformance,
 }
 
 

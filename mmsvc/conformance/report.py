@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -31,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from mmsvc.conformance.compare import differences
-from mmsvc.conformance.record import CORPUS
 
+#: tests/conformance of the source tree (as in mmsvc.conformance.record, imported lazily here
+#: because it pulls in the kernel runner)
+CORPUS = Path(__file__).resolve().parents[2] / "tests" / "conformance"
 TRACES = CORPUS / "traces"
 EXPECTED = CORPUS / "expected"
 KNOWN = CORPUS / "known_differences.json"
@@ -86,15 +89,20 @@ def expected_files(expected_dir: Path = EXPECTED) -> list[Path]:
     return sorted(expected_dir.glob("*.json"))
 
 
-async def replay_all(traces: Sequence[Mapping[str, Any]]) -> list[dict[str, Any] | str]:
-    """Replay each trace on a fresh machine of one embedded server; an error becomes a string."""
+async def replay_all(
+    traces: Sequence[Mapping[str, Any]], redis_url: str | None = None
+) -> list[dict[str, Any] | str]:
+    """Replay each trace on a fresh machine of one embedded server; an error becomes a string.
+
+    Without ``redis_url`` the server runs over a private embedded redis-server.
+    """
     from mmsvc.cli.replay import replay_trace
     from mmsvc.server.app import embedded_server
     from mmsvc_client import AsyncMmsvcClient
 
     out: list[dict[str, Any] | str] = []
     async with (
-        embedded_server() as server,
+        embedded_server(redis_url=redis_url) as server,
         AsyncMmsvcClient(f"127.0.0.1:{server.port}") as client,
     ):
         for trace in traces:
@@ -106,7 +114,10 @@ async def replay_all(traces: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 
 
 def compare(
-    expected: Sequence[Path], traces_dir: Path = TRACES, known: Mapping[str, str] | None = None
+    expected: Sequence[Path],
+    traces_dir: Path = TRACES,
+    known: Mapping[str, str] | None = None,
+    redis_url: str | None = None,
 ) -> list[Outcome]:
     """Replay the trace of every expectation file and compare it with the recorded document."""
     known = known_differences() if known is None else known
@@ -121,13 +132,34 @@ def compare(
         trace = load_json(trace_path)
         traces.append(trace)
         runnable.append((outcome, load_json(path)["result"]))
-    docs = asyncio.run(replay_all(traces))
+    docs = asyncio.run(replay_all(traces, redis_url))
     for (outcome, recorded), doc in zip(runnable, docs, strict=True):
         if isinstance(doc, str):
             outcome.error = doc
         else:
-            outcome.diffs = differences(recorded, doc)
+            outcome.diffs = [_labelled(d, recorded) for d in differences(recorded, doc)]
     return outcomes
+
+
+def _labelled(diff: str, recorded: Mapping[str, Any]) -> str:
+    """Name the item a path starts in: ``.snapshots[1](label)...``, ``.ops[3](i=4 mlock p0)...``."""
+    match = re.match(r"\.(snapshots|ops)\[(\d+)\]", diff)
+    if match is None:
+        return diff
+    items = recorded.get(match.group(1), [])
+    index = int(match.group(2))
+    if index >= len(items):
+        return diff
+    item = items[index]
+    if match.group(1) == "snapshots":
+        name = str(item.get("label", ""))
+    else:
+        name = " ".join(
+            str(x)
+            for x in (f"i={item.get('i')}", item.get("op"), item.get("proc"))
+            if x is not None
+        )
+    return f"{match.group(0)}({name}){diff[match.end() :]}"
 
 
 def table(outcomes: Sequence[Outcome]) -> str:
@@ -170,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mmsvc.conformance.report",
         description="Replay every trace with a kernel expectation on mmsvc (Linux 6.18 "
-                    "profile) and report MATCH or the differing fields.",
+        "profile) and report MATCH or the differing fields.",
     )
     add_arguments(parser)
     return parser
@@ -178,18 +210,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--kernel", action="store_true",
+        "--kernel",
+        action="store_true",
         help="first re-record the expectations from the host kernel (root, Linux x86-64)",
     )
     parser.add_argument(
-        "names", nargs="*", metavar="NAME",
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="page store of the embedded mmsvc server (default: a private redis-server)",
+    )
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
         help="trace names (file stems) to report on (default: every expectation)",
     )
 
 
-def run(kernel: bool = False, names: Sequence[str] = ()) -> int:
+def run(kernel: bool = False, names: Sequence[str] = (), redis_url: str | None = None) -> int:
     """The report; returns the exit status."""
     from mmsvc.conformance.errors import HostUnsupported
+    from mmsvc.store.embedded import EmbeddedRedisError
 
     record_failures: list[str] = []
     if kernel:
@@ -202,8 +244,11 @@ def run(kernel: bool = False, names: Sequence[str] = ()) -> int:
         except HostUnsupported as e:
             print(f"cannot run the kernel oracle here: {e}", file=sys.stderr)
             return 2
-        print(f"recorded {len(paths) - len(record_failures)} of {len(paths)} traces from the "
-              f"host kernel in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        print(
+            f"recorded {len(paths) - len(record_failures)} of {len(paths)} traces from the "
+            f"host kernel in {time.monotonic() - started:.1f} s",
+            file=sys.stderr,
+        )
     expected = expected_files()
     if names:
         unknown = sorted(set(names) - {p.stem for p in expected})
@@ -212,16 +257,25 @@ def run(kernel: bool = False, names: Sequence[str] = ()) -> int:
             return 2
         expected = [p for p in expected if p.stem in names]
     started = time.monotonic()
-    outcomes = compare(expected)
+    try:
+        outcomes = compare(expected, redis_url=redis_url)
+    except EmbeddedRedisError as e:
+        print(f"cannot start the mmsvc server: {e}", file=sys.stderr)
+        return 2
     print(table(outcomes))
-    print(f"replayed {len(outcomes)} traces on mmsvc in {time.monotonic() - started:.1f} s",
-          file=sys.stderr)
+    print(
+        f"replayed {len(outcomes)} traces on mmsvc in {time.monotonic() - started:.1f} s",
+        file=sys.stderr,
+    )
     return 0 if all(o.passed for o in outcomes) and not record_failures else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mmsvc.logging import configure_logging
+
     args = build_parser().parse_args(argv)
-    return run(args.kernel, args.names)
+    configure_logging("auto", "warning", stream=sys.stderr)  # stdout is the report
+    return run(args.kernel, args.names, args.redis)
 
 
 if __name__ == "__main__":

@@ -15,20 +15,29 @@ from mmsvc.mm.vmscan import ShrinkStats, Vmscan
 from mmsvc.store.redis_store import RedisStore
 
 
-def _check_vmas(mm: MmState, start: int, end: int, advice: Advice) -> list[Vma]:
-    vmas = mm.overlapping(start, end)
-    for vma in vmas:
-        if vma.flags & VM.PFNMAP:
-            raise einval("madvise on a VM_PFNMAP mapping")
-        locked = bool(vma.flags & VM.LOCKED)
-        if advice in (Advice.MADV_DONTNEED, Advice.MADV_FREE) and locked:
-            raise einval("MADV_DONTNEED/MADV_FREE on a VM_LOCKED mapping")
-        if advice in (Advice.MADV_COLD, Advice.MADV_PAGEOUT) and locked:
-            # can_madv_lru_vma(): the cold/pageout paths still refuse VM_LOCKED (03/13)
-            raise einval("MADV_COLD/MADV_PAGEOUT on a VM_LOCKED mapping")
-        if advice == Advice.MADV_FREE and not vma.is_anon:
-            raise einval("MADV_FREE on a file mapping")
-    return vmas
+def _check_vma(vma: Vma, advice: Advice) -> None:
+    """madvise_walk_vmas checks each VMA as it reaches it (earlier VMAs stay advised)."""
+    if vma.flags & VM.PFNMAP:
+        raise einval("madvise on a VM_PFNMAP mapping")
+    locked = bool(vma.flags & VM.LOCKED)
+    if advice in (Advice.MADV_DONTNEED, Advice.MADV_FREE) and locked:
+        raise einval("MADV_DONTNEED/MADV_FREE on a VM_LOCKED mapping")
+    if advice in (Advice.MADV_COLD, Advice.MADV_PAGEOUT) and locked:
+        # can_madv_lru_vma(): the cold/pageout paths still refuse VM_LOCKED (03/13)
+        raise einval("MADV_COLD/MADV_PAGEOUT on a VM_LOCKED mapping")
+    if advice == Advice.MADV_FREE and not vma.is_anon:
+        raise einval("MADV_FREE on a file mapping")
+    if advice in (Advice.MADV_POPULATE_READ, Advice.MADV_POPULATE_WRITE):
+        # FOLL_MADV_POPULATE: incompatible mappings or permissions are EINVAL
+        if vma.flags & VM.IO:
+            raise einval("populate of a VM_IO mapping")
+        if advice == Advice.MADV_POPULATE_READ and not vma.flags & VM.READ:
+            raise einval("MADV_POPULATE_READ of an unreadable mapping")
+        if advice == Advice.MADV_POPULATE_WRITE and not vma.flags & VM.WRITE:
+            raise einval("MADV_POPULATE_WRITE of a read-only mapping")
+
+
+POPULATE = (Advice.MADV_POPULATE_READ, Advice.MADV_POPULATE_WRITE)
 
 
 class Madvise:
@@ -42,35 +51,42 @@ class Madvise:
 
     async def madvise(self, m: Machine, mm: MmState, start: int, end: int,
                       advice: Advice) -> None:
-        vmas = _check_vmas(mm, start, end, advice)
-        holes = not mm.covered(start, end)
-        if advice in (Advice.MADV_DONTNEED, Advice.MADV_DONTNEED_LOCKED):
-            for vma in vmas:
-                await zap_range(self.store, self.swap, m, mm, vma, max(start, vma.start),
-                                min(end, vma.end))
-        elif advice in (Advice.MADV_POPULATE_READ, Advice.MADV_POPULATE_WRITE):
-            write = advice == Advice.MADV_POPULATE_WRITE
-            for vma in vmas:
-                if vma.flags & VM.IO:
-                    raise einval("populate of a VM_IO mapping")
-                if not vma.flags & (VM.READ | VM.WRITE):
-                    raise KernelError("ENOMEM", "populate of a PROT_NONE mapping")
-                await self.faults.fault_range(m, mm, vma, max(start, vma.start),
-                                              min(end, vma.end), write)
-            if m.cfg.populate_drain:
+        """VMA by VMA, ascending (madvise_walk_vmas): a failing VMA stops the walk with the
+        earlier ones advised; holes give ENOMEM at the end, or at once for populate."""
+        if advice in (Advice.MADV_COLD, Advice.MADV_PAGEOUT):
+            await self.swap.lru_add_drain(m)
+        pos, hole = start, False
+        try:
+            for vma in list(mm.overlapping(start, end)):
+                if vma.start > pos:
+                    if advice in POPULATE:
+                        raise KernelError("ENOMEM", "populate reached an unmapped hole")
+                    hole = True
+                _check_vma(vma, advice)
+                await self._advise(m, mm, vma, max(start, vma.start), min(end, vma.end),
+                                   advice)
+                pos = vma.end
+        finally:
+            if advice in POPULATE and m.cfg.populate_drain:
                 await self.swap.lru_add_drain(m)
+        if hole or pos < end:
+            raise KernelError("ENOMEM", "range not fully mapped")
+
+    async def _advise(self, m: Machine, mm: MmState, vma: Vma, start: int, end: int,
+                      advice: Advice) -> None:
+        if advice in (Advice.MADV_DONTNEED, Advice.MADV_DONTNEED_LOCKED):
+            await zap_range(self.store, self.swap, m, mm, vma, start, end)
+        elif advice in POPULATE:
+            await self.faults.fault_range(m, mm, vma, start, end,
+                                          advice == Advice.MADV_POPULATE_WRITE)
         elif advice == Advice.MADV_COLD:
-            await self.swap.lru_add_drain(m)
-            await self._each_page(m, mm, vmas, start, end, "D")
+            await self._each_page(m, mm, [vma], start, end, "D")
         elif advice == Advice.MADV_FREE:
-            await self._each_page(m, mm, vmas, start, end, "Z", exclusive=True)
+            await self._each_page(m, mm, [vma], start, end, "Z", exclusive=True)
         elif advice == Advice.MADV_PAGEOUT:
-            await self.swap.lru_add_drain(m)
-            await self._pageout(m, mm, vmas, start, end)
+            await self._pageout(m, mm, [vma], start, end)
         else:  # pragma: no cover - Advice is a closed enum
             raise einval(f"unsupported advice {advice!r}")
-        if holes:
-            raise KernelError("ENOMEM", "range not fully mapped")
 
     async def _each_page(self, m: Machine, mm: MmState, vmas: list[Vma], start: int, end: int,
                          op: str, exclusive: bool = False) -> None:

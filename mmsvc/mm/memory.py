@@ -11,15 +11,21 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mmsvc.mm.errors import KernelError
-from mmsvc.mm.machine import Machine
+from mmsvc.mm.machine import Machine, new_id
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap, pte_args
 from mmsvc.mm.page import PG, PTRS_PER_PMD, Page, PTEBit
-from mmsvc.mm.rmap import new_anon_ops, page_add_rmap_ops, page_remove_rmap_ops, pte_unmap_ops
+from mmsvc.mm.rmap import (
+    anon_vma_add,
+    new_anon_ops,
+    page_add_rmap_ops,
+    page_remove_rmap_ops,
+    pte_unmap_ops,
+)
 from mmsvc.mm.swap import Op, Swap
-from mmsvc.mm.vma import VM, Vma
+from mmsvc.mm.vma import VM, Vma, anon_vma_compatible
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
 
@@ -102,12 +108,32 @@ class Faults:
         ptes = mm.take_prefetched(start, end)
         if ptes is None:
             ptes = await pt_read(self.store, mm.key, start, end, walk=True)
+        if write and not vma.shared and vma.anon_vma == 0:
+            vma = await self.anon_vma_prepare(m, mm, vma)
         if vma.is_anon:
             done = 0
             if m.cfg.thp and write:
                 done, ptes = await self._huge_anon(m, mm, vma, start, end, ptes)
             return done + await self._anon(m, mm, vma, start, end, write, ptes)
         return await self._file(m, mm, vma, start, end, write, ptes)
+
+    async def anon_vma_prepare(self, m: Machine, mm: MmState, vma: Vma) -> Vma:
+        """The first anonymous page of a VMA needs an anon_vma: a compatible neighbour's
+        (find_mergeable_anon_vma, if its chain is singular) or a new one."""
+        avid = 0
+        for other in mm.vmas:
+            if (other.id != vma.id and other.anon_vma and not other.anon_parents
+                    and anon_vma_compatible(vma, other)):
+                avid = other.anon_vma
+                break
+        if avid == 0:
+            avid = await new_id(self.store, m.mid, "anon_vma")
+        await anon_vma_add(self.store, m, avid, mm.pid)
+        vma = replace(vma, anon_vma=avid)
+        mm.vmas = [vma if v.id == vma.id else v for v in mm.vmas]
+        # under the mmap_lock for read: only this VMA's anon_vma field changes (one store)
+        await self.store.client.hset(f"{mm.key}:vma", str(vma.id), vma.to_json())
+        return vma
 
     # ------------------------------------------------------------------ THP (§3.9) -------
     async def _huge_anon(
@@ -180,14 +206,16 @@ class Faults:
                         and not cur.is_subpage):
                     wp_reuse.append(cur)  # do_wp_page: reuse the only reference
                     continue
-                # wp_page_copy: the old page loses this mapping (§3.4.2 COW caller).
-                old_progs.add(cur.lv, *pte_unmap_ops(m, vma, cur), ["P", cur.idx])
                 cow_old.append((cur.lv, cur.idx))
             if cur is not None:
                 expect[vpn] = cur
             new_count += 1
             progs.add(mm.lv, ["A", ANON_FLAGS, vma.anon_vma, vma.linear_index(vpn), 0],
                       *new_anon_ops(m, vma, -new_count))
+            if cur is not None and not cur.bits & PTEBit.ZERO:
+                # wp_page_copy: the new page first, then the old page loses this mapping
+                # (§3.4.2 COW caller) and its reference, before the next page's fault
+                progs.add(cur.lv, *pte_unmap_ops(m, vma, cur), ["P", cur.idx])
             installs.append((vpn, new_count, int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)))
         allocs = await progs.execute(self.swap, m)
         new_ptes = [
@@ -226,6 +254,10 @@ class Faults:
         around: set[int] = set()
         if not write and m.cfg.fault_around_pages > 1:
             fa = m.cfg.fault_around_pages
+            lo = max(vma.start, start - start % fa)
+            hi = min(vma.end, end + (-end) % fa)
+            if lo < start or hi > end:  # the window reaches beyond the faulting range
+                ptes = {**await pt_read(self.store, mm.key, lo, hi, walk=True), **ptes}
             for vpn in wanted:
                 base = vpn - (vpn % fa)
                 for v in range(max(base, vma.start), min(base + fa, vma.end)):
@@ -233,6 +265,11 @@ class Faults:
                         around.add(v)
         beyond = [v for v in wanted if vma.linear_index(v) >= f.pages]
         if beyond:
+            # ascending faults: the pages before the first one beyond EOF are mapped
+            eof = min(beyond)
+            if eof > start:
+                await self._file(m, mm, vma, start, eof, write, {
+                    v: p for v, p in ptes.items() if v < eof})
             raise KernelError("EFAULT", "SIGBUS: access beyond the end of the file")
         owner = uuid.uuid4().hex[:12]
         indices = sorted({vma.linear_index(v) for v in wanted})
@@ -306,13 +343,12 @@ class Faults:
                 continue
             if cow:
                 # do_cow_fault / wp_page_copy: a private anonymous copy of the file page.
-                if cur is not None:
-                    expect[vpn] = cur
-                    old_progs.add(cur.lv, *page_remove_rmap_ops(m, vma, cur.idx),
-                                  ["P", cur.idx])
                 slots += 1
                 progs.add(lv, ["A", ANON_FLAGS, vma.anon_vma, index, 0],
                           *new_anon_ops(m, vma, -slots))
+                if cur is not None:  # then the file page loses this mapping (wp_page_copy)
+                    expect[vpn] = cur
+                    progs.add(cur.lv, *pte_unmap_ops(m, vma, cur), ["P", cur.idx])
                 installs.append((vpn, slots, int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)))
                 continue
             ref: tuple[int, int] | int = page if page is not None else new_cache[index]

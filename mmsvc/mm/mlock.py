@@ -237,7 +237,10 @@ class Mlock:
                     await self.legacy.populate_mlock(m, mm, vma, a, b)
                 continue  # §3.7.3: VM_LOCKONFAULT populate is "no work at all"
             if not vma.flags & (VM.READ | VM.WRITE | VM.EXEC):
-                continue  # PROT_NONE: nothing to fault
+                if ignore_errors:
+                    continue  # mlockall / MAP_LOCKED: PROT_NONE areas are skipped
+                # GUP without FOLL_FORCE on an inaccessible VMA: -EFAULT (mlock: ENOMEM)
+                raise KernelError("EFAULT", "populate of a PROT_NONE mapping")
             write = (vma.flags & (VM.WRITE | VM.SHARED)) == VM.WRITE  # break COW (§3.7.2)
             try:
                 await self.faults.fault_range(m, mm, vma, a, b, write)

@@ -133,6 +133,8 @@ class Mmap:
         # MAP_LOCKED / MCL_FUTURE (§3.7.4), checked by mlock_future_ok() -> EAGAIN.
         lockflags = int(mm.geti("def_flags"))
         if args.flags & MAP_LOCKED:
+            if not (mm.geti("rlim_soft") or mm.geti("cap_ipc_lock")):
+                raise KernelError("EPERM", "MAP_LOCKED without RLIMIT_MEMLOCK or CAP_IPC_LOCK")
             lockflags |= VM.LOCKED
         flags |= lockflags & VM_LOCKED_MASK
         if flags & VM.LOCKED and not mm.geti("cap_ipc_lock"):
@@ -145,11 +147,7 @@ class Mmap:
         vid = await new_id(self.store, m.mid, "vma")
         if file_id == 0:
             pgoff = start  # anonymous: linear index = vpn
-        anon_vma = 0
-        if kind == MAP_PRIVATE:
-            anon_vma = await new_id(self.store, m.mid, "anon_vma")
-            await anon_vma_add(self.store, m, anon_vma, mm.pid)
-        vma = Vma(vid, start, start + npages, int(flags), file_id, pgoff, anon_vma)
+        vma = Vma(vid, start, start + npages, int(flags), file_id, pgoff)
         if file_id:
             await self._i_mmap_link(m, mm, vma)
         mm.replace_vmas([], [vma])
@@ -245,7 +243,21 @@ class Mmap:
 
     async def do_mprotect(self, m: Machine, mm: MmState, start: int, end: int, prot: int) -> None:
         newprot = prot_to_vm(prot)
-        if not mm.covered(start, end):
+        if mm.find(start) is None:
+            raise KernelError("ENOMEM", "start of the range not mapped")
+        # do_mprotect_pkey: VMA by VMA, ascending; a hole stops it with ENOMEM after the
+        # VMAs before it were changed
+        hole_at = None
+        pos = start
+        for vma in mm.overlapping(start, end):
+            if vma.start > pos:
+                hole_at = pos
+                break
+            pos = vma.end
+        if hole_at is None and pos < end:
+            hole_at = pos
+        if hole_at is not None:
+            await self.do_mprotect(m, mm, start, hole_at, prot)
             raise KernelError("ENOMEM", "range not fully mapped")
         for vma in list(mm.overlapping(start, end)):
             if newprot & VM.WRITE and vma.shared and vma.file and not vma.flags & VM.MAYWRITE:
@@ -268,7 +280,7 @@ class Mmap:
         for vma in populate:
             cur = mm.find(vma.start)
             if cur is not None:
-                await self.mlock.populate(m, mm, vma.start, vma.end,
+                await self.mlock.populate(m, mm, vma.start, vma.end, ignore_errors=True,
                                           drain=lambda: self.swap.lru_add_drain(m))
 
     async def _wrprotect(self, mm: MmState, start: int, end: int) -> None:
@@ -291,11 +303,16 @@ class Mmap:
         """fork: VMAs copied without VM_LOCKED/VM_LOCKONFAULT (§1.7.4); anon ptes shared COW."""
         for vma in parent.vmas:
             cid = await new_id(self.store, m.mid, "vma")
-            cv = Vma(cid, vma.start, vma.end, vma.flags & ~VM_LOCKED_MASK, vma.file, vma.pgoff,
-                     vma.anon_vma)
-            child.replace_vmas([], [cv])
-            if cv.anon_vma:
+            cv = Vma(cid, vma.start, vma.end, vma.flags & ~VM_LOCKED_MASK, vma.file, vma.pgoff)
+            if vma.anon_vma:
+                # anon_vma_fork: a new anon_vma for the child's own pages, chained to the
+                # parent's ones (their pages are found through the child's VMA too)
+                cv = replace(cv, anon_vma=await new_id(self.store, m.mid, "anon_vma"),
+                             anon_parents=(vma.anon_vma, *vma.anon_parents))
                 await anon_vma_add(self.store, m, cv.anon_vma, child.pid)
+                for av in cv.anon_parents:
+                    await anon_vma_add(self.store, m, av, child.pid)
+            child.replace_vmas([], [cv])
             if cv.file:
                 await self._i_mmap_link(m, child, cv)
             if vma.shared:

@@ -53,7 +53,7 @@ async def _candidate_pids(store: RedisStore, m: Machine, page: Page) -> list[int
 def _covers(vma: Vma, page: Page) -> int | None:
     """The vpn at which vma would map page (vma_address), or None."""
     if page.has(PG.ANON):
-        if vma.anon_vma != page.mapping:
+        if not vma.may_map_anon(page.mapping):
             return None
     elif vma.file != page.mapping:
         return None

@@ -55,7 +55,10 @@ class Vma:
     flags: int
     file: int = 0  # file id; 0 = anonymous
     pgoff: int = 0  # page offset in the file (anonymous: the linear index base)
-    anon_vma: int = 0  # anon_vma id (private mappings, once they have anon pages)
+    anon_vma: int = 0  # anon_vma id: given at the first anonymous fault (anon_vma_prepare)
+    # anon_vma_fork: a child's VMA also reaches its parents' anon_vmas (its chain is then not
+    # singular, which forbids merging it with a VMA that has no anon_vma)
+    anon_parents: tuple[int, ...] = ()
 
     @property
     def pages(self) -> int:
@@ -88,13 +91,40 @@ class Vma:
             prev.end == self.start
             and prev.flags == self.flags
             and prev.file == self.file
-            and prev.anon_vma == self.anon_vma
+            and mergeable_anon_vma(prev, self)
             and prev.pgoff + prev.pages == self.pgoff
         )
+
+    def may_map_anon(self, anon_vma: int) -> bool:
+        """Pages of this anon_vma may be mapped here (the VMA's anon_vma_chain)."""
+        return anon_vma != 0 and (anon_vma == self.anon_vma or anon_vma in self.anon_parents)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Vma:
-        return cls(**json.loads(raw))
+        d = json.loads(raw)
+        d["anon_parents"] = tuple(d.get("anon_parents", ()))
+        return cls(**d)
+
+
+def mergeable_anon_vma(a: Vma, b: Vma) -> bool:
+    """is_mergeable_anon_vma: the same anon_vma, or one VMA has none yet and the other's chain
+    is singular (it was not made by fork)."""
+    if a.anon_vma == b.anon_vma and a.anon_parents == b.anon_parents:
+        return True
+    if a.anon_vma == 0:
+        return not b.anon_parents
+    if b.anon_vma == 0:
+        return not a.anon_parents
+    return False
+
+
+def anon_vma_compatible(a: Vma, b: Vma) -> bool:
+    """anon_vma_compatible: neighbours that could one day merge may share an anon_vma."""
+    access = VM.READ | VM.WRITE | VM.EXEC
+    first, second = (a, b) if a.start < b.start else (b, a)
+    return (first.end == second.start and first.file == second.file
+            and not (a.flags ^ b.flags) & ~access
+            and first.pgoff + first.pages == second.pgoff)
