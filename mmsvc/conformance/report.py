@@ -13,7 +13,8 @@ per trace: ``MATCH``, or ``DIFF`` with the number of differing fields and the fi
 
 ``--kernel`` first re-records the expectations of every corpus trace (all traces mmsvc can
 replay, i.e. without ``shm_*`` ops) from the host kernel; a trace the kernel runner cannot run
-(busy host: ``Disturbed``) keeps its old expectation and makes the exit status non-zero.
+(busy host: ``Disturbed``) is tried once more after the others, and if it still fails keeps its
+old expectation and makes the exit status non-zero.
 
 Exit status: 0 when every trace matches, 1 otherwise, 2 on usage errors or an unusable host.
 """
@@ -43,6 +44,8 @@ KNOWN = CORPUS / "known_differences.json"
 MMSVC_UNSUPPORTED_OPS = frozenset({"shm_create", "shm_lock", "shm_unlock"})
 #: the Linux 6.18 profile of ``mmsvc replay --profile linux-6.18``
 BATCH_SIZE = 31
+#: pause before recording again the traces a busy host made the kernel runner give up on
+RETRY_PAUSE_S = 5.0
 
 
 @dataclass
@@ -181,21 +184,33 @@ def table(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(rows)
 
 
-def rerecord(paths: Sequence[Path], expected_dir: Path = EXPECTED) -> list[str]:
-    """Record each trace's kernel document; returns the names that could not be recorded."""
+def rerecord(paths: Sequence[Path], expected_dir: Path = EXPECTED, retries: int = 1) -> list[str]:
+    """Record each trace's kernel document; returns the names that could not be recorded.
+
+    A trace the kernel runner gives up on (``Disturbed``: a busy host) is tried again after
+    the others, ``retries`` more times, ``RETRY_PAUSE_S`` apart; its old expectation is kept
+    if it still fails.
+    """
     from mmsvc.conformance.errors import HostUnsupported, KernelRunnerError
     from mmsvc.conformance.record import record
 
-    failed: list[str] = []
-    for path in paths:
-        try:
-            record([path], expected_dir)
-        except HostUnsupported:
-            raise
-        except KernelRunnerError as e:
-            print(f"could not record {path.stem}: {type(e).__name__}: {e}", file=sys.stderr)
-            failed.append(path.stem)
-    return failed
+    pending = list(paths)
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(RETRY_PAUSE_S)
+        failed: list[Path] = []
+        for path in pending:
+            try:
+                record([path], expected_dir)
+            except HostUnsupported:
+                raise
+            except KernelRunnerError as e:
+                print(f"could not record {path.stem}: {type(e).__name__}: {e}", file=sys.stderr)
+                failed.append(path)
+        pending = failed
+        if not pending:
+            break
+    return [p.stem for p in pending]
 
 
 def build_parser() -> argparse.ArgumentParser:
