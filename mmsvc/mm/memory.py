@@ -217,7 +217,15 @@ class Faults:
                 # (§3.4.2 COW caller) and its reference, before the next page's fault
                 progs.add(cur.lv, *pte_unmap_ops(m, vma, cur), ["P", cur.idx])
             installs.append((vpn, new_count, int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)))
-        allocs = await progs.execute(self.swap, m)
+        # COW replaces a mapped page: claim its pte first (the PTL a racing fault on the same
+        # pte would wait for), so that only one fault removes the old page's mapping.
+        originals = dict(expect)
+        expect = await self._claim(mm, expect)
+        try:
+            allocs = await progs.execute(self.swap, m)
+        except BaseException:
+            await self._unclaim(mm, expect, originals)
+            raise
         new_ptes = [
             Pte(vpn, 0 if slot is None else allocs[slot - 1],
                 0 if slot is None else mm.lv, bits)
@@ -375,6 +383,26 @@ class Faults:
         await old_progs.execute(self.swap, m)
         return len(new_ptes)
 
+
+    async def _claim(self, mm: MmState, expect: dict[int, Pte]) -> dict[int, Pte]:
+        """Mark ptes that a COW replaces as busy (not present); EAGAIN if one changed.
+        Returns the new expectations (the busy ptes)."""
+        cow = {v: p for v, p in expect.items() if not p.bits & PTEBit.ZERO}
+        if not cow:
+            return expect
+        busy = {v: Pte(v, p.idx, p.lv, int(PTEBit.MIGRATION)) for v, p in cow.items()}
+        if await pt_install(self.store, mm.key, list(busy.values()), cow):
+            # someone changed one of them: put back the ones we did claim
+            await pt_install(self.store, mm.key, list(cow.values()), busy)
+            raise KernelError("EAGAIN", "concurrent fault on a copy-on-write page")
+        return {**expect, **busy}
+
+    async def _unclaim(self, mm: MmState, busy: dict[int, Pte],
+                       originals: dict[int, Pte]) -> None:
+        """The fault failed (no memory): the claimed ptes map their old pages again."""
+        claimed = {v: p for v, p in busy.items() if p.bits == PTEBit.MIGRATION}
+        if claimed:
+            await pt_install(self.store, mm.key, [originals[v] for v in claimed], claimed)
 
     async def _install(self, m: Machine, mm: MmState, vma: Vma, new: list[Pte],
                        expect: dict[int, Pte], mapped: set[int], *, last: bool) -> None:

@@ -50,7 +50,7 @@ class Migrate:
         page = (await read_pages(self.store, m, [(lv, idx)]))[0]
         async with self.rmap.locked(m, page):
             maps = await self.rmap.mappings(m, lv, idx, page)
-            await self._unmap(m, lv, idx, maps, drain)
+            maps = await self._unmap(m, lv, idx, maps, drain)
             for attempt in range(MIGRATE_PASSES):
                 page = (await read_pages(self.store, m, [(lv, idx)]))[0]
                 if self._can_freeze(page):
@@ -69,14 +69,20 @@ class Migrate:
         return page.refcount == 1 + (1 if page.has(PG.PAGECACHE) else 0)
 
     async def _unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
-                     drain: bool) -> None:
-        """try_to_migrate_one for each pte: migration entry, page_remove_rmap, drain (§4.2.1)."""
+                     drain: bool) -> list[Mapping]:
+        """try_to_migrate_one for each pte: migration entry, page_remove_rmap, drain (§4.2.1).
+        Returns the mappings now held by migration entries (a pte that changed meanwhile is
+        not ours: page_vma_mapped_walk re-checks it under the PTL)."""
+        done: list[Mapping] = []
         for mp in maps:
             entry = Pte(mp.pte.vpn, idx, lv, int(PTEBit.MIGRATION) | (mp.pte.bits & PTEBit.WRITE))
-            await pt_install(self.store, mp.mm_key, [entry], {mp.pte.vpn: mp.pte})
+            if await pt_install(self.store, mp.mm_key, [entry], {mp.pte.vpn: mp.pte}):
+                continue
+            done.append(mp)
             await self.swap.run(m, lv, [*page_remove_rmap_ops(m, mp.vma, idx), ["P", idx]])
             if drain and mp.vma.locked:
                 await self.swap.lru_add_drain(m)  # mlock_drain_local() (11/13)
+        return done
 
     async def _restore(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
                        new: tuple[int, int]) -> None:

@@ -220,14 +220,12 @@ class Mlock:
 
         With ``populate_drain`` (Linux 6.18) the CPU's batches are drained after each VMA
         that was actually faulted in, as observed on the host kernel (an empty range, or a
-        VM_LOCKONFAULT one, drains nothing); the seed-era kernel left them queued (S2)."""
+        VM_LOCKONFAULT one, drains nothing); the seed-era kernel left them queued (S2).
+        Holes are skipped (find_vma_intersection); with ``ignore_errors`` (mlockall,
+        MAP_LOCKED, MAP_POPULATE) a failing VMA is skipped too, else its error ends it."""
         if start >= end:
             return
-        pos = start
         for vma in list(mm.overlapping(start, end)):
-            if vma.start > pos and not ignore_errors:
-                raise KernelError("ENOMEM", "populate: range not fully mapped")
-            pos = min(end, vma.end)
             a, b = max(start, vma.start), min(end, vma.end)
             legacy = str(m.cfg.protocol) == "legacy"
             if vma.flags & (VM.IO | VM.PFNMAP):
@@ -246,11 +244,12 @@ class Mlock:
                 await self.faults.fault_range(m, mm, vma, a, b, write)
                 if legacy:
                     await self.legacy.populate_mlock(m, mm, vma, a, b)
+            except KernelError as exc:
+                if not ignore_errors or exc.errno not in ("EFAULT", "ENOMEM"):
+                    raise
             finally:
                 if drain is not None and m.cfg.populate_drain:
                     await drain()
-        if pos < end and not ignore_errors:
-            raise KernelError("ENOMEM", "populate: range not fully mapped")
 
 
 def count_mm_mlocked_page_nr(mm: MmState, start: int, end: int) -> int:

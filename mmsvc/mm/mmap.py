@@ -186,31 +186,31 @@ class Mmap:
             raise KernelError("ENOMEM", "address space exhausted")
         return start
 
+    # The i_mmap tree is kept as the set of processes with a VMA of the file (field = pid):
+    # rmap walkers then look at those processes' VMAs, which are always exact.
+
     async def _i_mmap_link(self, m: Machine, mm: MmState, vma: Vma) -> None:
         """vma_link(): insert into the file's i_mmap tree under i_mmap_rwsem (write)."""
         fkey = keys.file(m.mid, vma.file)
         async with self.locks.hold(f"{fkey}:i_mmap_rwsem", "w"):
-            await self.store.client.hset(f"{fkey}:immap", f"{mm.pid}|{vma.id}",
-                                         f"{vma.pgoff}|{vma.pages}")
+            await self.store.client.hset(f"{fkey}:immap", str(mm.pid), 1)
 
     async def _i_mmap_unlink(self, m: Machine, mm: MmState, vmas: list[Vma]) -> None:
+        """unlink_file_vma for each removed file VMA (mm.vmas no longer has them)."""
         for vma in vmas:
             if not vma.file:
                 continue
             fkey = keys.file(m.mid, vma.file)
             async with self.locks.hold(f"{fkey}:i_mmap_rwsem", "w"):
-                await self.store.client.hdel(f"{fkey}:immap", f"{mm.pid}|{vma.id}")
+                if not any(v.file == vma.file for v in mm.vmas):
+                    await self.store.client.hdel(f"{fkey}:immap", str(mm.pid))
 
     async def _i_mmap_update(self, m: Machine, mm: MmState, old: Vma, new: list[Vma]) -> None:
+        """__split_vma of a file VMA takes i_mmap_rwsem for write (vma_prepare)."""
         if not old.file:
             return
-        fkey = keys.file(m.mid, old.file)
-        async with self.locks.hold(f"{fkey}:i_mmap_rwsem", "w"):
-            pipe = self.store.client.pipeline(transaction=True)
-            pipe.hdel(f"{fkey}:immap", f"{mm.pid}|{old.id}")
-            for v in new:
-                pipe.hset(f"{fkey}:immap", f"{mm.pid}|{v.id}", f"{v.pgoff}|{v.pages}")
-            await pipe.execute()
+        async with self.locks.hold(f"{keys.file(m.mid, old.file)}:i_mmap_rwsem", "w"):
+            pass
 
     async def split_at(self, m: Machine, mm: MmState, start: int, end: int) -> list[Vma]:
         """Split VMAs so that none straddles start or end; returns those inside."""
@@ -294,8 +294,8 @@ class Mmap:
         vmas = await self._legacy_munlock_all(m, mm, list(mm.vmas))
         for vma in vmas:
             await zap_range(self.store, self.swap, m, mm, vma, vma.start, vma.end)
-        await self._i_mmap_unlink(m, mm, vmas)
         mm.replace_vmas(vmas, [])
+        await self._i_mmap_unlink(m, mm, vmas)
         mm.set_info("alive", 0)
         await save(self.store, mm)
 

@@ -1,6 +1,6 @@
 """struct page, as the emulator stores it (spec §1.1-§1.3).
 
-A page is a fixed 32-byte record in its lruvec's slot: flags, refcount, mapcount, the LRU slot
+A page is a fixed 36-byte record in its lruvec's slot: flags, refcount, mapcount, the LRU slot
 (``prev``/``next`` list links; on the unevictable "LRU" ``prev`` holds ``mlock_count``, exactly as
 the rework overlays it, §1.3), the mapping (file id or anon_vma id) and the index in it.
 
@@ -14,7 +14,9 @@ import enum
 import struct
 from dataclasses import dataclass
 
-RECORD = struct.Struct("<IiiiiIII")
+# flags, refcount, mapcount, prev (or mlock_count), next, mapping, index (64-bit: an anonymous
+# page's index is its virtual page number), aux
+RECORD = struct.Struct("<IiiiiIQI")
 RECORD_SIZE = RECORD.size
 CHUNK_PAGES = 256  # records per store string
 PTE = struct.Struct("<IHH")
@@ -147,7 +149,7 @@ def lua_header() -> str:
         f"local PTRS_PER_PMD = {PTRS_PER_PMD}",
         f"local SUBPAGE_SHIFT = {SUBPAGE_SHIFT}",
         f"local AUX_PTEMAP_SHIFT = {AUX_PTEMAP_SHIFT}",
-        "local RECORD_FMT = '<I4i4i4i4i4I4I4I4'",
+        "local RECORD_FMT = '<I4i4i4i4i4I4I8I4'",
         "local PTE_FMT = '<I4I2I2'",
     ]
     return "\n".join(lines) + "\n"

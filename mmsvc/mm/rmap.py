@@ -47,7 +47,7 @@ async def _candidate_pids(store: RedisStore, m: Machine, page: Page) -> list[int
         raw = await store.client.smembers(f"{keys.anon_vma(m.mid, page.mapping)}:pids")
         return sorted(int(p) for p in raw)
     fields = await store.client.hkeys(f"{keys.file(m.mid, page.mapping)}:immap")
-    return sorted({int(text(f).split("|")[0]) for f in fields})
+    return sorted({int(text(f)) for f in fields})
 
 
 def _covers(vma: Vma, page: Page) -> int | None:

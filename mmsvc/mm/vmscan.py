@@ -20,7 +20,7 @@ from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs, read_pages
 from mmsvc.mm.mm_struct import Pte, pt_install
 from mmsvc.mm.page import LRU, PG, Page
-from mmsvc.mm.rmap import Mapping, Rmap, mlock_filter, page_remove_rmap_ops
+from mmsvc.mm.rmap import Mapping, Rmap, mlock_filter, pte_unmap_ops
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
@@ -90,21 +90,38 @@ class Vmscan:
                     await self.swap.run(m, lv, [["L", idx]])
                 stats.culled += 1
                 return ACTIVATE
+            if page.has(PG.SWAPBACKED) and page.has(PG.ANON):
+                return KEEP  # add_to_swap fails (no swap space) before any unmap
+            mapped = await self._try_to_unmap(m, lv, idx, maps)
+            if mapped:
+                return KEEP  # still mapped after try_to_unmap (a racing fault): keep it
             if page.has(PG.SWAPBACKED):
-                return KEEP  # no swap space: not reclaimable
-            await self._try_to_unmap(m, lv, idx, maps)
+                # shmem: unmapped first, then pageout finds no swap: redirtied, activated,
+                # still in the page cache (but no longer mapped)
+                return ACTIVATE
+        if page.has(PG.ANON):
+            # a lazyfree page (MADV_FREE: anon without PG_swapbacked), now unmapped and
+            # clean: discarded, not written anywhere
+            await self.swap.run(m, lv, [["F", idx, 0, int(PG.ISOLATED)], ["P", idx]])
+            return RECLAIM
         await self._remove_from_cache(m, lv, idx, page)
         return RECLAIM
 
-    async def _try_to_unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping]) -> None:
-        """try_to_unmap_one for each mapping: clear the pte, page_remove_rmap (+ munlock)."""
+    async def _try_to_unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping]) -> int:
+        """try_to_unmap_one for each mapping: clear the pte if it still maps the page
+        (page_vma_mapped_walk re-checks under the PTL), page_remove_rmap (+ munlock) and put.
+        Returns the page's mapcount afterwards (page_mapped: a racing fault may map it)."""
         ops: list[Op] = []
         for mp in maps:
-            await pt_install(self.store, mp.mm_key, [Pte(mp.pte.vpn, 0, 0, 0)],
-                             {mp.pte.vpn: mp.pte})
-            ops += [*page_remove_rmap_ops(m, mp.vma, idx), ["P", idx]]
+            raced = await pt_install(self.store, mp.mm_key, [Pte(mp.pte.vpn, 0, 0, 0)],
+                                     {mp.pte.vpn: mp.pte})
+            if raced:
+                continue  # zapped (or remapped) meanwhile by someone else
+            ops += [*pte_unmap_ops(m, mp.vma, mp.pte), ["P", idx]]
         if ops:
             await self.swap.run(m, lv, ops)
+        page = (await read_pages(self.store, m, [(lv, idx)]))[0]
+        return page.mapcount + page.pte_mapcount
 
     async def _remove_from_cache(self, m: Machine, lv: int, idx: int, page: Page) -> None:
         """__remove_mapping: the page leaves the page cache; the last references go."""
