@@ -16,7 +16,7 @@ from mmsvc.store.embedded import EmbeddedRedis
 HERE = Path(__file__).parent
 KNOWN: dict[str, str] = json.loads((HERE / "known_differences.json").read_text(encoding="utf-8"))
 A_MATCH = "s1_mlock_present_anon"
-A_KNOWN = sorted(KNOWN)[0]
+A_KNOWN = sorted(KNOWN)[0] if KNOWN else None  # none left when mmsvc matches every trace
 
 
 def test_table_rows_and_final_line() -> None:
@@ -65,6 +65,8 @@ def test_report_replays_and_compares(
     assert out[1].split() == [A_MATCH, "MATCH", "0"]
     assert out[-1] == "1 passed, 0 failed"
 
+    if A_KNOWN is None:
+        return
     assert report.run(names=[A_MATCH, A_KNOWN], redis_url=redis_server.url) == 1
     out = capsys.readouterr().out.splitlines()
     row = next(line for line in out if line.startswith(A_KNOWN))
