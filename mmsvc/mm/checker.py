@@ -154,8 +154,11 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
             v.append(f"A5 {name}: mlock_count {p.prev} < 0")
         if p.has(PG.MLOCKED) and p.has(PG.TAIL):
             v.append(f"A7 {name}: PG_mlocked on a THP tail")
+        isolated = 1 if p.has(PG.ISOLATED) else 0  # the isolator's reference (§8.5 A6)
+        if isolated:
+            rep.known_exceptions["isolated"] = rep.known_exceptions.get("isolated", 0) + 1
         expected = (mapcounts[ref] + pte_maps[ref] + (1 if ref in cache_refs else 0)
-                    + batch_refs[ref])
+                    + batch_refs[ref] + isolated)
         if p.mapcount != mapcounts[ref]:
             v.append(f"A6 {name}: mapcount {p.mapcount} != {mapcounts[ref]} ptes")
         if p.pte_mapcount != pte_maps[ref]:

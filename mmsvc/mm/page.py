@@ -41,6 +41,7 @@ class PG(enum.IntFlag):
     PAGECACHE = 1 << 11  # in a file's page cache (holds one reference)
     DIRTY = 1 << 12
     UNEVICTABLE_MAPPING = 1 << 13  # mapping_unevictable(): SHM_LOCK / ramfs (spec §1.1.4, X2)
+    USER_ISOLATED = 1 << 14  # emulator marker: isolated through the Isolate API (its Putback)
 
 
 class LRU(enum.IntEnum):

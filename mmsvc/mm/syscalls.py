@@ -349,7 +349,7 @@ class Kernel:
             done = 0
             for lv, idx in dict.fromkeys((p.lv, p.idx) for p in ptes.values()
                                          if not p.bits & PTEBit.ZERO):
-                done += len((await self.swap.run(m, lv, [["I", idx]])).isolated)
+                done += len((await self.swap.run(m, lv, [["I", idx, 1]])).isolated)
             return done
 
     async def putback(self, machine: str, pid: int, addr: int, length: int) -> int:
@@ -362,7 +362,8 @@ class Kernel:
             pages = await read_pages(self.store, m, refs)
             done = 0
             for (lv, idx), page in zip(refs, pages, strict=True):
-                if page.has(PG.ISOLATED):
+                # only pages this API isolated: others belong to reclaim or migration
+                if page.flags & PG.INUSE and page.has(PG.USER_ISOLATED):
                     await self.swap.run(m, lv, [["B", idx, 0]])
                     done += 1
             return done

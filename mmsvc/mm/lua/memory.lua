@@ -120,8 +120,8 @@ redis.register_function('mm_pages', function(keys, args)
     elseif c == 'I' then
       -- isolate_lru_page (§2.1.1): test-and-clear PG_lru, then under the lruvec lock.
       local idx = ix(op[2])
-      local p = pg(idx)
-      if not has(p, PG_LRU) then
+      local p = pg(idx, true)
+      if p == nil or not has(p, PG_LRU) then
         failed[#failed + 1] = idx
       else
         if not held then held = ilock_enter(T .. ':lock', cpu) end
@@ -129,6 +129,7 @@ redis.register_function('mm_pages', function(keys, args)
         clr(p, PG_LRU)
         list_del(idx, p, page_lru(p))
         set(p, PG_ISOLATED)
+        if op[3] == 1 then set(p, PG_USER_ISOLATED) end  -- isolated by the Isolate API
         get_page(idx, 1)
         isolated[#isolated + 1] = idx
       end
@@ -154,6 +155,7 @@ redis.register_function('mm_pages', function(keys, args)
       local idx = ix(op[2])
       local p = pg(idx)
       clr(p, PG_ISOLATED)
+      clr(p, PG_USER_ISOLATED)
       if op[3] == 1 then set(p, PG_ACTIVE) end
       dirty(idx)
       lru_cache_add(idx, cpu, seq)
@@ -171,8 +173,8 @@ redis.register_function('mm_pages', function(keys, args)
       -- The kernel queues these in per-CPU batches drained with the others; applied at once
       -- here, under the lruvec lock.
       local idx = ix(op[2])
-      local p = pg(idx)
-      if has(p, PG_LRU) and not has(p, PG_UNEVICTABLE) then
+      local p = pg(idx, true)
+      if p ~= nil and has(p, PG_LRU) and not has(p, PG_UNEVICTABLE) then
         if not held then held = ilock_enter(T .. ':lock', cpu) end
         if not held then reason = 'lru_locked'; done = k - 1; break end
         if c == 'D' then

@@ -102,7 +102,9 @@ local function chunk(c)
   return s
 end
 
-local function pg(idx)
+-- The record of page idx; with `optional`, nil (not an error) when it is free or missing:
+-- for callers that found the page without holding a reference (isolation by address).
+local function pg(idx, optional)
   local p = P[idx]
   if p then return p end
   local c = math.floor(idx / CHUNK_PAGES)
@@ -117,12 +119,16 @@ local function pg(idx)
     pos = off + 1
   end
   if #s < pos + RECORD_SIZE - 1 then
+    if optional then return nil end
     error('mmsvc: no struct page at index ' .. idx .. ' of ' .. T)
   end
   local f, ref, mc, prev, nxt, mapping, index, aux = struct.unpack(RECORD_FMT, s, pos)
   p = {flags = f, ref = ref, mapcount = mc, prev = prev, next = nxt,
        mapping = mapping, index = index, aux = aux}
-  if band(f, PG_INUSE) == 0 then error('mmsvc: page ' .. idx .. ' of ' .. T .. ' is free') end
+  if band(f, PG_INUSE) == 0 then
+    if optional then return nil end
+    error('mmsvc: page ' .. idx .. ' of ' .. T .. ' is free')
+  end
   P[idx] = p
   return p
 end
