@@ -391,9 +391,13 @@ class Faults:
         if not cow:
             return expect
         busy = {v: Pte(v, p.idx, p.lv, int(PTEBit.MIGRATION)) for v, p in cow.items()}
-        if await pt_install(self.store, mm.key, list(busy.values()), cow):
-            # someone changed one of them: put back the ones we did claim
-            await pt_install(self.store, mm.key, list(cow.values()), busy)
+        raced = set(await pt_install(self.store, mm.key, list(busy.values()), cow))
+        if raced:
+            # someone changed one of them: put back only the ones this fault claimed (the
+            # others may be another fault's claims)
+            mine = [v for v in busy if v not in raced]
+            await pt_install(self.store, mm.key, [cow[v] for v in mine],
+                             {v: busy[v] for v in mine})
             raise KernelError("EAGAIN", "concurrent fault on a copy-on-write page")
         return {**expect, **busy}
 
