@@ -177,7 +177,6 @@ class Faults:
         ptes: dict[int, Pte],
     ) -> int:
         progs = Programs.empty()
-        old_progs = Programs.empty()
         installs: list[tuple[int, int | None, int]] = []  # vpn, new page slot or None, bits
         expect: dict[int, Pte] = {}
         wp_reuse: list[Pte] = []
@@ -235,8 +234,7 @@ class Faults:
                      for p in wp_reuse]
         expect.update({p.vpn: p for p in wp_reuse})
         fresh = {vpn for vpn, slot, _ in installs if slot is not None}
-        await self._install(m, mm, vma, new_ptes, expect, fresh, last=not old_progs.runs)
-        await old_progs.execute(self.swap, m)
+        await self._install(m, mm, vma, new_ptes, expect, fresh, last=True)
         legacy = str(m.cfg.protocol) == "legacy"
         if self.legacy_cow is not None and cow_old and vma.locked and legacy:
             await self.legacy_cow(m, cow_old)
@@ -319,7 +317,6 @@ class Faults:
     ) -> int:
         lv = mm.lv
         progs = Programs.empty()
-        old_progs = Programs.empty()
         slots = 0
         new_cache: dict[int, int] = {}  # file index -> alloc slot
         installs: list[tuple[int, tuple[int, int] | int, int]] = []
@@ -379,8 +376,7 @@ class Faults:
                 new_ptes.append(Pte(vpn, allocs[ref - 1], lv, bits))
         mapped_new = {vpn for vpn, ref, _ in installs
                       if not (vma.shared and ptes.get(vpn) is not None)}
-        await self._install(m, mm, vma, new_ptes, expect, mapped_new, last=not old_progs.runs)
-        await old_progs.execute(self.swap, m)
+        await self._install(m, mm, vma, new_ptes, expect, mapped_new, last=True)
         return len(new_ptes)
 
 
