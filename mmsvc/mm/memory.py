@@ -8,6 +8,7 @@ followed by ``munlock_vma_page`` (``K``), whether or not mapcount reached zero (
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,14 @@ from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
 
 ANON_FLAGS = int(PG.ANON | PG.SWAPBACKED)
+FAULT_RETRIES = 50
+
+
+class FaultRace(KernelError):
+    """A fault lost the race for a pte (or a page being read in): retried, like Linux."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("EAGAIN", message)
 SHMEM_CACHE_FLAGS = int(PG.SWAPBACKED | PG.PAGECACHE)
 FILE_CACHE_FLAGS = int(PG.PAGECACHE)
 HPAGE_ORDER = 9  # HPAGE_PMD_NR = 512 (x86-64, 4 KiB pages)
@@ -100,7 +109,24 @@ class Faults:
     async def fault_range(
         self, m: Machine, mm: MmState, vma: Vma, start: int, end: int, write: bool
     ) -> int:
-        """Fault every page of [start, end) of vma, ascending; returns pages newly mapped."""
+        """Fault every page of [start, end) of vma, ascending; returns pages newly mapped.
+
+        A fault that loses a race for a pte (another thread of the process faulted it) backs
+        off and is retried, as the CPU re-executes the faulting access (and GUP retries the
+        page): callers never see the race."""
+        for attempt in range(FAULT_RETRIES):
+            try:
+                return await self._fault_range(m, mm, vma, start, end, write)
+            except FaultRace:
+                if attempt + 1 == FAULT_RETRIES:
+                    raise
+                vma = mm.find(start) or vma
+                await asyncio.sleep(0.001 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _fault_range(
+        self, m: Machine, mm: MmState, vma: Vma, start: int, end: int, write: bool
+    ) -> int:
         if write and not vma.flags & VM.WRITE:
             raise KernelError("EFAULT", "write fault on a mapping without PROT_WRITE")
         if not vma.flags & (VM.READ | VM.WRITE):
@@ -164,7 +190,7 @@ class Faults:
             if not installed:
                 undo = Programs([(mm.lv, [*page_remove_rmap_ops(m, vma, head), ["P", head]])])
                 await undo.execute(self.swap, m)
-                raise KernelError("EAGAIN", "concurrent fault on a huge pmd")
+                raise FaultRace("concurrent fault on a huge pmd")
             done += PTRS_PER_PMD
         if done or any(p.is_pmd for p in ptes.values()):
             ptes = await pt_read(self.store, mm.key, start, end, walk=True)
@@ -286,7 +312,7 @@ class Faults:
             if s == "busy":
                 await self._drop_reservations(fkey, owner, [
                     i for i, v in zip(indices, looked, strict=True) if v == b"new"])
-                raise KernelError("EAGAIN", "page cache page is being read in by another task")
+                raise FaultRace("page cache page is being read in by another task")
             cache[index] = None if s == "new" else _lv_idx(s)
         around_idx = sorted({vma.linear_index(v) for v in around} - set(cache))
         if around_idx:
@@ -394,7 +420,7 @@ class Faults:
             mine = [v for v in busy if v not in raced]
             await pt_install(self.store, mm.key, [cow[v] for v in mine],
                              {v: busy[v] for v in mine})
-            raise KernelError("EAGAIN", "concurrent fault on a copy-on-write page")
+            raise FaultRace("concurrent fault on a copy-on-write page")
         return {**expect, **busy}
 
     async def _unclaim(self, mm: MmState, busy: dict[int, Pte],
@@ -409,10 +435,12 @@ class Faults:
         """set_pte_at under the PTL; a fault that raced with another on the same pte backs off,
         dropping the mapping it had prepared (the kernel's pte_same() check)."""
         if last and mm.unlock_on_install and mm.held is not None:
-            held, mm.held = mm.held, None  # the lock goes with the install
+            held, mm.held = mm.held, None  # the lock goes with the install ...
             raced = [int(v) for v in await self.store.fcall(
                 "pt_install_unlock", mm.key, *self.swap.locks.release_args(held),
                 *pte_args(new, expect))]
+            if raced:
+                mm.held = held  # ... unless it raced: then it is still held (a retry follows)
         else:
             raced = await pt_install(self.store, mm.key, new, expect)
         if not raced:
@@ -422,7 +450,7 @@ class Faults:
             if p.vpn in raced and p.vpn in mapped and not p.bits & PTEBit.ZERO:
                 undo.add(p.lv, *page_remove_rmap_ops(m, vma, p.idx), ["P", p.idx])
         await undo.execute(self.swap, m)
-        raise KernelError("EAGAIN", f"concurrent fault on {len(raced)} pages")
+        raise FaultRace(f"concurrent fault on {len(raced)} pages")
 
 
 def _lv_idx(s: str) -> tuple[int, int]:

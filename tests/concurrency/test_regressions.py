@@ -443,18 +443,12 @@ def test_reclaim_racing_read_fault_uncaches_mapped_page(driver2: Driver) -> None
 
 # ---------------------------------------------------------- bug: populate-race-eagain -------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "populate-race-eagain: a fault that loses a pte race backs off with EAGAIN ('concurrent "
-    "fault on N pages', Faults._install/_claim), and Mlock.populate lets it through even with "
-    "ignore_errors (only EFAULT/ENOMEM are ignored): mmap(MAP_POPULATE or MAP_LOCKED) and "
-    "mlockall(MCL_CURRENT) fail with EAGAIN when another thread faults the same range - and "
-    "mmap's VMA stays mapped at an address the caller never learns.  Linux: the losing fault "
-    "returns 0 and GUP retries the page (faultin_page/follow_page), mm_populate ignores "
-    "errors, __mm_populate(ignore_errors) returns 0: neither call fails"))
 def test_populate_racing_fault_does_not_fail_the_syscall(driver2: Driver) -> None:
     """mmap(MAP_POPULATE) of 16 pages at a hint on cpu0 while cpu1 write-faults the range as
     soon as it exists; then mlockall(MCL_CURRENT) on cpu0 while cpu1 write-faults a fresh
-    16-page mapping.  Neither syscall may fail."""
+    16-page mapping.  Neither syscall may fail.  (Fixed bug populate-race-eagain: a fault
+    that loses a pte race is now retried inside Faults.fault_range, as the CPU re-executes
+    the access and GUP retries the page.)"""
 
     async def scenario() -> None:
         k0, k1 = driver2.on(0), driver2.on(1)

@@ -410,7 +410,10 @@ end)
 -- the last step of a fault: install the ptes, then release mmap_lock, in one round trip.
 redis.register_function('pt_install_unlock', function(keys, args)
   local conflicts = pt_install_impl(keys[1], args, 7)
-  lk_release_impl(keys[1] .. ':mmap_lock', {args[1], args[2], args[3], args[4], args[5], args[6]})
+  if #conflicts == 0 then  -- a fault that raced keeps the lock: it retries
+    lk_release_impl(keys[1] .. ':mmap_lock', {args[1], args[2], args[3], args[4], args[5],
+                                              args[6]})
+  end
   return conflicts
 end)
 
