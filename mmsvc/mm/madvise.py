@@ -108,9 +108,6 @@ class Madvise:
                        end: int) -> None:
         """reclaim_pages(): isolate the range's pages and run shrink_folio_list on them."""
         stats = ShrinkStats()
-        from collections import Counter
-
-        stats.verdicts = Counter()
         for vma in vmas:
             a, b = max(start, vma.start), min(end, vma.end)
             ptes = await pt_read(self.store, mm.key, a, b, walk=True)

@@ -25,7 +25,7 @@ from mmsvc.mm.rmap import (
     page_remove_rmap_ops,
     pte_unmap_ops,
 )
-from mmsvc.mm.swap import Op, Swap
+from mmsvc.mm.swap import Op, Swap, rebase_ops
 from mmsvc.mm.vma import VM, Vma, anon_vma_compatible
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
@@ -70,18 +70,9 @@ class Programs:
         """Run every run in order; returns the pages allocated, numbered as the ops' -k."""
         allocated: list[int] = []
         for lv, ops in self.runs:
-            n = len(allocated)
-            local = [_resolve(op, allocated, n) for op in ops]
+            local = rebase_ops(ops, allocated)
             allocated.extend((await swap.run(m, lv, local)).allocs)
         return allocated
-
-
-def _resolve(op: Op, allocated: list[int], n: int) -> Op:
-    """-k names the k-th page allocated by the whole program; rebase it onto one run."""
-    if op[0] == "A" or len(op) < 2 or not isinstance(op[1], int) or op[1] >= 0:
-        return op
-    k = -op[1]
-    return [op[0], allocated[k - 1] if k <= n else -(k - n), *op[2:]]
 
 
 async def read_pages(store: RedisStore, m: Machine, refs: list[tuple[int, int]]) -> list[Page]:

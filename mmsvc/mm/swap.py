@@ -168,7 +168,7 @@ class Swap:
             b.mlb = [lv] * res["mlb_n"] if mlb_local else b.mlb + [lv] * (res["mlb_n"] - len(b.mlb))
             b.lab = [lv] * res["lab_n"] if lab_local else b.lab + [lv] * (res["lab_n"] - len(b.lab))
             done = int(res["done"])
-            ops = _renumber(ops[done:], allocs)
+            ops = rebase_ops(ops[done:], allocs)
             if reason == "lru_locked":
                 # Contended lruvec lock: queue for it, run the rest holding it (fenced).
                 async with self.locks.hold(f"{m.lv_key(lv)}:lock") as held:
@@ -231,8 +231,9 @@ def _merge(out: ProgramResult, more: ProgramResult) -> None:
     out.offlru += more.offlru
 
 
-def _renumber(ops: list[Op], allocs: list[int]) -> list[Op]:
-    """Ops left after a partial run: -k names now resolve against the allocations made."""
+def rebase_ops(ops: list[Op], allocs: list[int]) -> list[Op]:
+    """-k names the k-th page a program allocated: once ``allocs`` were made (by an earlier
+    part of the program), those names become real indexes and later ones shift down."""
     if not allocs:
         return ops
     n = len(allocs)

@@ -14,7 +14,7 @@ Access bits are not emulated: mapped pages count as unreferenced.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs, read_pages
@@ -33,7 +33,7 @@ class ShrinkStats:
     scanned: int = 0
     reclaimed: int = 0
     culled: int = 0  # putbacks of pages found mlocked / VM_LOCKED
-    verdicts: Counter[str] | None = None
+    verdicts: Counter[str] = field(default_factory=Counter)
 
 
 class Vmscan:
@@ -44,7 +44,7 @@ class Vmscan:
 
     async def shrink_lruvec(self, m: Machine, lv: int, nr: int) -> ShrinkStats:
         """shrink_inactive_list on the file list (anon only with swap, not emulated yet)."""
-        stats = ShrinkStats(verdicts=Counter())
+        stats = ShrinkStats()
         res = await self.swap.run(m, lv, [["S", int(LRU.INACTIVE_FILE), nr]])
         await self.shrink_folio_list(m, lv, res.isolated, stats)
         return stats
@@ -56,7 +56,6 @@ class Vmscan:
         putback: Programs = Programs.empty()
         for idx, page in zip(isolated, pages, strict=True):
             verdict = await self._shrink_one(m, lv, idx, page, stats)
-            assert stats.verdicts is not None
             stats.verdicts[verdict] += 1
             if verdict == RECLAIM:
                 stats.reclaimed += 1

@@ -93,6 +93,20 @@ redis.register_function('mm_pages', function(keys, args)
     end
     held, external = h.tok, true
   end
+  -- lru_cache_add from this program (§2.1.3): flush the lru_add batch when it is full, on a
+  -- THP head or while lru_cache_disabled, here if all its entries are in this lruvec
+  local function lab_add(idx)
+    local p = lru_cache_add(idx, cpu, seq)
+    seq = seq + 1
+    lab_n = lab_n + 1
+    if lab_n >= h.lab_max or has(p, PG_HEAD) or h.disabled == 1 then
+      if h.lab_local == 1 then
+        local n, why = locked_flush('lab', cpu, lab_n, external and held or nil)
+        if n then lab_n = 0 else reason = 'lab_' .. why end
+      else reason = 'lab' end
+    end
+    return p
+  end
   for k, op in ipairs(ops) do
     local c = op[1]
     local thp = false
@@ -158,16 +172,8 @@ redis.register_function('mm_pages', function(keys, args)
       clr(p, PG_USER_ISOLATED)
       if op[3] == 1 then set(p, PG_ACTIVE) end
       dirty(idx)
-      lru_cache_add(idx, cpu, seq)
-      seq = seq + 1
-      lab_n = lab_n + 1
+      lab_add(idx)
       put_page(idx, 1)
-      if lab_n >= h.lab_max or has(p, PG_HEAD) or h.disabled == 1 then
-        if h.lab_local == 1 then
-          local nflushed, why = locked_flush('lab', cpu, lab_n, external and held or nil)
-          if nflushed then lab_n = 0 else reason = 'lab_' .. why end
-        else reason = 'lab' end
-      end
     elseif c == 'D' or c == 'Z' then
       -- D: deactivate (MADV_COLD); Z: lazyfree (MADV_FREE: anon -> inactive file list).
       -- The kernel queues these in per-CPU batches drained with the others; applied at once
@@ -203,15 +209,7 @@ redis.register_function('mm_pages', function(keys, args)
           if not held then reason = 'lru_locked'; done = k - 1; break end
           clr(p, PG_LRU)
           list_del(idx, p, page_lru(p))
-          lru_cache_add(idx, cpu, seq)  -- putback_lru_page: the isolation ref becomes the entry's
-          seq = seq + 1
-          lab_n = lab_n + 1
-          if lab_n >= h.lab_max or has(p, PG_HEAD) or h.disabled == 1 then
-            if h.lab_local == 1 then
-              local n, why = locked_flush('lab', cpu, lab_n, external and held or nil)
-              if n then lab_n = 0 else reason = 'lab_' .. why end
-            else reason = 'lab' end
-          end
+          lab_add(idx)  -- putback_lru_page: the isolation ref becomes the entry's
         end
       end
     elseif c == 'W' then
@@ -261,9 +259,7 @@ redis.register_function('mm_pages', function(keys, args)
           if not held then reason = 'lru_locked'; done = k - 1; break end
           clr(p, PG_LRU)
           list_del(idx, p, page_lru(p))
-          lru_cache_add(idx, cpu, seq)
-          seq = seq + 1
-          lab_n = lab_n + 1
+          lab_add(idx)
         elseif has(p, PG_UNEVICTABLE) then
           ev('unevictable_pgs_stranded', nr_pages(p))
         end
@@ -286,15 +282,7 @@ redis.register_function('mm_pages', function(keys, args)
         else reason = 'mlb' end
       end
     elseif c == 'C' then
-      local p = lru_cache_add(ix(op[2]), cpu, seq)
-      seq = seq + 1
-      lab_n = lab_n + 1
-      if lab_n >= h.lab_max or has(p, PG_HEAD) or h.disabled == 1 then
-        if h.lab_local == 1 then
-          local n, why = locked_flush('lab', cpu, lab_n, external and held or nil)
-          if n then lab_n = 0 else reason = 'lab_' .. why end
-        else reason = 'lab' end
-      end
+      lab_add(ix(op[2]))
     else
       error('mmsvc: unknown page op ' .. tostring(c))
     end
