@@ -94,8 +94,10 @@ def _left_cache_only(problems: Sequence[str]) -> bool:
 
 
 def _reclaim_next_to_fault(step: Sequence[Call]) -> bool:
+    """Something that can take a page out of the page cache (reclaim, MADV_PAGEOUT, or a
+    migration replacing it) ran next to a faulting call."""
     kinds = {c.kind for c in step}
-    return bool(kinds & {"reclaim", "madvise"}) and bool(
+    return bool(kinds & {"reclaim", "madvise", "migrate"}) and bool(
         kinds & {"fault", "mlock", "mlockall", "mmap", "madvise", "mprotect"})
 
 
@@ -173,7 +175,9 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         summary="file faults look pages up in the page cache without a reference or the page "
                 "lock and Vmscan._remove_from_cache has no refcount freeze: a fault racing "
                 "reclaim maps a page reclaim then drops from the page cache and the LRU, or "
-                "frees ('page N is free' INTERNAL in the fault)",
+                "frees ('page N is free' INTERNAL in the fault); a migration replacing the "
+                "page cache page (its freeze succeeds: the fault holds no reference) does "
+                "the same",
         regression="test_reclaim_racing_read_fault_uncaches_mapped_page",
         matches=_reclaim_raced_fault,
     ),
