@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs, read_pages
-from mmsvc.mm.mm_struct import Pte, pt_install
+from mmsvc.mm.mm_struct import Pte, pt_install, pt_read
 from mmsvc.mm.page import LRU, PG, Page
 from mmsvc.mm.rmap import Mapping, Rmap, mlock_filter, pte_unmap_ops
 from mmsvc.mm.swap import Op, Swap
@@ -85,8 +85,16 @@ class Vmscan:
                 return KEEP
             if locked:
                 # §5.2.1 page_referenced_one: "restore the mlock which got missed".
-                if mlock_filter(locked[0].vma):
+                mp = locked[0]
+                if mlock_filter(mp.vma):
                     await self.swap.run(m, lv, [["L", idx]])
+                    # Linux does this under the PTL, so a zap of that pte comes after it and
+                    # munlocks it. Here the zap may have slipped in between our walk and the
+                    # mlock: then munlock it ourselves, in the order Linux would have.
+                    now = await pt_read(self.store, mp.mm_key, mp.pte.vpn, mp.pte.vpn + 1)
+                    cur = now.get(mp.pte.vpn)
+                    if cur is None or (cur.lv, cur.idx) != (lv, idx):
+                        await self.swap.run(m, lv, [["K", idx]])
                 stats.culled += 1
                 return ACTIVATE
             if page.has(PG.SWAPBACKED) and page.has(PG.ANON):
