@@ -107,9 +107,15 @@ def _reclaim_raced_fault(ev: Evidence) -> bool:
     step - a faulting call hitting a freed page."""
     internal = [e for e in ev.errors if e.startswith("rpc_internal_error")]
     if internal:
-        return _reclaim_next_to_fault(ev.last_calls) and all(
-            "is free" in e for e in internal) and all(
-            any(c in p for c in FAULTING_CALLS) and "INTERNAL" in p for p in ev.problems)
+        if not all("is free" in e for e in internal):
+            return False
+        if _reclaim_next_to_fault(ev.last_calls) and all(
+                any(c in p for c in FAULTING_CALLS) and "INTERNAL" in p for p in ev.problems):
+            return True
+        # later fallout of the same race: a pte left pointing to the freed page makes the
+        # next unmap of it (munmap, exit, DONTNEED) hit the free struct page
+        return any(_reclaim_next_to_fault(step) for step in ev.steps) and all(
+            "INTERNAL" in p for p in ev.problems)
     return any(_reclaim_next_to_fault(step) for step in ev.steps) and _left_cache_only(
         ev.problems)
 
