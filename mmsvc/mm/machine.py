@@ -7,6 +7,7 @@ A machine's static shape (config, lruvec ids, files) is cached per worker in a
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from mmsvc.mm.errors import KernelError, einval, esrch
@@ -59,6 +60,10 @@ class Machine:
             if f.fid == fid:
                 return f
         raise KeyError(fid)
+
+    def knows_files(self, fids: Iterable[int]) -> bool:
+        known = {f.fid for f in self.files.values()}
+        return all(fid in known for fid in fids if fid)
 
 
 def validate_config(cfg: MachineConfig) -> None:
@@ -113,10 +118,17 @@ async def load_machine(store: RedisStore, mid: str) -> Machine:
     lvs_raw: dict[str, int] = json.loads(raw[b"lruvecs"])
     lvs = {(int(k.split("|")[0]), k.split("|", 1)[1]): v for k, v in lvs_raw.items()}
     m = Machine(mid, MachineConfig(**conf), lvs)
-    for name, val in (await store.client.hgetall(f"{mk}:files")).items():
+    await refresh_files(store, m)
+    return m
+
+
+async def refresh_files(store: RedisStore, m: Machine) -> None:
+    """Files are created by any worker (shared anonymous mmaps create one each): reload the
+    registry into this cached shape, in place, before anything looks a new one up - a lookup
+    that failed half way through a syscall would leave it half applied."""
+    for name, val in (await store.client.hgetall(f"{keys.machine(m.mid)}:files")).items():
         fid, pages, kind = text(val).split("|")
         m.files[text(name)] = FileInfo(int(fid), text(name), int(pages), kind)
-    return m
 
 
 async def delete_machine(store: RedisStore, mid: str) -> None:

@@ -306,18 +306,56 @@ class Faults:
                 raise FaultRace("page cache page is being read in by another task")
             cache[index] = None if s == "new" else _lv_idx(s)
         around_idx = sorted({vma.linear_index(v) for v in around} - set(cache))
-        if around_idx:
-            peek = await self.store.fcall("pc_peek", fkey, *around_idx)
-            around_cache = {i: _lv_idx(v.decode()) for i, v in zip(around_idx, peek, strict=True)
-                            if v}
-        else:
-            around_cache = {}
+        mine = [i for i, v in cache.items() if v is None]
+        try:
+            if around_idx:
+                peek = await self.store.fcall("pc_peek", fkey, *around_idx)
+                around_cache = {i: _lv_idx(v.decode())
+                                for i, v in zip(around_idx, peek, strict=True) if v}
+            else:
+                around_cache = {}
+            hits = {i: v for i, v in cache.items() if v is not None}
+            lost = await self._grab(m, vma.file, {**around_cache, **hits})
+            around_cache = {i: v for i, v in around_cache.items() if i not in lost}
+            if lost & hits.keys():
+                await self._release(m, [v for i, v in {**around_cache, **hits}.items()
+                                        if i not in lost])
+                raise FaultRace("page cache page locked, being freed or migrated")
+        except BaseException:
+            await self._drop_reservations(fkey, owner, mine)
+            raise
         try:
             return await self._file_map(m, mm, vma, fkey, owner, wanted, around, cache,
                                         around_cache, write, cow, ptes)
         except BaseException:
-            await self._drop_reservations(fkey, owner, [i for i, v in cache.items() if v is None])
+            await self._drop_reservations(fkey, owner, mine)
             raise
+
+    async def _grab(self, m: Machine, fid: int, found: dict[int, tuple[int, int]]) -> set[int]:
+        """filemap_get_folio + lock_page for pages the page cache lookups found (the lookup
+        holds no reference): a reference and PG_locked on each, in file order.  Returns the
+        file indices whose page was freed, frozen or reused meanwhile, or is locked by someone
+        else (reclaim, migration, another fault): the faulting page then retries, as
+        filemap_fault waits on the page lock; a fault-around page is skipped, as
+        filemap_map_pages' trylock does."""
+        by_lv: dict[int, list[Op]] = defaultdict(list)
+        where: dict[tuple[int, int], int] = {}
+        for index in sorted(found):
+            lv, idx = found[index]
+            by_lv[lv].append(["T", idx, fid, index, 1])
+            where[(lv, idx)] = index
+        lost: set[int] = set()
+        for lv, ops in by_lv.items():
+            res = await self.swap.run(m, lv, ops)
+            lost.update(where[(lv, idx)] for idx in res.failed)
+        return lost
+
+    async def _release(self, m: Machine, pages: list[tuple[int, int]]) -> None:
+        """unlock_page + folio_put of pages _grab took."""
+        progs = Programs.empty()
+        for lv, idx in pages:
+            progs.add(lv, ["F", idx, 0, int(PG.LOCKED)], ["P", idx])
+        await progs.execute(self.swap, m)
 
     async def _drop_reservations(self, fkey: str, owner: str, indices: list[int]) -> None:
         """Give up page cache slots this fault reserved but did not fill."""
@@ -379,7 +417,27 @@ class Faults:
             else:
                 progs.add(lv, *page_add_rmap_ops(m, vma, -ref))
             installs.append((vpn, ref, map_bits | (PTEBit.DIRTY if write else 0)))
-        allocs = await progs.execute(self.swap, m)
+        # The pages _grab locked and referenced: unlocked once mapped and mlocked (finish_fault
+        # then unlock_page), so that reclaim, which locks the page before it looks at
+        # PG_mlocked and the rmap, sees the fault's mlock and repairs nothing twice (§5.2).
+        grabbed = [v for i, v in {**around_cache, **cache}.items() if v is not None]
+        for glv, gidx in grabbed:
+            progs.add(glv, ["F", gidx, 0, int(PG.LOCKED)], ["P", gidx])
+        # A COW replaces a mapped page: claim its pte first, as _anon does, so that of two
+        # racing faults only one removes the file page's mapping.
+        originals = dict(expect)
+        try:
+            if cow:
+                expect = await self._claim(mm, expect)
+        except BaseException:
+            await self._release(m, grabbed)
+            raise
+        try:
+            allocs = await progs.execute(self.swap, m)
+        except BaseException:
+            await self._unclaim(mm, expect, originals)
+            await self._release(m, grabbed)
+            raise
         publish: list[int | str] = []
         for index, slot in new_cache.items():
             publish += [index, f"{lv}|{allocs[slot - 1]}"]

@@ -47,26 +47,40 @@ class Migrate:
         if not res.isolated:
             stats.busy += 1
             return
+        if (await self.swap.run(m, lv, [["O", idx]])).failed:
+            # folio_trylock failed (a fault is mapping it): -EAGAIN after the passes
+            await self.swap.run(m, lv, [["B", idx, 0]])
+            stats.failed += 1
+            return
         page = (await read_pages(self.store, m, [(lv, idx)]))[0]
         async with self.rmap.locked(m, page):
             maps = await self.rmap.mappings(m, lv, idx, page)
             maps = await self._unmap(m, lv, idx, maps, drain)
             for attempt in range(MIGRATE_PASSES):
                 page = (await read_pages(self.store, m, [(lv, idx)]))[0]
-                if self._can_freeze(page):
-                    await self._move(m, lv, idx, page, target_lv, maps)
+                if await self._freeze(m, lv, idx, page):
+                    try:
+                        await self._move(m, lv, idx, page, target_lv, maps)
+                    except BaseException:
+                        await self.swap.run(m, lv, [["F", idx, 0, int(PG.FROZEN)]])
+                        await self._restore(m, lv, idx, maps, (lv, idx))
+                        await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)],
+                                                    ["B", idx, 0]])
+                        raise
                     stats.migrated += 1
                     return
                 if drain and attempt + 1 < MIGRATE_PASSES:
                     await self.swap.lru_add_drain(m)
             await self._restore(m, lv, idx, maps, (lv, idx))
-        await self.swap.run(m, lv, [["B", idx, 0]])
+        await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)], ["B", idx, 0]])
         stats.failed += 1
 
-    @staticmethod
-    def _can_freeze(page: Page) -> bool:
-        """folio_ref_freeze: only the isolation reference and the page cache's remain."""
-        return page.refcount == 1 + (1 if page.has(PG.PAGECACHE) else 0)
+    async def _freeze(self, m: Machine, lv: int, idx: int, page: Page) -> bool:
+        """folio_ref_freeze: only the isolation reference and the page cache's remain (a
+        reference in any CPU's batch, or a fault's, makes it fail, §4.1).  Atomic with the
+        count, so a page-cache lookup that comes later fails and retries."""
+        expected = 1 + (1 if page.has(PG.PAGECACHE) else 0)
+        return not (await self.swap.run(m, lv, [["R", idx, expected]])).failed
 
     async def _unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
                      drain: bool) -> list[Mapping]:
@@ -104,7 +118,9 @@ class Migrate:
     async def _move(self, m: Machine, lv: int, idx: int, old: Page, target_lv: int,
                     maps: list[Mapping]) -> None:
         flags = old.flags & COPIED_FLAGS  # PG_mlocked is not transferred (§1.2.2)
-        ops: list[Op] = [["A", flags, old.mapping, old.index, old.aux], ["G", -1]]
+        # the new page is locked until its mappings are back (reclaim and faults keep off)
+        ops: list[Op] = [["A", flags | int(PG.LOCKED), old.mapping, old.index, old.aux],
+                         ["G", -1]]
         if old.has(PG.PAGECACHE):
             ops.append(["G", -1])  # the page cache's reference moves to the new page
         ops.append(["C", -1])  # §4.2.4: new page on the LRU before the mappings return
@@ -116,9 +132,12 @@ class Migrate:
         if maps:
             await self.swap.lru_add_drain(m)
         await self._restore(m, lv, idx, maps, (target_lv, new_idx))
-        await self.swap.run(m, target_lv, [["P", new_idx]])  # migration's reference
+        # migration's reference and the new page's lock
+        await self.swap.run(m, target_lv, [["F", new_idx, 0, int(PG.LOCKED)], ["P", new_idx]])
         # The old page: out of the page cache, no longer isolated, last references dropped.
-        old_ops: list[Op] = [["F", idx, 0, int(PG.ISOLATED | PG.PAGECACHE)], ["P", idx]]
+        old_ops: list[Op] = [["F", idx, 0, int(PG.ISOLATED | PG.PAGECACHE | PG.FROZEN
+                                                | PG.LOCKED)],
+                             ["P", idx]]
         if old.has(PG.PAGECACHE):
             old_ops.append(["P", idx])
         await self.swap.run(m, lv, old_ops)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from mmsvc.locks import Held
 from mmsvc.mm.errors import esrch
-from mmsvc.mm.machine import Machine
+from mmsvc.mm.machine import Machine, refresh_files
 from mmsvc.mm.page import PTE, PTRS_PER_PMD, PTEBit
 from mmsvc.mm.vma import Vma
 from mmsvc.store import keys
@@ -117,7 +117,16 @@ async def load_mm(store: RedisStore, m: Machine, pid: int, *, allow_dead: bool =
     pipe.hgetall(f"{key}:info")
     pipe.hgetall(f"{key}:vma")
     info_raw, vmas_raw = await pipe.execute()
-    return decode_mm(m, pid, info_raw, vmas_raw, allow_dead=allow_dead)
+    mm = decode_mm(m, pid, info_raw, vmas_raw, allow_dead=allow_dead)
+    await ensure_files(store, m, mm)
+    return mm
+
+
+async def ensure_files(store: RedisStore, m: Machine, mm: MmState) -> None:
+    """Every file this address space maps is in the machine's cached shape (refreshed if
+    another worker created one since), before the syscall touches anything."""
+    if not m.knows_files(v.file for v in mm.vmas):
+        await refresh_files(store, m)
 
 
 def decode_mm(m: Machine, pid: int, info_raw: dict[bytes, bytes] | list[bytes],

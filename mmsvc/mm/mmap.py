@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from mmsvc.locks import Locks
 from mmsvc.mm.errors import KernelError, einval
-from mmsvc.mm.machine import Machine, new_id
+from mmsvc.mm.machine import Machine, new_id, refresh_files
 from mmsvc.mm.memory import Faults, Programs, split_huge_pmds_around, zap_range
 from mmsvc.mm.mlock import Mlock
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, save
@@ -121,6 +121,9 @@ class Mmap:
                 raise einval("MAP_ANONYMOUS with a file")
         else:
             f = m.files.get(args.file)
+            if f is None:  # created by another worker since this one cached the shape?
+                await refresh_files(self.store, m)
+                f = m.files.get(args.file)
             if f is None:
                 raise KernelError("EBADF", f"no file {args.file!r}")
             file_id = f.fid

@@ -42,6 +42,12 @@ class PG(enum.IntFlag):
     DIRTY = 1 << 12
     UNEVICTABLE_MAPPING = 1 << 13  # mapping_unevictable(): SHM_LOCK / ramfs (spec §1.1.4, X2)
     USER_ISOLATED = 1 << 14  # emulator marker: isolated through the Isolate API (its Putback)
+    LOCKED = 1 << 15  # PG_locked: the page lock (file faults, reclaim, migration)
+    FROZEN = 1 << 16  # refcount frozen (folio_ref_freeze): lookups without a reference fail
+    # emulator marker: mlock_count was set or raised by an LRU_PAGE entry that was still queued
+    # on another CPU when a munlock cleared PG_mlocked (cross-CPU batch residue, §8.3 rows
+    # 11-12): Linux overcounts there too; the checker classifies such a page (X4)
+    RESIDUE = 1 << 17
 
 
 class LRU(enum.IntEnum):

@@ -169,6 +169,8 @@ class Swap:
             b.lab = [lv] * res["lab_n"] if lab_local else b.lab + [lv] * (res["lab_n"] - len(b.lab))
             done = int(res["done"])
             ops = rebase_ops(ops[done:], allocs)
+            if reason == "unfrozen":
+                return out  # folio_ref_freeze failed: the rest of the program is not run
             if reason == "lru_locked":
                 # Contended lruvec lock: queue for it, run the rest holding it (fenced).
                 async with self.locks.hold(f"{m.lv_key(lv)}:lock") as held:

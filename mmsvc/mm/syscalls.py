@@ -23,7 +23,14 @@ from mmsvc.mm.madvise import Madvise
 from mmsvc.mm.memory import Faults, Programs, cache_flags, read_pages
 from mmsvc.mm.migrate import Migrate, MigrateStats, check_target
 from mmsvc.mm.mlock import Mlock, page_range
-from mmsvc.mm.mm_struct import MmState, decode_mm, decode_ptes, load_mm, pt_read
+from mmsvc.mm.mm_struct import (
+    MmState,
+    decode_mm,
+    decode_ptes,
+    ensure_files,
+    load_mm,
+    pt_read,
+)
 from mmsvc.mm.mmap import Mmap, aligned_range
 from mmsvc.mm.page import PG, PTEBit
 from mmsvc.mm.rmap import Rmap
@@ -78,9 +85,11 @@ class Kernel:
         return m
 
     async def _machine_fresh(self, mid: str) -> Machine:
-        """Files can be created by other workers: reload the shape when one is missing."""
-        self._machines.pop(mid, None)
-        return await self.machine(mid)
+        """Files can be created by other workers: reload the file registry (in place: every
+        holder of the cached shape sees it)."""
+        m = await self.machine(mid)
+        await machines.refresh_files(self.store, m)
+        return m
 
     async def create_machine(self, cfg: MachineConfig) -> str:
         return await machines.create_machine(self.store, cfg)
@@ -135,6 +144,7 @@ class Kernel:
         try:
             mm = decode_mm(m, pid, info, vmas)
             mm.held = held
+            await ensure_files(self.store, m, mm)
             if prefetch is not None and ptes is not None:
                 mm.prefetched = (prefetch[0], prefetch[1], decode_ptes(ptes))
             yield m, mm

@@ -126,6 +126,8 @@ class PageInfo:
     memcg: str = ""
     vma_locked: bool = False
     vma_onfault: bool = False
+    locked: bool = False  # PG_locked
+    batch_residue: bool = False  # PG_RESIDUE: known exception X4
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ class CheckReport:
     quiescent: bool
     violations: list[str] = field(default_factory=list)
     undercounts: int = 0  # Q5 health metric: M(p) >= 1 and not PG_mlocked, or count < M(p)
-    known_exceptions: dict[str, int] = field(default_factory=dict)  # X1, X2, X3
+    known_exceptions: dict[str, int] = field(default_factory=dict)  # X1-X4, "isolated"
     pages_checked: int = 0
 
     @property

@@ -52,14 +52,26 @@ class Vmscan:
     async def shrink_folio_list(self, m: Machine, lv: int, isolated: list[int],
                                 stats: ShrinkStats) -> None:
         stats.scanned += len(isolated)
+        if not isolated:
+            return
+        # folio_trylock each page first: a page locked by someone else (a fault mapping it,
+        # a migration) is kept.  Everything below looks at the page under its lock, so a
+        # fault's mlock of it is either complete (PG_mlocked seen: culled, nothing repaired)
+        # or not started (the fault finds the page locked and retries).
+        busy = set((await self.swap.run(m, lv, [["O", i] for i in isolated])).failed)
         pages = await read_pages(self.store, m, [(lv, i) for i in isolated])
         putback: Programs = Programs.empty()
         for idx, page in zip(isolated, pages, strict=True):
-            verdict = await self._shrink_one(m, lv, idx, page, stats)
+            if idx in busy:
+                verdict = KEEP
+            else:
+                verdict = await self._shrink_one(m, lv, idx, page, stats)
             stats.verdicts[verdict] += 1
             if verdict == RECLAIM:
                 stats.reclaimed += 1
                 continue
+            if idx not in busy:
+                putback.add(lv, ["F", idx, 0, int(PG.LOCKED)])  # folio_unlock
             # putback: lru-add re-decides evictability; an mlocked page is culled (§5.1.2)
             putback.add(lv, ["B", idx, 1 if verdict == ACTIVATE and not self._locked(page)
                              else 0])
@@ -108,11 +120,13 @@ class Vmscan:
                 return ACTIVATE
         if page.has(PG.ANON):
             # a lazyfree page (MADV_FREE: anon without PG_swapbacked), now unmapped and
-            # clean: discarded, not written anywhere
-            await self.swap.run(m, lv, [["F", idx, 0, int(PG.ISOLATED)], ["P", idx]])
-            return RECLAIM
-        await self._remove_from_cache(m, lv, idx, page)
-        return RECLAIM
+            # clean: discarded, not written anywhere - if only the isolation reference is
+            # left (folio_ref_freeze(folio, 1))
+            res = await self.swap.run(m, lv, [
+                ["R", idx, 1], ["F", idx, 0, int(PG.ISOLATED | PG.LOCKED | PG.FROZEN)],
+                ["P", idx]])
+            return KEEP if res.failed else RECLAIM
+        return RECLAIM if await self._remove_from_cache(m, lv, idx, page) else KEEP
 
     async def _try_to_unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping]) -> int:
         """try_to_unmap_one for each mapping: clear the pte if it still maps the page
@@ -130,9 +144,16 @@ class Vmscan:
         page = (await read_pages(self.store, m, [(lv, idx)]))[0]
         return page.mapcount + page.pte_mapcount
 
-    async def _remove_from_cache(self, m: Machine, lv: int, idx: int, page: Page) -> None:
-        """__remove_mapping: the page leaves the page cache; the last references go."""
+    async def _remove_from_cache(self, m: Machine, lv: int, idx: int, page: Page) -> bool:
+        """__remove_mapping: freeze the refcount at the two references reclaim expects (its
+        isolation and the page cache's: a fault that took one since fails the freeze and the
+        page is kept), then the page leaves the page cache and the last references go.  A
+        fault that looked the page up before it left finds it frozen or freed and retries."""
+        res = await self.swap.run(m, lv, [
+            ["R", idx, 2], ["F", idx, 0, int(PG.PAGECACHE | PG.ISOLATED | PG.LOCKED | PG.FROZEN)],
+            ["P", idx], ["P", idx]])
+        if res.failed:
+            return False
         fkey = keys.file(m.mid, page.mapping)
-        await self.store.client.hdel(f"{fkey}:pc", page.index)
-        await self.swap.run(m, lv, [["F", idx, 0, int(PG.PAGECACHE | PG.ISOLATED)],
-                                    ["P", idx], ["P", idx]])
+        await self.store.fcall("pc_delete", fkey, page.index, f"{lv}|{idx}")
+        return True

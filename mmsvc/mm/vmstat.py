@@ -102,6 +102,7 @@ def describe_page(m: Machine, addr: int, lv: int, idx: int, page: Page, vma_pres
         active=page.has(PG.ACTIVE), lru_list=LRU_NAMES[page.lru_list],
         mlock_count=page.mlock_count, refcount=page.refcount, mapcount=page.mapcount,
         node=node, memcg=memcg, vma_locked=vma_locked, vma_onfault=vma_onfault,
+        locked=page.has(PG.LOCKED), batch_residue=page.has(PG.RESIDUE),
     )
 
 

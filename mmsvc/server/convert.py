@@ -197,6 +197,8 @@ def page_info_to_pb(p: PageInfo) -> tpb.PageInfo:
         memcg=p.memcg,
         vma_locked=p.vma_locked,
         vma_onfault=p.vma_onfault,
+        locked=p.locked,
+        batch_residue=p.batch_residue,
     )
 
 
@@ -219,6 +221,8 @@ def page_info_from_pb(m: tpb.PageInfo) -> PageInfo:
         memcg=m.memcg,
         vma_locked=m.vma_locked,
         vma_onfault=m.vma_onfault,
+        locked=m.locked,
+        batch_residue=m.batch_residue,
     )
 
 

@@ -9,17 +9,12 @@ from .cluster import Driver
 from .machine import run_machine, setups
 
 
-# The randomized runs still find the open races of docs/status.md (a fault without a page
-# reference racing reclaim or migration; reclaim's restore vs a locked fault): about one run
-# in four ends with a violation their known-bug signatures do not cover.  Until those races
-# are fixed they run on demand (-m slow or MMSVC_SLOW=1), not in every CI run; the
-# deterministic reproductions in test_regressions.py run always.
-@pytest.mark.slow
+# The short randomized runs are part of every test run; the long ones run on demand (-m slow
+# or MMSVC_SLOW=1).
 def test_two_workers(driver2: Driver) -> None:
     run_machine(driver2, examples=25, steps=20)
 
 
-@pytest.mark.slow
 def test_four_workers_two_nodes(driver4: Driver) -> None:
     run_machine(driver4, examples=15, steps=15, strategy=setups(nodes=(2,)))
 

@@ -46,3 +46,12 @@ redis.register_function('pc_commit', function(keys, args)
   end
   return 1
 end)
+
+-- pc_delete(F; index, "lv|idx"): the page leaves the page cache (__filemap_remove_folio),
+-- unless the slot already holds another page.
+redis.register_function('pc_delete', function(keys, args)
+  if redis.call('HGET', keys[1] .. ':pc', args[1]) == args[2] then
+    return redis.call('HDEL', keys[1] .. ':pc', args[1])
+  end
+  return 0
+end)

@@ -130,6 +130,40 @@ redis.register_function('mm_pages', function(keys, args)
       dirty(idx)
       if c == 'm' then get_page(idx, 1) end
     elseif c == 'G' then get_page(ix(op[2]), 1)
+    elseif c == 'T' then
+      -- {"T", idx, mapping, index, lock}: a page found in the page cache, where the lookup
+      -- held no reference (filemap_get_entry + folio_try_get_rcu + the re-check of
+      -- folio->mapping and index): take a reference unless the page was freed, frozen
+      -- (__remove_mapping, migration) or reused meanwhile; lock = 1 also trylocks it
+      -- (PG_locked: filemap_fault's lock_page, filemap_map_pages' trylock).  A failed
+      -- lookup is reported in `failed` and the program goes on.
+      local idx = op[2]
+      local p = pg(idx, true)
+      if p == nil or not has(p, PG_PAGECACHE) or has(p, PG_ANON) or has(p, PG_FROZEN)
+          or p.mapping ~= op[3] or p.index ~= op[4] or (op[5] == 1 and has(p, PG_LOCKED)) then
+        failed[#failed + 1] = idx
+      else
+        if op[5] == 1 then set(p, PG_LOCKED) end
+        get_page(idx, 1)
+      end
+    elseif c == 'O' then
+      -- trylock_page on a page the caller holds a reference to; `failed` when locked.
+      local idx = ix(op[2])
+      local p = pg(idx)
+      if has(p, PG_LOCKED) then failed[#failed + 1] = idx
+      else set(p, PG_LOCKED); dirty(idx) end
+    elseif c == 'R' then
+      -- {"R", idx, expected}: folio_ref_freeze - succeeds only when exactly `expected`
+      -- references exist (the caller's isolation and the page cache's); then lookups
+      -- without a reference fail.  Otherwise the program stops here: reason 'unfrozen'.
+      local idx = ix(op[2])
+      local p = pg(idx)
+      if p.ref ~= op[3] then
+        failed[#failed + 1] = idx
+        reason = 'unfrozen'
+      else
+        set(p, PG_FROZEN); dirty(idx)
+      end
     elseif c == 'P' then put_page(ix(op[2]), 1)
     elseif c == 'I' then
       -- isolate_lru_page (§2.1.1): test-and-clear PG_lru, then under the lruvec lock.

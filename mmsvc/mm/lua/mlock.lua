@@ -34,8 +34,8 @@ local function munlock_page(idx, cpu, seq)
   return p
 end
 
--- §2.4 __mlock_page (LRU_PAGE entry).
-local function mlock_page_batched(idx)
+-- §2.4 __mlock_page (LRU_PAGE entry; `residue`: an entry mark_residue tagged).
+local function mlock_page_batched(idx, residue)
   local p = pg(idx)
   -- §2.4.1: "there is nothing more we can do while it's off LRU".
   if not test_clear(p, PG_LRU) then dirty(idx); STATS.offlru = STATS.offlru + 1; return end
@@ -48,7 +48,10 @@ local function mlock_page_batched(idx)
     end
   elseif has(p, PG_UNEVICTABLE) then
     -- §2.4.4: already on the unevictable LRU: one more counted mapping.
-    if has(p, PG_MLOCKED) then p.prev = p.prev + 1 end
+    if has(p, PG_MLOCKED) then
+      p.prev = p.prev + 1
+      if residue then set(p, PG_RESIDUE) end
+    end
   else
     -- §2.4.5: cull; mlock_count := !!PG_mlocked (§8.2 final), or 1 (v1 06/13).
     list_del(idx, p, page_lru(p))
@@ -56,10 +59,33 @@ local function mlock_page_batched(idx)
     set(p, PG_UNEVICTABLE)
     list_add(idx, p, LRU_UNEVICTABLE)
     if CFG.init_cull_one == 1 or has(p, PG_MLOCKED) then p.prev = 1 else p.prev = 0 end
+    if residue and p.prev > 0 then set(p, PG_RESIDUE) end
     ev('unevictable_pgs_culled', n)
   end
   set(p, PG_LRU)
   dirty(idx)
+end
+
+-- §8.3 rows 11-12 ("a new way of stranding"): a munlock that clears PG_mlocked cannot see the
+-- LRU_PAGE entries of this page still queued on other CPUs (it drains its own CPU only, §3.6).
+-- Linux processes them later as if new: after a re-mlock has culled the page, each one counts
+-- a mapping already counted.  The emulator does the same and only tags those entries (L -> R),
+-- so that a count they raise marks the page PG_RESIDUE for the checker (X4).
+local RESIDUE_CPUS = nil
+local function mark_residue(idx, cpu)
+  if RESIDUE_CPUS == nil then RESIDUE_CPUS = redis.call('SMEMBERS', T .. ':mlbcpus') end
+  local want = idx .. '|L|'
+  for _, c in ipairs(RESIDUE_CPUS) do
+    if tonumber(c) ~= cpu then
+      local b, k = batch('mlb', c)
+      for i, e in ipairs(b) do
+        if string.sub(e, 1, #want) == want then
+          b[i] = idx .. '|R|' .. string.sub(e, #want + 1)
+          BDIRTY[k] = true
+        end
+      end
+    end
+  end
 end
 
 -- §2.5 __mlock_new_page (NEW_PAGE entry).
@@ -79,7 +105,7 @@ local function mlock_new_page_batched(idx)
 end
 
 -- §2.6 __munlock_page (untagged entry).
-local function munlock_page_batched(idx)
+local function munlock_page_batched(idx, cpu)
   local p = pg(idx)
   local n = nr_pages(p)
   local isolated = test_clear(p, PG_LRU)
@@ -92,6 +118,8 @@ local function munlock_page_batched(idx)
   -- else: "assume that was the last mlock: reclaim will fix it if not".
   if test_clear(p, PG_MLOCKED) then
     meta_add('nr_mlock', -n)
+    clr(p, PG_RESIDUE)
+    mark_residue(idx, cpu)
     if isolated or not has(p, PG_UNEVICTABLE) then
       ev('unevictable_pgs_munlocked', n)
     else
@@ -108,13 +136,14 @@ end
 
 -- §2.3 mlock_pagevec for this lruvec's run of `count` entries of cpu's batch.
 local function mlock_flush(cpu, count)
+  RESIDUE_CPUS = nil
   local entries = batch_take('mlb', cpu, count)
   for _, e in ipairs(entries) do
     local idx, tag = string.match(e, '^(%d+)|(%a)')
     idx = tonumber(idx)
-    if tag == 'L' then mlock_page_batched(idx)
+    if tag == 'L' or tag == 'R' then mlock_page_batched(idx, tag == 'R')
     elseif tag == 'N' then mlock_new_page_batched(idx)
-    else munlock_page_batched(idx) end
+    else munlock_page_batched(idx, cpu) end
   end
   return entries
 end

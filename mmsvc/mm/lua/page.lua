@@ -185,6 +185,10 @@ local function commit()
     for i = 1, #b, 500 do
       redis.call('RPUSH', key, unpack(b, i, math.min(#b, i + 499)))
     end
+    -- the CPUs with mlock batch entries in this lruvec (mark_residue looks at the others)
+    if #b > 0 and string.sub(k, 1, 4) == 'mlb:' then
+      redis.call('SADD', T .. ':mlbcpus', string.sub(k, 5))
+    end
   end
   FREELIST_COMMIT()
   for name, n in pairs(EV) do meta_add('ev:' .. name, n) end

@@ -228,6 +228,8 @@ class PageInfo(_message.Message):
     MEMCG_FIELD_NUMBER: _builtins.int
     VMA_LOCKED_FIELD_NUMBER: _builtins.int
     VMA_ONFAULT_FIELD_NUMBER: _builtins.int
+    LOCKED_FIELD_NUMBER: _builtins.int
+    BATCH_RESIDUE_FIELD_NUMBER: _builtins.int
     addr: _builtins.int
     """Virtual address of the page (for file pages: byte offset in the file)."""
     vma_present: _builtins.bool
@@ -262,6 +264,12 @@ class PageInfo(_message.Message):
     """The covering VMA has VM_LOCKED ("lo" in smaps VmFlags)."""
     vma_onfault: _builtins.bool
     """The covering VMA has VM_LOCKONFAULT ("lf" in smaps VmFlags)."""
+    locked: _builtins.bool
+    """PG_locked (kpageflags bit 0): the page lock is held (a fault, reclaim or migration)."""
+    batch_residue: _builtins.bool
+    """Emulator marker: mlock_count was raised by an mlock batch entry left on another CPU when
+    a munlock cleared PG_mlocked (cross-CPU batch residue, known exception X4).
+    """
     def __init__(
         self,
         *,
@@ -282,10 +290,12 @@ class PageInfo(_message.Message):
         memcg: _builtins.str = ...,
         vma_locked: _builtins.bool = ...,
         vma_onfault: _builtins.bool = ...,
+        locked: _builtins.bool = ...,
+        batch_residue: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "addr", b"addr", "kind", b"kind", "lru", b"lru", "lru_list", b"lru_list", "mapcount", b"mapcount", "memcg", b"memcg", "mlock_count", b"mlock_count", "mlocked", b"mlocked", "node", b"node", "pfn", b"pfn", "present", b"present", "refcount", b"refcount", "unevictable", b"unevictable", "vma_locked", b"vma_locked", "vma_onfault", b"vma_onfault", "vma_present", b"vma_present"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "addr", b"addr", "batch_residue", b"batch_residue", "kind", b"kind", "locked", b"locked", "lru", b"lru", "lru_list", b"lru_list", "mapcount", b"mapcount", "memcg", b"memcg", "mlock_count", b"mlock_count", "mlocked", b"mlocked", "node", b"node", "pfn", b"pfn", "present", b"present", "refcount", b"refcount", "unevictable", b"unevictable", "vma_locked", b"vma_locked", "vma_onfault", b"vma_onfault", "vma_present", b"vma_present"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
