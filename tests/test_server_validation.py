@@ -139,3 +139,82 @@ async def test_linux_valid_requests_reach_the_kernel(
         stub = pb_grpc.MmServiceStub(ch)
         await getattr(stub, rpc)(request_msg)
     assert len(fake_kernel.called(method)) == 1
+
+
+# -- bodies that are not a valid request (found by loadtests/fuzz.py) ------------------------------
+
+# A request body the method's deserializer refuses used to end UNKNOWN, with the protobuf
+# exception text ("Unexpected <class 'DecodeError'>: Error parsing message...") sent to the
+# client: grpc decodes before any handler runs.  mmsvc.server.decode answers INVALID_ARGUMENT.
+MALFORMED: list[tuple[str, bytes]] = [
+    ("Mlock", b"\x0a\x05ab"),  # machine: a length past the end
+    ("Mlock", b"\x0a\x02\xff\xfe"),  # machine: bad UTF-8
+    ("Mmap", b"\x0a\x01m\x10" + b"\xff" * 10 + b"\x01"),  # pid: an 11-byte varint
+    ("Fork", b"\x0a\x011\x10\xfd\x07\x0f"),  # wire type 7
+    ("Vmstat", b"\x0a\x013\x0b\x81\x0a"),  # an unterminated group
+    ("Drain", b"\x0a\x014\x00\xfc"),  # field number 0
+    ("CreateMachine", b"\x0a\xff\xff\xff\xff\x0f"),  # config: a 4 GiB length
+    ("Check", b"\x5b" * 200 + b"\x5c" * 200),  # groups nested 200 deep
+    ("Ping", b"\xff"),
+]
+
+
+def _error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    md = dict(err.trailing_metadata() or ())
+    status = status_pb2.Status.FromString(md["grpc-status-details-bin"])
+    info = error_details_pb2.ErrorInfo()
+    assert any(d.Unpack(info) for d in status.details)
+    return info
+
+
+@pytest.mark.parametrize(("rpc", "body"), MALFORMED, ids=[f"{r}-{i}" for i, (r, _) in
+                                                         enumerate(MALFORMED)])
+async def test_undecodable_body_is_invalid_argument(
+    fake_server: Any, fake_kernel: Any, rpc: str, body: bytes
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{fake_server.port}") as ch:
+        call = ch.unary_unary(f"/mmsvc.v1.MmService/{rpc}")  # bytes in, bytes out
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await call(body, timeout=10)
+    err = exc.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert fake_kernel.calls == []
+    details = err.details() or ""
+    assert details.startswith(f"cannot decode the request of /mmsvc.v1.MmService/{rpc}: ")
+    assert "DecodeError" not in details and "class" not in details
+    info = _error_info(err)
+    assert (info.reason, info.domain) == ("EINVAL", "mmsvc")
+
+
+async def test_undecodable_health_check_is_invalid_argument(fake_server: Any) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{fake_server.port}") as ch:
+        call = ch.unary_unary("/grpc.health.v1.Health/Check")
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await call(b"\x0a\x02\xff\xfe", timeout=10)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # the server is fine afterwards
+        ok = await call(b"", timeout=10)
+        assert ok == b"\x08\x01"  # SERVING
+
+
+@pytest.mark.parametrize("length", [257, 1 << 16, 1 << 20])
+async def test_huge_machine_id_is_refused_with_a_bounded_error(
+    fake_server: Any, fake_kernel: Any, length: int
+) -> None:
+    # The id was echoed whole into the ErrorInfo metadata: above the client's 16 KiB limit
+    # for trailers the call ended RESOURCE_EXHAUSTED ("received metadata size exceeds hard
+    # limit") without any ErrorInfo, and the server logged "Abort already called" as INTERNAL.
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{fake_server.port}", options=[("grpc.max_send_message_length", 8 << 20)]
+    ) as ch:
+        stub = pb_grpc.MmServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.Mlock(pb.MlockRequest(machine="x" * length, pid=1, length=PAGE))
+    err = exc.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    info = _error_info(err)
+    assert info.reason == "EINVAL"
+    assert info.metadata["field"] == "machine"
+    assert len(info.metadata["machine"]) <= 256
+    assert info.metadata["machine"].endswith(f"({length} characters)")
+    assert fake_kernel.calls == []

@@ -8,7 +8,7 @@ of :mod:`mmsvc.mm.types`, put a deadline on every call, retry idempotent calls o
 and raise :class:`MmsvcError` (``errno``, ``message``, ``code``) on failure.
 """
 
-from mmsvc_client._base import DEFAULT_TIMEOUT, NO_RETRY, RetryPolicy
+from mmsvc_client._base import DEFAULT_TIMEOUT, NO_RETRY, RetryPolicy, TLSOptions
 from mmsvc_client.aio import AsyncMmsvcClient
 from mmsvc_client.errors import MmsvcError, from_rpc_error
 from mmsvc_client.sync import MmsvcClient
@@ -20,5 +20,6 @@ __all__ = [
     "MmsvcClient",
     "MmsvcError",
     "RetryPolicy",
+    "TLSOptions",
     "from_rpc_error",
 ]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -42,6 +46,106 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(attempts=1)
+
+ENV_TLS_CA = "MMSVC_TLS_CA"
+ENV_TLS_CLIENT_CERT = "MMSVC_TLS_CLIENT_CERT"
+ENV_TLS_CLIENT_KEY = "MMSVC_TLS_CLIENT_KEY"
+ENV_TLS_SERVER_NAME = "MMSVC_TLS_SERVER_NAME"
+ENV_TOKEN = "MMSVC_TOKEN"
+ENV_TOKEN_FILE = "MMSVC_TOKEN_FILE"
+
+PemSource = str | os.PathLike[str] | bytes
+
+
+def _pem(source: PemSource | None) -> bytes | None:
+    """PEM bytes: ``bytes`` are the PEM itself, a str or path names a file."""
+    if source is None or isinstance(source, bytes):
+        return source
+    return Path(source).read_bytes()
+
+
+@dataclass(frozen=True)
+class TLSOptions:
+    """Transport security of a client channel (docs/security.md).
+
+    * ``ca``: the CA bundle that signed the server's certificate (None: gRPC's default roots);
+    * ``cert`` + ``key``: this client's certificate chain and private key, for a server that
+      requires mutual TLS (the certificate's subject CN is the client's tenant);
+    * ``server_name``: the name to check in the server's certificate when it differs from the
+      target's host (e.g. connecting to an IP address with a certificate for a DNS name).
+
+    Each of ``ca``, ``cert``, ``key`` is a file path or the PEM bytes themselves.
+    """
+
+    ca: PemSource | None = None
+    cert: PemSource | None = None
+    key: PemSource | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TLSOptions | None:
+        """From ``MMSVC_TLS_CA``, ``MMSVC_TLS_CLIENT_CERT``, ``MMSVC_TLS_CLIENT_KEY``,
+        ``MMSVC_TLS_SERVER_NAME``; None when none of them is set."""
+        env = os.environ if environ is None else environ
+        values = [env.get(k) or None for k in
+                  (ENV_TLS_CA, ENV_TLS_CLIENT_CERT, ENV_TLS_CLIENT_KEY, ENV_TLS_SERVER_NAME)]
+        if not any(values):
+            return None
+        ca, cert, key, name = values
+        return cls(ca=ca, cert=cert, key=key, server_name=name)
+
+    def channel_credentials(self, token: str | None = None) -> grpc.ChannelCredentials:
+        """SSL credentials, plus ``authorization: Bearer <token>`` on every call if given."""
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_pem(self.ca),
+            private_key=_pem(self.key),
+            certificate_chain=_pem(self.cert),
+        )
+        if token:
+            creds = grpc.composite_channel_credentials(
+                creds, grpc.access_token_call_credentials(token)
+            )
+        return creds
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        if self.server_name:
+            return [("grpc.ssl_target_name_override", self.server_name)]
+        return []
+
+
+def token_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """The bearer token of ``MMSVC_TOKEN``, or the first line of the file ``MMSVC_TOKEN_FILE``."""
+    env = os.environ if environ is None else environ
+    token = env.get(ENV_TOKEN)
+    if token:
+        return token.strip()
+    path = env.get(ENV_TOKEN_FILE)
+    if path:
+        return read_token_file(path)
+    return None
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    """A bearer token kept in a file (its first non-empty line)."""
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            return line.strip()
+    raise ValueError(f"no token in {os.fspath(path)!r}")
+
+
+def channel_settings(
+    tls: TLSOptions | None, token: str | None
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
+    """(credentials or None for plaintext, channel options) of a client's own channel."""
+    if token is not None and tls is None:
+        raise ValueError("a bearer token is only sent over TLS: pass tls=TLSOptions(...)")
+    if tls is None:
+        return None, list(CHANNEL_OPTIONS)
+    return tls.channel_credentials(token), [*CHANNEL_OPTIONS, *tls.channel_options()]
 
 
 def page_chunks(addr: int, length: int) -> list[tuple[int, int]]:

@@ -26,7 +26,13 @@ from mmsvc.mm.types import (
 )
 from mmsvc.proto_gen.mmsvc.v1 import mm_service_pb2_grpc as pb_grpc
 from mmsvc_client import _calls as c
-from mmsvc_client._base import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, RetryPolicy, page_chunks
+from mmsvc_client._base import (
+    DEFAULT_TIMEOUT,
+    RetryPolicy,
+    TLSOptions,
+    channel_settings,
+    page_chunks,
+)
 from mmsvc_client.errors import from_rpc_error
 
 T = TypeVar("T")
@@ -39,6 +45,9 @@ class MmsvcClient:
     on UNAVAILABLE per ``retry``.  Failures raise :class:`mmsvc_client.MmsvcError`.
     A client uses one channel (one connection): against a multi-worker server all its calls
     land on one worker; use a worker's private port to choose the CPU.
+
+    ``tls`` connects over TLS (with a client certificate for mutual TLS), ``token`` adds a
+    bearer token to every call (TLS only); see docs/security.md.  Without them: plaintext.
     """
 
     def __init__(
@@ -48,15 +57,20 @@ class MmsvcClient:
         timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         channel: grpc.Channel | None = None,
+        tls: TLSOptions | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry if retry is not None else RetryPolicy()
-        self._channel = (
-            channel
-            if channel is not None
-            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        )
+        if channel is None:
+            creds, options = channel_settings(tls, token)
+            channel = (
+                grpc.insecure_channel(target, options=options)
+                if creds is None
+                else grpc.secure_channel(target, creds, options=options)
+            )
+        self._channel = channel
         self._stub: Any = pb_grpc.MmServiceStub(self._channel)
 
     def close(self) -> None:

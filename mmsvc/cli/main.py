@@ -2,6 +2,8 @@
 
     mmsvc serve  [--listen 127.0.0.1:50051] [--redis URL] [--workers N] [--metrics-port P]
                  [--log-format auto|json|console] [--log-level LEVEL]
+                 [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]
+                 [--tenant-tokens FILE] [--redis-password-file FILE]
     mmsvc stat   --target HOST:PORT --machine M [--all] [--wide]
     mmsvc check  --target HOST:PORT --machine M [--drain]
     mmsvc replay TRACE.json [TRACE.json ...] [--target HOST:PORT] [--batch-size N]
@@ -9,22 +11,28 @@
     mmsvc ping   --target HOST:PORT
 
 Without ``--redis`` (serve) or ``--target`` (replay, demo) a private Redis and/or an in-process
-server are started for the duration of the command.
+server are started for the duration of the command.  Commands with ``--target`` connect over TLS
+with ``--tls``/``--tls-ca``/``--tls-cert``/``--tls-key`` (docs/security.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from mmsvc import __version__
 from mmsvc.logging import configure_logging, get_logger
 from mmsvc_client import AsyncMmsvcClient, MmsvcClient, MmsvcError
+
+if TYPE_CHECKING:
+    from mmsvc.server.security import ServerSecurity
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -43,12 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT (default %(default)s)")
     serve.add_argument(
         "--redis", default=None, metavar="URL",
-        help="Redis URL of the page store (default: start a private embedded redis-server)",
+        help="Redis URL of the page store: redis://[user[:password]@]host:port/db, rediss:// "
+             "for TLS (default: env MMSVC_REDIS_URL, else a private embedded redis-server); "
+             "keep passwords off the command line (MMSVC_REDIS_URL, --redis-password-file)",
     )
     serve.add_argument(
         "--workers", type=_positive_int, default=1, metavar="N",
         help="worker processes = emulated CPUs; worker i also listens on PORT+1+i "
              "(default %(default)s)",
+    )
+    serve.add_argument(
+        "--cpu-base", type=_nonnegative_int, default=0, metavar="B",
+        help="worker i is CPU B+i: give each host of a shared store its own range "
+             "(default %(default)s)",
+    )
+    serve.add_argument(
+        "--cpu-lease-ms", type=_positive_int, default=None, metavar="MS",
+        help="CPU lease: a dead worker's batches are drained by a survivor within about "
+             "this time (default 3000; env MMSVC_CPU_LEASE_MS)",
     )
     serve.add_argument(
         "--metrics-port", type=_port, default=None, metavar="P",
@@ -61,6 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info"
     )
+    sec = serve.add_argument_group("security (docs/security.md)")
+    sec.add_argument(
+        "--tls-cert", default=None, metavar="FILE",
+        help="PEM server certificate chain: serve TLS on every port (env MMSVC_TLS_CERT)",
+    )
+    sec.add_argument(
+        "--tls-key", default=None, metavar="FILE",
+        help="PEM private key of --tls-cert, unencrypted (env MMSVC_TLS_KEY)",
+    )
+    sec.add_argument(
+        "--tls-client-ca", default=None, metavar="FILE",
+        help="PEM CA bundle: require client certificates it signed (mutual TLS); each "
+             "certificate's subject CN is a tenant (env MMSVC_TLS_CLIENT_CA)",
+    )
+    sec.add_argument(
+        "--tenant-tokens", default=None, metavar="FILE",
+        help="'TENANT TOKEN' lines: tenants by bearer token, over TLS (env MMSVC_TENANT_TOKENS)",
+    )
+    sec.add_argument(
+        "--redis-password-file", default=None, metavar="FILE",
+        help="the Redis password, added to the store URL (env MMSVC_REDIS_PASSWORD holds the "
+             "password itself)",
+    )
 
     def add_target(p: argparse.ArgumentParser, required: bool) -> None:
         p.add_argument(
@@ -71,6 +114,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--timeout", type=float, default=60.0, metavar="SECONDS",
             help="deadline of each call (default %(default)s)",
+        )
+        tls = p.add_argument_group("TLS to --target (docs/security.md)")
+        tls.add_argument(
+            "--tls", action="store_true",
+            help="connect over TLS (implied by the options below; gRPC's default CA roots "
+                 "unless --tls-ca)",
+        )
+        tls.add_argument(
+            "--tls-ca", default=None, metavar="FILE",
+            help="PEM CA bundle to verify the server with (env MMSVC_TLS_CA)",
+        )
+        tls.add_argument(
+            "--tls-cert", default=None, metavar="FILE",
+            help="PEM client certificate for mutual TLS (env MMSVC_TLS_CLIENT_CERT)",
+        )
+        tls.add_argument(
+            "--tls-key", default=None, metavar="FILE",
+            help="PEM private key of --tls-cert (env MMSVC_TLS_CLIENT_KEY)",
+        )
+        tls.add_argument(
+            "--tls-server-name", default=None, metavar="NAME",
+            help="name to verify in the server certificate instead of the target host "
+                 "(env MMSVC_TLS_SERVER_NAME)",
+        )
+        tls.add_argument(
+            "--token-file", default=None, metavar="FILE",
+            help="bearer token for a server with tenant tokens (env MMSVC_TOKEN_FILE, or "
+                 "MMSVC_TOKEN with the token itself)",
         )
 
     stat = sub.add_parser("stat", help="print vmstat, meminfo and lock_stat of a machine")
@@ -130,6 +201,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -141,19 +219,29 @@ def _port(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from mmsvc.mm.cpu_hotplug import LEASE_ENV
+    from mmsvc.server.security import redact_url
     from mmsvc.server.workers import run_workers, worker_configs, worker_main
     from mmsvc.store.embedded import EmbeddedRedis
 
     configure_logging(args.log_format, args.log_level)
+    if args.cpu_lease_ms is not None:  # read by every worker (spawned with this environment)
+        os.environ[LEASE_ENV] = str(args.cpu_lease_ms)
+    security = _server_security(args)
+    security.check_files()  # once, here, rather than in every worker
+    url = _store_url(args)
     redis: EmbeddedRedis | None = None
-    url = args.redis
     try:
         if url is None:
             redis = EmbeddedRedis().start()
             url = redis.url
-            log.info("embedded_redis_started", url=url, pid=redis.pid)
+            log.info("embedded_redis_started", url=redact_url(url), pid=redis.pid)
+        else:
+            log.info("redis_store", url=redact_url(url))
+        # The URL (password included) reaches the workers through the spawn pipe, never argv.
         configs = worker_configs(
-            url, args.listen, args.workers, args.metrics_port, args.log_format, args.log_level
+            url, args.listen, args.workers, args.metrics_port, args.log_format, args.log_level,
+            cpu_base=args.cpu_base, security=security,
         )
         if args.workers == 1:
             worker_main(configs[0])
@@ -164,13 +252,86 @@ def cmd_serve(args: argparse.Namespace) -> int:
             redis.stop()
 
 
+def _server_security(args: argparse.Namespace) -> ServerSecurity:
+    """serve's TLS / mutual TLS / tenant tokens, from the flags or their env variables."""
+    from mmsvc.server import security as s
+
+    env = os.environ
+    return s.ServerSecurity(
+        cert_file=args.tls_cert or env.get(s.ENV_TLS_CERT) or None,
+        key_file=args.tls_key or env.get(s.ENV_TLS_KEY) or None,
+        client_ca_file=args.tls_client_ca or env.get(s.ENV_TLS_CLIENT_CA) or None,
+        tenant_tokens_file=args.tenant_tokens or env.get(s.ENV_TENANT_TOKENS) or None,
+    )
+
+
+def _store_url(args: argparse.Namespace) -> str | None:
+    """The store URL of serve (None: embedded), with a separately given password added."""
+    from mmsvc.server import security as s
+
+    if args.redis and s.url_password(args.redis):
+        log.warning(
+            "redis_password_on_command_line",
+            hint=f"other users can read the command line: use {s.ENV_REDIS_URL} or "
+                 "--redis-password-file",
+        )
+    url: str | None = args.redis or os.environ.get(s.ENV_REDIS_URL) or None
+    password: str | None = None
+    if args.redis_password_file:
+        lines = s.read_file(args.redis_password_file, "Redis password file").decode()
+        password = lines.splitlines()[0].strip() if lines.strip() else ""
+        if not password:
+            raise s.SecurityError(f"{args.redis_password_file}: no password in the first line")
+    elif os.environ.get(s.ENV_REDIS_PASSWORD):
+        password = os.environ[s.ENV_REDIS_PASSWORD]
+    if password is not None:
+        if url is None:
+            raise s.SecurityError(
+                f"a Redis password needs a store URL (--redis or {s.ENV_REDIS_URL})"
+            )
+        url = s.url_with_password(url, password)
+    return url
+
+
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``tls=`` / ``token=`` for a client of --target, from the flags or their env variables."""
+    from mmsvc.server.security import SecurityError
+    from mmsvc_client import TLSOptions
+    from mmsvc_client._base import (
+        ENV_TLS_CA,
+        ENV_TLS_CLIENT_CERT,
+        ENV_TLS_CLIENT_KEY,
+        ENV_TLS_SERVER_NAME,
+        read_token_file,
+        token_from_env,
+    )
+
+    env = os.environ
+    ca = args.tls_ca or env.get(ENV_TLS_CA) or None
+    cert = args.tls_cert or env.get(ENV_TLS_CLIENT_CERT) or None
+    key = args.tls_key or env.get(ENV_TLS_CLIENT_KEY) or None
+    name = args.tls_server_name or env.get(ENV_TLS_SERVER_NAME) or None
+    try:
+        token = read_token_file(args.token_file) if args.token_file else token_from_env()
+        for path in (ca, cert, key):
+            if path is not None:
+                open(path, "rb").close()  # a clear error now, not a failed handshake later
+        if not (args.tls or ca or cert or key or name or token):
+            return {}
+        return {"tls": TLSOptions(ca=ca, cert=cert, key=key, server_name=name), "token": token}
+    except (OSError, ValueError) as e:
+        raise SecurityError(str(e)) from None
+
+
 @asynccontextmanager
 async def _client(args: argparse.Namespace) -> AsyncIterator[AsyncMmsvcClient]:
     """An AsyncMmsvcClient for --target, or for an in-process embedded server."""
     from mmsvc.server.app import embedded_server
 
     if args.target:
-        async with AsyncMmsvcClient(args.target, timeout=args.timeout) as client:
+        async with AsyncMmsvcClient(
+            args.target, timeout=args.timeout, **_client_options(args)
+        ) as client:
             yield client
         return
     async with (
@@ -222,7 +383,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
     from mmsvc.cli.tables import lock_stat_table, meminfo_table, vmstat_table
 
     console = Console()
-    with MmsvcClient(args.target, timeout=args.timeout) as k:
+    with MmsvcClient(args.target, timeout=args.timeout, **_client_options(args)) as k:
         console.print(vmstat_table(k.vmstat(args.machine), show_all=args.all))
         console.print(meminfo_table(k.meminfo(args.machine)))
         console.print(lock_stat_table(k.lock_stat(args.machine), "lock_stat (µs)", args.wide))
@@ -232,7 +393,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from mmsvc.cli.tables import check_text
 
-    with MmsvcClient(args.target, timeout=args.timeout) as k:
+    with MmsvcClient(args.target, timeout=args.timeout, **_client_options(args)) as k:
         report = k.check(args.machine, args.drain)
     Console().print(check_text(report))
     return 0 if report.ok else 1
@@ -240,7 +401,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_ping(args: argparse.Namespace) -> int:
 
-    with MmsvcClient(args.target, timeout=args.timeout) as k:
+    with MmsvcClient(args.target, timeout=args.timeout, **_client_options(args)) as k:
         cpu = k.ping()
     print(f"pong from cpu {cpu}")
     return 0
@@ -264,6 +425,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mmsvc.server.security import SecurityError
     from mmsvc.store.embedded import EmbeddedRedisError
 
     args = build_parser().parse_args(argv)
@@ -278,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmbeddedRedisError as e:
         print(f"mmsvc {args.command}: {e}", file=sys.stderr)
         return 1
+    except SecurityError as e:
+        print(f"mmsvc {args.command}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -28,7 +28,7 @@ from mmsvc.store.redis_store import RedisStore, text
 PageRef = tuple[int, int]  # (lruvec id, index)
 
 
-async def _load_lruvec(
+async def load_lruvec(
     store: RedisStore, m: Machine, lv: int
 ) -> tuple[dict[str, int], dict[int, Page]]:
     """A lruvec's metadata and pages, read in one atomic call."""
@@ -52,7 +52,7 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
     metas: dict[int, dict[str, int]] = {}
     pages: dict[PageRef, Page] = {}
     for lv in sorted(m.lruvecs.values()):
-        metas[lv], lv_pages = await _load_lruvec(store, m, lv)
+        metas[lv], lv_pages = await load_lruvec(store, m, lv)
         for idx, p in lv_pages.items():
             pages[(lv, idx)] = p
     live = {ref: p for ref, p in pages.items() if p.flags & PG.INUSE}

@@ -135,9 +135,17 @@ async def delete_machine(store: RedisStore, mid: str) -> None:
     if not await store.client.sismember(keys.MACHINES, mid):
         raise esrch(f"no machine {mid!r}")
     await store.client.srem(keys.MACHINES, mid)
-    # Every key of the machine starts with "{m<mid>" (machine tag or a derived tag).
-    async for key in store.client.scan_iter(match=f"{{m{mid}[:}}]*", count=1000):
-        await store.client.unlink(key)
+    # Every key of the machine starts with "{m<mid>" (machine tag or a derived tag); on a
+    # cluster they are spread over every primary, which scan_keys visits.  UNLINK takes them
+    # in batches (a cluster client splits a batch by slot) instead of a round trip per key.
+    batch: list[bytes] = []
+    async for key in store.scan_keys(f"{{m{mid}[:}}]*"):
+        batch.append(key)
+        if len(batch) >= 500:
+            await store.client.unlink(*batch)
+            batch.clear()
+    if batch:
+        await store.client.unlink(*batch)
 
 
 async def create_file(store: RedisStore, m: Machine, spec: FileSpec) -> FileInfo:
@@ -185,6 +193,12 @@ async def write_new_mm(
         "rlim_soft": soft, "rlim_hard": hard, "cap_ipc_lock": int(cap), "def_flags": def_flags,
         "mlockall": mlockall, "locked_vm": locked_vm, "next_vpn": next_vpn,
     }
+    if store.is_cluster:
+        # The mm and the machine's process registry are in different slots, which no MULTI
+        # spans on a Redis Cluster: write the mm first, so a pid found registered has one.
+        await store.client.hset(f"{keys.mm(m.mid, pid)}:info", mapping=info)  # type: ignore[arg-type]
+        await store.client.sadd(f"{keys.machine(m.mid)}:procs", pid)
+        return
     pipe = store.client.pipeline(transaction=True)
     pipe.hset(f"{keys.mm(m.mid, pid)}:info", mapping=info)  # type: ignore[arg-type]
     pipe.sadd(f"{keys.machine(m.mid)}:procs", pid)

@@ -9,6 +9,7 @@ followed by ``munlock_vma_page`` (``K``), whether or not mapcount reached zero (
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
 
 ANON_FLAGS = int(PG.ANON | PG.SWAPBACKED)
-FAULT_RETRIES = 50
+FAULT_RETRY_SECONDS = 15.0  # > 2 CPU leases + a stop_machine
 
 
 class FaultRace(KernelError):
@@ -105,15 +106,19 @@ class Faults:
         A fault that loses a race for a pte (another thread of the process faulted it) backs
         off and is retried, as the CPU re-executes the faulting access (and GUP retries the
         page): callers never see the race."""
-        for attempt in range(FAULT_RETRIES):
+        deadline = time.monotonic() + FAULT_RETRY_SECONDS
+        attempt = 0
+        while True:
             try:
                 return await self._fault_range(m, mm, vma, start, end, write)
             except FaultRace:
-                if attempt + 1 == FAULT_RETRIES:
+                # Linux waits (lock_page, migration_entry_wait); a page held by a CPU that
+                # died is released when a survivor takes that CPU offline (~ the CPU lease)
+                attempt += 1
+                if time.monotonic() > deadline:
                     raise
                 vma = mm.find(start) or vma
-                await asyncio.sleep(0.001 * (attempt + 1))
-        raise AssertionError("unreachable")
+                await asyncio.sleep(min(0.001 * attempt, 0.05))
 
     async def _fault_range(
         self, m: Machine, mm: MmState, vma: Vma, start: int, end: int, write: bool
@@ -488,6 +493,8 @@ class Faults:
             raced = [int(v) for v in await self.store.fcall(
                 "pt_install_unlock", mm.key, *self.swap.locks.release_args(held),
                 *pte_args(new, expect))]
+            if raced == [-1]:
+                raise KernelError("EAGAIN", "mmap_lock lease expired (fenced): nothing mapped")
             if raced:
                 mm.held = held  # ... unless it raced: then it is still held (a retry follows)
         else:

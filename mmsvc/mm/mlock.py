@@ -114,9 +114,22 @@ class Mlock:
         stored = newflags | (VM.IO if newflags & VM.LOCKED else 0)
         vma = replace(vma, flags=stored)
         mm.update_vma(vma)
+        lock = bool(newflags & VM.LOCKED)
+        # The walk's intent goes with the flags (one atomic store): if this CPU dies before
+        # the syscall's last store, the CPU that takes it offline finishes it (cpu_hotplug).
+        mm.set_info("walk", f"{self.swap.cpu}|{vma.id}|{int(lock)}")
         await save(self.store, mm)  # one atomic store of the flags, visible to rmap walkers
         await self.swap.lru_add_drain(m)
-        lock = bool(newflags & VM.LOCKED)
+        await self.walk_vma(m, mm, vma, lock)
+        mm.set_info("walk", "")
+        if stored != newflags:
+            vma = replace(vma, flags=newflags)
+            mm.update_vma(vma)
+        return vma
+
+    async def walk_vma(self, m: Machine, mm: MmState, vma: Vma, lock: bool) -> None:
+        """mlock_pte_range over the VMA: mlock_page or munlock_page for each present page,
+        then drain."""
         async for ptes in pt_walk(self.store, mm.key, vma.start, vma.end, WALK_CHUNK):
             progs = Programs.empty()
             seen_pmds: set[int] = set()
@@ -131,10 +144,23 @@ class Mlock:
                 progs.add(p.lv, ["L" if lock else "K", p.idx])
             await progs.execute(self.swap, m)
         await self.swap.lru_add_drain(m)
-        if stored != newflags:
-            vma = replace(vma, flags=newflags)
-            mm.update_vma(vma)
-        return vma
+
+    async def finish_walk(self, m: Machine, mm: MmState, dead_cpu: int) -> bool:
+        """Finish the mlock/munlock walk a dead CPU left (mmap_lock held for write): an mlock
+        only needs its last flag store (the VM_IO guard goes; pages not reached stay an
+        allowed undercount, reclaim repairs them); a munlock walks again (munlocking a page
+        twice can only undercount).  Returns whether there was one."""
+        cpu, vid, lock = [*str(mm.info.get("walk") or "||").split("|"), "", ""][:3]
+        if cpu != str(dead_cpu):
+            return False
+        vma = next((v for v in mm.vmas if v.id == int(vid)), None) if vid else None
+        if vma is not None and lock == "1":
+            mm.update_vma(replace(vma, flags=vma.flags & ~int(VM.IO)))
+        elif vma is not None:
+            await self.walk_vma(m, mm, vma, False)
+        mm.set_info("walk", "")
+        await save(self.store, mm)
+        return True
 
     # -------------------------------------------------------------------- syscalls -------
     async def apply_vma_lock_flags(

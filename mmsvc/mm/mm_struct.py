@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import bisect
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from mmsvc.locks import Held
-from mmsvc.mm.errors import esrch
+from mmsvc.mm.errors import KernelError, esrch
 from mmsvc.mm.machine import Machine, refresh_files
 from mmsvc.mm.page import PTE, PTRS_PER_PMD, PTEBit
 from mmsvc.mm.vma import Vma
@@ -150,18 +151,20 @@ def decode_mm(m: Machine, pid: int, info_raw: dict[bytes, bytes] | list[bytes],
 
 
 async def save(store: RedisStore, mm: MmState) -> None:
-    """Write back VMA and info edits in one transaction (the mmap_lock is held)."""
+    """Write back VMA and info edits atomically, fenced by the mmap_lock: if this CPU's hold
+    was evicted (its lease ran out: paused, or taken offline as dead) nothing is written and
+    the syscall fails with EAGAIN - another CPU may own the address space by now."""
     if not (mm.removed or mm.changed or mm.info_changes):
         return
-    pipe = store.client.pipeline(transaction=True)
-    if mm.removed:
-        pipe.hdel(f"{mm.key}:vma", *[str(i) for i in mm.removed])
-    if mm.changed:
-        pipe.hset(f"{mm.key}:vma", mapping={str(i): v.to_json() for i, v in mm.changed.items()})
-    if mm.info_changes:
-        changes: dict[str, str | int] = dict(mm.info_changes)
-        pipe.hset(f"{mm.key}:info", mapping=changes)  # type: ignore[arg-type]
-    await pipe.execute()
+    edits = json.dumps({
+        "removed": [str(i) for i in mm.removed],
+        "changed": {str(i): v.to_json() for i, v in mm.changed.items()},
+        "info": {k: str(v) for k, v in mm.info_changes.items()},
+    })
+    lock = mm.held.key if mm.held is not None else ""
+    tok = mm.held.token if mm.held is not None else 0
+    if not int(await store.fcall("mm_save", mm.key, lock, tok, edits)):
+        raise KernelError("EAGAIN", "mmap_lock lease expired (fenced): nothing written")
     mm.removed.clear()
     mm.changed.clear()
     mm.info_changes.clear()

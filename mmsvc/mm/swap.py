@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from mmsvc.locks import Locks
+from mmsvc.logging import get_logger
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine, reserve_frames
 from mmsvc.store.redis_store import RedisStore
 
 Op = list[Any]  # a page-program op, see mm_pages in lua/memory.lua
+log = get_logger("mmsvc.swap")
 
 
 @dataclass
@@ -169,6 +172,8 @@ class Swap:
             b.lab = [lv] * res["lab_n"] if lab_local else b.lab + [lv] * (res["lab_n"] - len(b.lab))
             done = int(res["done"])
             ops = rebase_ops(ops[done:], allocs)
+            if reason == "offline":
+                cpu_unplugged(self.cpu)
             if reason == "unfrozen":
                 return out  # folio_ref_freeze failed: the rest of the program is not run
             if reason == "lru_locked":
@@ -217,6 +222,15 @@ class Swap:
     def pending(self, m: Machine) -> int:
         b = self.batches(m)
         return len(b.mlb) + len(b.lab)
+
+
+def cpu_unplugged(cpu: int) -> NoReturn:
+    """This worker was paused past its CPU lease and another CPU took it offline as dead
+    (drained its batches, evicted its locks; mm/cpu_hotplug.py): nothing it still has in
+    flight may touch the store.  The process ends at once; a supervisor restarts it as a
+    fresh CPU."""
+    log.critical("cpu_taken_offline_while_running", cpu=cpu)
+    os._exit(75)  # EX_TEMPFAIL
 
 
 def _as_list(value: Any) -> list[int]:

@@ -7,6 +7,8 @@ are :class:`KernelError` with Linux's errno.
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,6 +16,7 @@ from mmsvc.locks import Locks
 from mmsvc.mm import machine as machines
 from mmsvc.mm import vmstat as views
 from mmsvc.mm.checker import check_machine
+from mmsvc.mm.cpu_hotplug import CpuHotplug, cpu_lease_ms
 from mmsvc.mm.errors import KernelError, einval
 from mmsvc.mm.kernel import MigrateResult, ReclaimResult
 from mmsvc.mm.legacy import Legacy
@@ -33,6 +36,7 @@ from mmsvc.mm.mm_struct import (
 )
 from mmsvc.mm.mmap import Mmap, aligned_range
 from mmsvc.mm.page import PG, PTEBit
+from mmsvc.mm.recovery import reconcile
 from mmsvc.mm.rmap import Rmap
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.types import (
@@ -68,6 +72,10 @@ class Kernel:
         self.rmap = Rmap(store, self.locks)
         self.legacy = Legacy(store, self.swap, self.locks, self.rmap)
         self.faults.legacy_cow = self.legacy.cow_munlock
+        self.hotplug = CpuHotplug(store, cpu, lease_ms=cpu_lease_ms(),
+                                  recover=self.recover_dead_cpu)
+        self.gate = self.hotplug.gate  # the server runs every syscall through it
+        self._online = False
         self.mlocks = Mlock(store, self.swap, self.faults, self.legacy)
         self.mmaps = Mmap(store, self.swap, self.locks, self.faults, self.mlocks)
         self.vmscan = Vmscan(store, self.swap, self.rmap)
@@ -75,6 +83,44 @@ class Kernel:
         self.madv = Madvise(store, self.swap, self.faults, self.mlocks, self.vmscan)
         self.swap.direct_reclaim = self._direct_reclaim
         self._machines: dict[str, Machine] = {}
+
+    async def cpu_online(self) -> None:
+        """Join the machine's CPUs (a lease in the store; dead CPUs get taken offline)."""
+        await self.hotplug.online()
+        self._online = True
+
+    async def finish_dead_walks(self, machine: str, dead_cpu: int) -> int:
+        """CPU hot-unplug: the mlock/munlock walks dead_cpu left half done (each address
+        space's ``walk`` intent, stored with the VMA flags) are finished from this CPU."""
+        m = await self.machine(machine)
+        pids = sorted(int(p) for p in await self.store.client.smembers(
+            f"{keys.machine(m.mid)}:procs"))
+        pipe = self.store.client.pipeline(transaction=False)
+        for pid in pids:
+            pipe.hget(f"{keys.mm(m.mid, pid)}:info", "walk")
+        done = 0
+        for pid, walk in zip(pids, await pipe.execute(), strict=True):
+            if not walk or not text(walk).startswith(f"{dead_cpu}|"):
+                continue
+            with contextlib.suppress(KernelError):  # exited meanwhile
+                async with self._mm(machine, pid, "w") as (m2, mm):
+                    done += int(await self.mlocks.finish_walk(m2, mm, dead_cpu))
+        return done
+
+    async def recover_dead_cpu(self, machine: str, dead_cpu: int) -> Counter[str]:
+        """What dead_cpu left half done in this machine (the machine is stopped): its
+        mlock/munlock walks finished, then the counts reconciled (mm/recovery.py)."""
+        walks = await self.finish_dead_walks(machine, dead_cpu)
+        m = await self._machine_fresh(machine)
+        repairs = await reconcile(self.store, self.swap, m)
+        repairs["walks_finished"] += walks
+        return repairs
+
+    async def aclose(self) -> None:
+        """A worker stopping: this CPU goes offline (its batches drained, lease dropped)."""
+        if self._online:
+            self._online = False
+            await self.hotplug.offline()
 
     # ------------------------------------------------------------------ machines -------
     async def machine(self, mid: str) -> Machine:

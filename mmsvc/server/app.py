@@ -25,12 +25,15 @@ from mmsvc.metrics import MetricsHTTPServer, ServerMetrics
 from mmsvc.mm.kernel import KernelAPI
 from mmsvc.proto_gen.mmsvc.v1 import mm_service_pb2 as pb
 from mmsvc.proto_gen.mmsvc.v1 import mm_service_pb2_grpc as pb_grpc
+from mmsvc.server.decode import DecodeGuardInterceptor
 from mmsvc.server.interceptors import (
     AccessLogInterceptor,
     ErrorGuardInterceptor,
     MetricsInterceptor,
 )
+from mmsvc.server.security import ServerSecurity
 from mmsvc.server.servicer import MmServicer
+from mmsvc.server.tenancy import OwnershipStore, Tenancy, ownership_for
 
 log = get_logger("mmsvc.server")
 
@@ -55,7 +58,9 @@ def redis_kernel_factory(redis_url: str, cpu: int) -> KernelFactory:
         from mmsvc.store.redis_store import RedisStore
 
         store = await RedisStore.connect(redis_url)
-        return cast(KernelAPI, ShieldedKernel(Kernel(store, cpu)))
+        kernel = Kernel(store, cpu)
+        await kernel.cpu_online()  # lease + hot-unplug of dead CPUs (mm/cpu_hotplug.py)
+        return cast(KernelAPI, ShieldedKernel(kernel))
 
     return factory
 
@@ -100,8 +105,11 @@ class MmsvcServer(grpc.aio.Server):
         metrics_port: int | None,
         metrics_addr: str,
         metrics_poll_interval: float | None,
+        *,
+        security: ServerSecurity | None = None,
     ) -> None:
         self._server = server
+        self.security = security if security is not None else ServerSecurity()
         self.kernel = kernel
         self.servicer = servicer
         self.health = health
@@ -161,6 +169,8 @@ class MmsvcServer(grpc.aio.Server):
             ports=self.ports,
             cpu=self.servicer.cpu,
             metrics_port=self.metrics_port,
+            transport=self.security.mode,
+            tenants=self.security.tenant_source or "single",
         )
 
     async def stop(self, grace: float | None) -> None:
@@ -200,6 +210,8 @@ async def build_server(
     metrics_addr: str | None = None,
     metrics_poll_interval: float | None = DEFAULT_METRICS_POLL_SECONDS,
     access_log: bool = True,
+    security: ServerSecurity | None = None,
+    ownership: OwnershipStore | None = None,
 ) -> MmsvcServer:
     """Build (not start) the gRPC server of one worker.
 
@@ -209,7 +221,15 @@ async def build_server(
     silently share a port with a running one.  ``metrics_port`` (0 = free port) enables
     /metrics on ``metrics_addr`` (default: the listen host) and a poller exporting vmstat,
     meminfo and lock_stat every ``metrics_poll_interval`` seconds (None: push only).
+
+    ``security`` (docs/security.md): a certificate and key put every address on TLS, a client
+    CA makes it mutual TLS; with mutual TLS or tenant tokens every call is checked against the
+    owner of the machine it names, recorded in ``ownership`` (default: the kernel's Redis
+    store, or memory for a kernel without one).  Without it: plaintext, one implicit tenant.
     """
+    security = security if security is not None else ServerSecurity()
+    credentials = security.server_credentials()  # bad files fail here, before the kernel
+    resolver = security.tenant_resolver()
     made = kernel_factory()
     kernel: KernelAPI = await made if inspect.isawaitable(made) else made
     the_cpu = cpu if cpu is not None else int(getattr(kernel, "cpu", 0))
@@ -218,7 +238,8 @@ async def build_server(
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if access_log:
         interceptors.append(AccessLogInterceptor(cpu=the_cpu))
-    interceptors += [MetricsInterceptor(metrics), ErrorGuardInterceptor()]
+    # DecodeGuard innermost: undecodable bodies are INVALID_ARGUMENT (mmsvc/server/decode.py)
+    interceptors += [MetricsInterceptor(metrics), ErrorGuardInterceptor(), DecodeGuardInterceptor()]
 
     options = [
         ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -227,7 +248,12 @@ async def build_server(
     ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
 
-    servicer = MmServicer(kernel, cpu=the_cpu)
+    tenancy = (
+        Tenancy(resolver, ownership if ownership is not None else ownership_for(kernel))
+        if resolver is not None
+        else None
+    )
+    servicer = MmServicer(kernel, cpu=the_cpu, tenancy=tenancy)
     pb_grpc.add_MmServiceServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -240,7 +266,10 @@ async def build_server(
     ports: list[int] = []
     for address in (listen, *extra_listen):
         try:
-            port = server.add_insecure_port(address)
+            if credentials is not None:
+                port = server.add_secure_port(address, credentials)
+            else:
+                port = server.add_insecure_port(address)
         except RuntimeError as e:
             raise OSError(f"cannot listen on {address}: {e}") from e
         ports.append(port)
@@ -256,6 +285,7 @@ async def build_server(
         metrics_port,
         metrics_addr if metrics_addr is not None else host,
         metrics_poll_interval,
+        security=security,
     )
 
 

@@ -9,9 +9,12 @@ Every non-OK status the mmsvc service returns carries a ``google.rpc.Status`` in
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
+import grpc.aio
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -19,6 +22,12 @@ from grpc_status import rpc_status
 DOMAIN = "mmsvc"
 INTERNAL_REASON = "INTERNAL"
 INTERNAL_MESSAGE = "internal server error"
+#: Longest request value echoed into ErrorInfo metadata.  Ids are at most 256 characters (longer
+#: ones are refused); the status details travel in a trailer, and a client refuses trailers
+#: above 16 KiB (the call then ends RESOURCE_EXHAUSTED without any ErrorInfo).
+MAX_ECHO_CHARS = 256
+#: Longest status message (messages name at most a few bounded request values).
+MAX_MESSAGE_CHARS = 1024
 
 ERRNO_TO_CODE: Mapping[str, grpc.StatusCode] = {
     "EINVAL": grpc.StatusCode.INVALID_ARGUMENT,
@@ -62,7 +71,9 @@ def build_status(
     field: str | None = None,
 ) -> grpc.Status:
     """A ``grpc.Status`` whose trailers carry ``google.rpc.Status`` with an ErrorInfo."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata or {}))
+    message = _bounded(message, MAX_MESSAGE_CHARS)
+    meta = {k: _bounded(v, MAX_ECHO_CHARS) for k, v in (metadata or {}).items()}
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=meta)
     details = [_pack(info)]
     if field is not None:
         bad = error_details_pb2.BadRequest(
@@ -78,13 +89,41 @@ def build_status(
     return result
 
 
+def _bounded(text: str, limit: int) -> str:
+    """``text``, cut to ``limit`` characters with a note of its real length."""
+    if len(text) <= limit:
+        return text
+    note = f"... ({len(text)} characters)"
+    return text[: max(limit - len(note), 0)] + note
+
+
 def request_metadata(request: object) -> dict[str, str]:
-    """``machine`` and ``pid`` of a request, for ErrorInfo metadata and logs."""
+    """``machine`` and ``pid`` of a request, for ErrorInfo metadata and logs (a machine id
+    longer than :data:`MAX_ECHO_CHARS`, which validation refuses, is cut)."""
     meta: dict[str, str] = {}
     machine = getattr(request, "machine", None)
     if isinstance(machine, str) and machine:
-        meta["machine"] = machine
+        meta["machine"] = _bounded(machine, MAX_ECHO_CHARS)
     pid = getattr(request, "pid", None)
     if isinstance(pid, int) and pid:
         meta["pid"] = str(pid)
     return meta
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
+    """``context.abort()`` with ``status``; always raises.
+
+    A call can end before its status is sent: its deadline passed while the request waited to
+    be served, or the client went away.  grpc then fails the abort with an internal
+    ``ExecuteBatchError``, which the interceptors would take for a server fault (an
+    ``rpc_internal_error`` log line, an UNKNOWN in the metrics, "Abort already called" when
+    the guard aborts again).  There is nobody left to tell: the call is reported CANCELLED.
+    """
+    try:
+        await context.abort(status.code, status.details, status.trailing_metadata)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        if not context.done():
+            raise
+        raise asyncio.CancelledError("the call ended before its status was sent") from None

@@ -17,6 +17,7 @@ from typing import Any, TypeAlias
 
 import grpc
 import grpc.aio
+import redis.exceptions
 
 from mmsvc.logging import get_logger
 from mmsvc.metrics import ServerMetrics
@@ -26,6 +27,7 @@ from mmsvc.server.errors import (
     build_status,
     request_metadata,
 )
+from mmsvc.server.tenancy import CURRENT_TENANT
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 Behaviour = Callable[..., Any]
@@ -199,6 +201,10 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
 
+STORE_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+              redis.exceptions.BusyLoadingError)
+
+
 class ErrorGuardInterceptor(WrappingInterceptor):
     """Turns any exception escaping a handler into INTERNAL with a generic message.
 
@@ -208,6 +214,14 @@ class ErrorGuardInterceptor(WrappingInterceptor):
 
     async def guard(self, info: RpcInfo, request: object, context: Ctx, exc: Exception) -> None:
         meta = request_metadata(request)
+        if isinstance(exc, STORE_DOWN):
+            # the store stayed unreachable longer than the store client's retries: the
+            # client may retry (UNAVAILABLE); the log line carries no traceback
+            error_log.warning("rpc_store_unavailable", method=info.full_method,
+                              error=type(exc).__name__, **meta)
+            status = build_status(grpc.StatusCode.UNAVAILABLE, "page store unavailable",
+                                  "EAGAIN", meta)
+            await context.abort(status.code, status.details, status.trailing_metadata)
         error_log.error(
             "rpc_internal_error", method=info.full_method, exc_info=exc, **meta
         )
@@ -216,7 +230,8 @@ class ErrorGuardInterceptor(WrappingInterceptor):
 
 
 class AccessLogInterceptor(WrappingInterceptor):
-    """One structured log line per RPC: method, code, duration_ms, machine, pid, peer, cpu."""
+    """One structured log line per RPC: method, code, duration_ms, machine, pid, peer, cpu;
+    and ``tenant`` when the server checks tenants (mmsvc.server.tenancy) and admitted one."""
 
     def __init__(self, cpu: int = 0) -> None:
         self.cpu = cpu
@@ -235,6 +250,8 @@ class AccessLogInterceptor(WrappingInterceptor):
         except Exception:  # pragma: no cover - peer() can fail on a dead call
             peer = ""
         log = access_log.error if code in _SERVER_FAULTS else access_log.info
+        tenant = CURRENT_TENANT.get()
+        extra = {"tenant": tenant} if tenant is not None else {}
         log(
             "rpc",
             method=info.full_method,
@@ -244,6 +261,7 @@ class AccessLogInterceptor(WrappingInterceptor):
             pid=int(meta.get("pid", 0)),
             cpu=self.cpu,
             peer=peer,
+            **extra,
         )
 
 

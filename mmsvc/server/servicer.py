@@ -8,10 +8,15 @@ converts the result.  :func:`rpc` turns failures into statuses:
   (the kernel is not called);
 * :class:`~mmsvc.mm.errors.KernelError` → the errno's status code (mmsvc.server.errors);
 * anything else → INTERNAL with a generic message; the traceback goes to the server log only.
+
+With per-tenant access (:mod:`mmsvc.server.tenancy`) :func:`rpc` first admits the call: no
+identity → UNAUTHENTICATED; a machine of another tenant → the ESRCH of a missing machine.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
@@ -37,10 +42,12 @@ from mmsvc.server import validate as v
 from mmsvc.server.errors import (
     INTERNAL_MESSAGE,
     INTERNAL_REASON,
+    abort,
     build_status,
     code_for_errno,
     request_metadata,
 )
+from mmsvc.server.tenancy import Tenancy, Unauthenticated
 
 log = get_logger("mmsvc.server")
 
@@ -52,10 +59,11 @@ S = TypeVar("S", bound="MmServicer")
 ADVICE_VALUES = frozenset(int(a) for a in Advice)
 CAPABILITIES = {tpb.CAPABILITY_IPC_LOCK: "CAP_IPC_LOCK"}
 PROTOCOLS = frozenset({tpb.PROTOCOL_REWORK, tpb.PROTOCOL_LEGACY})
+UNAUTHENTICATED_REASON = "UNAUTHENTICATED"
 
 
 async def abort_with(context: Ctx, status: grpc.Status) -> None:
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    await abort(context, status)  # (a call already ended is CANCELLED, not a server fault)
 
 
 async def abort_internal(context: Ctx, request: object, method: str) -> None:
@@ -76,7 +84,14 @@ def rpc(
     @functools.wraps(fn)
     async def wrapper(self: S, request: Req, context: Ctx) -> Resp:
         try:
+            if self.tenancy is not None:
+                await self.tenancy.admit(request, context)
             return await fn(self, request, context)
+        except Unauthenticated as e:
+            await abort_with(
+                context,
+                build_status(grpc.StatusCode.UNAUTHENTICATED, str(e), UNAUTHENTICATED_REASON),
+            )
         except v.ValidationError as e:
             meta = request_metadata(request)
             meta["field"] = e.field
@@ -105,9 +120,13 @@ def rpc(
 class MmServicer(pb_grpc.MmServiceServicer):
     """mmsvc.v1.MmService over one KernelAPI object (this worker's CPU)."""
 
-    def __init__(self, kernel: KernelAPI, cpu: int | None = None) -> None:
+    def __init__(
+        self, kernel: KernelAPI, cpu: int | None = None, tenancy: Tenancy | None = None
+    ) -> None:
         self.kernel = kernel
         self.cpu = cpu if cpu is not None else int(getattr(kernel, "cpu", 0))
+        #: Per-tenant access (mmsvc.server.tenancy); None: one implicit tenant, no checks.
+        self.tenancy = tenancy
 
     # -- baseline --------------------------------------------------------------------------
 
@@ -140,6 +159,16 @@ class MmServicer(pb_grpc.MmServiceServicer):
         v.require(len(set(c.memcgs)) == len(c.memcgs), "config.memcgs", "duplicate memcg")
         v.require(len(c.name) <= v.MAX_ID_LEN, "config.name", "too long")
         machine = await self.kernel.create_machine(convert.machine_config_from_pb(c))
+        if self.tenancy is not None:
+            # shielded like the kernel call: a cancelled RPC still leaves an owned machine
+            claim = asyncio.ensure_future(self.tenancy.claim(machine))
+            try:
+                await asyncio.shield(claim)
+            except Exception:
+                # an unowned machine would be visible to nobody: do not leave it behind
+                with contextlib.suppress(Exception):
+                    await self.kernel.delete_machine(machine)
+                raise
         return pb.CreateMachineResponse(machine=machine)
 
     @rpc
@@ -148,6 +177,8 @@ class MmServicer(pb_grpc.MmServiceServicer):
     ) -> pb.DeleteMachineResponse:
         v.machine_id(request.machine)
         await self.kernel.delete_machine(request.machine)
+        if self.tenancy is not None:
+            await self.tenancy.release(request.machine)
         return pb.DeleteMachineResponse()
 
     @rpc
@@ -164,7 +195,10 @@ class MmServicer(pb_grpc.MmServiceServicer):
     async def ListMachines(
         self, request: pb.ListMachinesRequest, context: Ctx
     ) -> pb.ListMachinesResponse:
-        return pb.ListMachinesResponse(machines=await self.kernel.list_machines())
+        machines = await self.kernel.list_machines()
+        if self.tenancy is not None:
+            machines = await self.tenancy.visible(machines)
+        return pb.ListMachinesResponse(machines=machines)
 
     @rpc
     async def CreateFile(

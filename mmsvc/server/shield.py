@@ -16,6 +16,9 @@ import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+# Kernel methods that do not count as syscalls for stop_machine (the CPU's own lifecycle).
+UNGATED = frozenset({"aclose", "cpu_online", "recover_dead_cpu", "finish_dead_walks"})
+
 
 class ShieldedKernel:
     """Proxy: coroutine methods of ``inner`` run to completion whatever happens to the caller."""
@@ -33,6 +36,16 @@ class ShieldedKernel:
     def _shielded(
         self, fn: Callable[..., Coroutine[Any, Any, Any]]
     ) -> Callable[..., Coroutine[Any, Any, Any]]:
+        gate = getattr(self._inner, "gate", None)
+        if gate is not None and fn.__name__ not in UNGATED:
+            inner_fn = fn
+
+            async def gated(*args: Any, **kwargs: Any) -> Any:
+                async with gate.syscall():  # held while another CPU stops the machine
+                    return await inner_fn(*args, **kwargs)
+
+            fn = functools.wraps(inner_fn)(gated)
+
         @functools.wraps(fn)
         async def call(*args: Any, **kwargs: Any) -> Any:
             task = asyncio.ensure_future(fn(*args, **kwargs))

@@ -32,6 +32,7 @@ from mmsvc.server.app import (
     run_until_signalled,
     split_host_port,
 )
+from mmsvc.server.security import ServerSecurity
 
 log = get_logger("mmsvc.workers")
 
@@ -46,6 +47,8 @@ class WorkerConfig:
     metrics_port: int | None
     log_format: LogFormat
     log_level: str
+    #: TLS / mutual TLS / tenant tokens (file paths only: each worker reads the files itself)
+    security: ServerSecurity | None = None
 
 
 def worker_addresses(listen: str, workers: int) -> list[str]:
@@ -63,15 +66,19 @@ def worker_configs(
     metrics_port: int | None,
     log_format: LogFormat,
     log_level: str = "info",
+    *,
+    cpu_base: int = 0,
+    security: ServerSecurity | None = None,
 ) -> list[WorkerConfig]:
     if workers == 1:
         return [
-            WorkerConfig(0, redis_url, listen, (), False, metrics_port, log_format, log_level)
+            WorkerConfig(cpu_base, redis_url, listen, (), False, metrics_port, log_format,
+                         log_level, security=security)
         ]
     private = worker_addresses(listen, workers)
     return [
         WorkerConfig(
-            cpu=i,
+            cpu=cpu_base + i,
             redis_url=redis_url,
             listen=listen,
             extra_listen=(private[i],),
@@ -79,6 +86,7 @@ def worker_configs(
             metrics_port=None if metrics_port is None else metrics_port + i,
             log_format=log_format,
             log_level=log_level,
+            security=security,
         )
         for i in range(workers)
     ]
@@ -92,6 +100,7 @@ async def serve_worker(cfg: WorkerConfig) -> None:
         extra_listen=cfg.extra_listen,
         reuse_port=cfg.reuse_port,
         cpu=cfg.cpu,
+        security=cfg.security,
     )
     await run_until_signalled(server)
 

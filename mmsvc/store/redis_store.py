@@ -1,41 +1,171 @@
-"""Redis access for the emulated kernel: one client, the function library, typed calls."""
+"""Redis access for the emulated kernel: one client, the function library, typed calls.
+
+The store is a single Redis server (``redis://``, ``rediss://``, ``unix://`` URLs) or a Redis
+Cluster (``redis+cluster://``, ``rediss+cluster://``: see :mod:`mmsvc.store.cluster` and
+docs/cluster.md).  Either way the kernel talks to :attr:`RedisStore.client`: every key carries
+a hash tag (:mod:`mmsvc.store.keys`), every function call and MULTI touches one slot, and the
+cluster client routes each command by its key and splits pipelines by node.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    ConnectionError,
+    ResponseError,
+    TimeoutError,
+)
 
 from mmsvc.mm.library import LIBRARY_NAME, library_source
+from mmsvc.store.cluster import cluster_client, is_cluster_url
+
+FUNCTION_NOT_FOUND = "Function not found"
+
+# Library functions registered with the 'no-writes' flag: no request id, nothing recorded.
+READ_ONLY_FUNCTIONS = frozenset({"pc_peek", "mm_records", "pt_read", "mm_dump", "cpu_live"})
+_REQUEST_IDS = (f"{uuid.uuid4().hex[:10]}.{n:x}" for n in itertools.count())
+STORE_RETRIES = 40
+STORE_RETRY_ERRORS: list[type[Exception]] = [ConnectionError, TimeoutError, BusyLoadingError]
+
+
+class StoreRetry(Retry):
+    """Retry, except what retrying cannot fix: a refused password or TLS verification
+    (redis-py makes AuthenticationError a ConnectionError) fails at once."""
+
+    async def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None,
+                              with_failure_count: bool = False) -> Any:
+        def retryable(exc: Exception) -> bool:
+            if isinstance(exc, AuthenticationError | AuthorizationError):
+                return False
+            return is_retryable(exc) if is_retryable is not None else True
+
+        return await super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+def store_retry() -> Retry:
+    """Retry policy of the store client: a dropped connection or a Redis restart (AOF
+    reload: LOADING) is retried with jittered backoff for about half a minute, so a syscall in
+    flight stalls and then completes instead of failing half way.  Writes are exactly-once
+    (request ids), so retrying them is safe."""
+    return StoreRetry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), STORE_RETRIES)
 
 
 class RedisStore:
     """The page store.  Functions of the library are called with :meth:`fcall`."""
 
-    def __init__(self, client: aioredis.Redis, url: str) -> None:
+    def __init__(self, client: aioredis.Redis, url: str,
+                 cluster: RedisCluster | None = None) -> None:
+        # On a cluster ``client`` is the RedisCluster itself.  It is typed as a Redis because
+        # the kernel uses only commands both clients share with the same signatures (single
+        # key or single slot commands, non-transactional pipelines, MULTI on one slot).
         self.client = client
         self.url = url
+        self.cluster = cluster
+        self.before_write: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.cluster is not None
 
     @classmethod
     async def connect(cls, url: str, *, max_connections: int = 256) -> RedisStore:
-        client = aioredis.Redis.from_url(
-            url, decode_responses=False, max_connections=max_connections
-        )
-        store = cls(client, url)
-        await store.load_library()
+        """A store on ``url``: a Redis Cluster for ``redis+cluster://`` / ``rediss+cluster://``
+        (max_connections per node), else one server; the library is loaded."""
+        store: RedisStore
+        if is_cluster_url(url):
+            cluster = cluster_client(url, max_connections=max_connections)
+            store = cls(cast(aioredis.Redis, cluster), url, cluster)
+        else:
+            # at start, a store that is not there (or refuses us) is an error now, not after
+            # the half minute of retries that carries a running worker over a restart
+            probe = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1))
+            try:
+                await probe.ping()
+            finally:
+                await probe.aclose()
+            client = aioredis.Redis.from_url(
+                url, decode_responses=False, max_connections=max_connections,
+                retry=store_retry(), retry_on_error=list(STORE_RETRY_ERRORS),
+            )
+            store = cls(client, url)
+        try:
+            if store.cluster is None:
+                await store._refuse_cluster_node()
+            await store.load_library()
+        except BaseException:
+            await store.close()
+            raise
         return store
 
+    async def _refuse_cluster_node(self) -> None:
+        """A plain URL of a cluster node would fail later, at the first key of another node's
+        slot (MOVED): say so now."""
+        try:
+            info = await self.client.info("cluster")
+        except ResponseError:  # INFO not permitted: nothing to learn, carry on
+            return
+        if str(info.get("cluster_enabled", "0")) == "1":
+            raise ValueError(
+                f"{self.url} is a Redis Cluster node: use a redis+cluster:// (or "
+                "rediss+cluster://) URL, see docs/cluster.md"
+            )
+
     async def load_library(self) -> None:
-        """Load (or replace) the function library; idempotent, safe from many workers."""
+        """Load (or replace) the function library; idempotent, safe from many workers.
+
+        On a cluster it is loaded on every primary; each primary's replicas receive it by
+        replication, so a replica promoted by a failover already has it."""
         source = library_source()
         try:
-            await self.client.function_load(source, replace=True)
+            if self.cluster is not None:
+                await self.cluster.execute_command(
+                    "FUNCTION LOAD", "REPLACE", source, target_nodes=RedisCluster.PRIMARIES
+                )
+            else:
+                await self.client.function_load(source, replace=True)
         except ResponseError as exc:  # pragma: no cover - a bug in the Lua sources
             raise RuntimeError(f"loading the {LIBRARY_NAME} library failed: {exc}") from exc
 
     async def fcall(self, name: str, key: str, *args: Any) -> Any:
+        """Call function ``name`` of the library on the node serving ``key``'s slot.
+
+        A function that writes gets a fresh request id first (``register_once`` in
+        lua/page.lua): when the client retries the call after a lost reply (a dropped
+        connection, a Redis restart: see :func:`store_retry`), it is applied once."""
+        if name not in READ_ONLY_FUNCTIONS:
+            if self.before_write is not None:
+                await self.before_write()  # e.g. a worker frozen past its CPU lease stops
+            args = (next(_REQUEST_IDS), *args)
+        try:
+            return await self.client.fcall(name, 1, key, *args)
+        except ResponseError as exc:
+            if not str(exc).startswith(FUNCTION_NOT_FOUND):
+                raise
+        # A primary without the library: one added to the cluster (or a server restarted
+        # empty) after this store loaded it.  Nothing ran, so loading it and calling again is
+        # safe.
+        await self.load_library()
         return await self.client.fcall(name, 1, key, *args)
+
+    async def scan_keys(self, match: str, count: int = 1000) -> AsyncIterator[bytes]:
+        """Every key matching ``match``; on a cluster, of every primary (SCAN is per node)."""
+        if self.cluster is not None:
+            async for key in self.cluster.scan_iter(match=match, count=count):
+                yield key
+        else:
+            async for key in self.client.scan_iter(match=match, count=count):
+                yield key
 
     async def close(self) -> None:
         await self.client.aclose()

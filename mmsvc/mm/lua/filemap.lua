@@ -5,7 +5,7 @@
 -- F:immap hash  "<pid>|<vma>" -> "pgoff|npages"  (the i_mmap interval tree, spec §1.8)
 
 -- pc_lookup(F; owner, index...) -> per index: "lv|idx", "busy", or "new" (now reserved by owner)
-redis.register_function('pc_lookup', function(keys, args)
+register_once('pc_lookup', function(keys, args)
   local F, owner = keys[1], args[1]
   local out = {}
   for i = 2, #args do
@@ -35,7 +35,7 @@ redis.register_function{function_name = 'pc_peek', flags = {'no-writes'},
   end}
 
 -- pc_commit(F; owner, index, "lv|idx" | "", ...): publish pages read in (or drop reservations).
-redis.register_function('pc_commit', function(keys, args)
+register_once('pc_commit', function(keys, args)
   local F, owner = keys[1], args[1]
   for i = 2, #args, 2 do
     local cur = redis.call('HGET', F .. ':pc', args[i])
@@ -49,7 +49,7 @@ end)
 
 -- pc_delete(F; index, "lv|idx"): the page leaves the page cache (__filemap_remove_folio),
 -- unless the slot already holds another page.
-redis.register_function('pc_delete', function(keys, args)
+register_once('pc_delete', function(keys, args)
   if redis.call('HGET', keys[1] .. ':pc', args[1]) == args[2] then
     return redis.call('HDEL', keys[1] .. ':pc', args[1])
   end

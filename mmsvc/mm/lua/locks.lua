@@ -77,6 +77,7 @@ local function lk_purge(L, now)
   local expired = redis.call('ZRANGEBYSCORE', L .. ':h', '-inf', now)
   if #expired > 0 then
     redis.call('ZREM', L .. ':h', unpack(expired))
+    redis.call('HDEL', L .. ':hc', unpack(expired))
     redis.call('HINCRBY', L .. ':st', 'expired', #expired)
     if redis.call('ZCARD', L .. ':h') == 0 then redis.call('HSET', L, 'mode', '') end
   end
@@ -91,6 +92,7 @@ end
 local function lk_grant(L, mode, cpu, lease_ms, now)
   local tok = redis.call('HINCRBY', L, 'tok', 1)
   redis.call('ZADD', L .. ':h', now + lease_ms, tok)
+  redis.call('HSET', L .. ':hc', tok, cpu)  -- the holder's CPU (lk_evict when it dies)
   local last = redis.call('HGET', L, 'last')
   redis.call('HSET', L, 'mode', mode, 'last', cpu)
   local bounce = 0
@@ -150,7 +152,7 @@ end
 
 -- lk_acquire(L; mode, cpu, wid, lease_ms[, try]) -> {1, tok, bounce} granted | {0} queued as
 -- wid | {-1} busy (try: trylock, nothing queued)
-redis.register_function('lk_acquire', function(keys, args)
+register_once('lk_acquire', function(keys, args)
   local L, mode, cpu, wid, lease_ms = keys[1], args[1], tonumber(args[2]), args[3], tonumber(args[4])
   local now = now_ms()
   lk_purge(L, now)
@@ -167,7 +169,7 @@ redis.register_function('lk_acquire', function(keys, args)
 end)
 
 -- lk_cancel(L; wid): a waiter gives up (timeout); a token already handed over is released.
-redis.register_function('lk_cancel', function(keys, args)
+register_once('lk_cancel', function(keys, args)
   local L, wid, lease_ms = keys[1], args[1], tonumber(args[2])
   local q = redis.call('LRANGE', L .. ':q', 0, -1)
   for _, e in ipairs(q) do
@@ -185,6 +187,7 @@ end)
 -- Release token a[1] of L; a = {tok, contended, bounce, wait_us, hold_us, lease_ms[, stats]}.
 local function lk_release_impl(L, a)
   local removed = redis.call('ZREM', L .. ':h', a[1])
+  redis.call('HDEL', L .. ':hc', a[1])
   local now = now_ms()
   lk_purge(L, now)
   if removed == 1 then
@@ -196,8 +199,72 @@ local function lk_release_impl(L, a)
   return removed
 end
 
+-- lk_evict(L; cpu, lease_ms) -> n: a dead CPU's holds and queued waits on L go (CPU
+-- hot-unplug); the next waiters are woken.  A late release or fenced write of an evicted
+-- holder finds its token gone.
+register_once('lk_evict', function(keys, args)
+  local L, cpu = keys[1], tostring(args[1])
+  local n = 0
+  local hc = redis.call('HGETALL', L .. ':hc')
+  for i = 1, #hc, 2 do
+    if hc[i + 1] == cpu then
+      redis.call('ZREM', L .. ':h', hc[i])
+      redis.call('HDEL', L .. ':hc', hc[i])
+      n = n + 1
+    end
+  end
+  for _, e in ipairs(redis.call('LRANGE', L .. ':q', 0, -1)) do
+    if string.match(e, '|(%d+)$') == cpu then
+      redis.call('LREM', L .. ':q', 1, e)
+      n = n + 1
+    end
+  end
+  if n > 0 then
+    redis.call('HINCRBY', L .. ':st', 'evicted', n)
+    if redis.call('ZCARD', L .. ':h') == 0 then redis.call('HSET', L, 'mode', '') end
+    lk_wake(L, now_ms(), tonumber(args[2]))
+  end
+  return n
+end)
+
+-- mm_save(M; lock, tok, edits_json): write back an address space's VMA and info edits
+-- (removed ids, changed id -> vma json, info field -> value) if `tok` still holds `lock`
+-- (fencing; lock '' = unfenced).  Returns 1, or 0 when fenced (nothing written).
+register_once('mm_save', function(keys, args)
+  local M, lock, tok = keys[1], args[1], tonumber(args[2])
+  if lock ~= '' and tok > 0 and not lk_holds(lock, tok) then return 0 end
+  local e = cjson.decode(args[3])
+  if #e.removed > 0 then redis.call('HDEL', M .. ':vma', unpack(e.removed)) end
+  local flat = {}
+  for id, v in pairs(e.changed) do flat[#flat + 1] = id; flat[#flat + 1] = v end
+  if #flat > 0 then redis.call('HSET', M .. ':vma', unpack(flat)) end
+  flat = {}
+  for k, v in pairs(e.info) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+  if #flat > 0 then redis.call('HSET', M .. ':info', unpack(flat)) end
+  return 1
+end)
+
+-- cpu_beat(K; cpu, lease_ms) -> CPUs whose lease ran out: renew this CPU's lease in the
+-- membership set K ({mmsvc}:cpus: CPU -> expiry in Redis time).
+-- Returns {added, stop, dead...}: added = 1 when this CPU was not registered (first beat, or
+-- it was taken offline as dead while paused: then it must not go on).
+register_once('cpu_beat', function(keys, args)
+  local now = now_ms()
+  local added = redis.call('ZADD', keys[1], now + tonumber(args[2]), args[1])
+  -- a stop_machine in progress ({mmsvc}:stop, same slot): its token, for the CPU to ack
+  local out = {added, redis.call('GET', '{mmsvc}:stop') or ''}
+  for _, c in ipairs(redis.call('ZRANGEBYSCORE', keys[1], '-inf', now)) do out[#out + 1] = c end
+  return out
+end)
+
+-- cpu_live(K) -> the CPUs whose lease has not run out (Redis time of K's own node).
+redis.register_function{function_name = 'cpu_live', flags = {'no-writes'},
+  callback = function(keys, args)
+    return redis.call('ZRANGEBYSCORE', keys[1], now_ms(), '+inf')
+  end}
+
 -- lk_release(L; tok, contended, bounce, wait_us, hold_us, lease_ms[, stats])
-redis.register_function('lk_release', function(keys, args)
+register_once('lk_release', function(keys, args)
   return lk_release_impl(keys[1], args)
 end)
 
@@ -255,7 +322,7 @@ end
 
 -- mm_enter(M; mode, cpu, wid, lease_ms): take mmap_lock and load the address space in one
 -- round trip: {-1} no such mm | {0} queued as wid | {1, tok, bounce, info, vmas}.
-redis.register_function('mm_enter', function(keys, args)
+register_once('mm_enter', function(keys, args)
   local M = keys[1]
   if redis.call('EXISTS', M .. ':info') == 0 then return {-1} end
   local L = M .. ':mmap_lock'

@@ -53,7 +53,7 @@ end
 --      {"C",i} lru_cache_add | {"F",i,set,clear} flags.  i < 0 names the -i'th page allocated
 --      by this call.  Stops early (reason) when a batch must be flushed across lruvecs or the
 --      lruvec lock is taken; `done` ops have been applied.
-redis.register_function('mm_pages', function(keys, args)
+register_once('mm_pages', function(keys, args)
   begin(keys[1])
   ILK = nil; INSIDE = false
   local h = cjson.decode(args[1])
@@ -62,6 +62,11 @@ redis.register_function('mm_pages', function(keys, args)
   local cpu, seq = h.cpu, h.seq
   local mlb_n, lab_n = h.mlb_n, h.lab_n
   local allocs = {}
+  -- a CPU taken offline as dead (its lease ran out while it was paused) touches no page
+  if redis.call('EXISTS', T .. ':offline:' .. cpu) == 1 then
+    return result({done = 0, reason = 'offline', alloc = allocs, mlb_n = mlb_n, lab_n = lab_n,
+                   seq = seq})
+  end
   local need = 0
   for _, op in ipairs(ops) do
     if op[1] == 'A' then
@@ -163,6 +168,25 @@ redis.register_function('mm_pages', function(keys, args)
         reason = 'unfrozen'
       else
         set(p, PG_FROZEN); dirty(idx)
+      end
+    elseif c == 'J' then
+      -- {"J", idx, mapcount, ptemaps, refcount, clear}: recovery after a CPU died in the
+      -- middle of syscalls (mm/recovery.py, run while the machine is stopped): the counts
+      -- recomputed from the page tables, page cache and batches; flags `clear` dropped
+      -- (stale page locks, freezes, isolations).  A page nobody references is freed.
+      local idx = op[2]
+      local p = pg(idx)
+      clr(p, op[6])
+      p.mapcount = op[3]
+      if has(p, PG_HEAD) then
+        p.aux = bit.bor(bit.band(p.aux, 255), bit.lshift(op[4], AUX_PTEMAP_SHIFT))
+      end
+      dirty(idx)
+      if op[5] <= 0 then
+        p.ref = 1
+        put_page(idx, 1)
+      else
+        p.ref = op[5]
       end
     elseif c == 'P' then put_page(ix(op[2]), 1)
     elseif c == 'I' then
@@ -330,7 +354,7 @@ end)
 -- mm_flush(T; which, cpu, count, tok): flush this lruvec's run of `count` entries of cpu's
 -- batch.  tok = 0: take the lruvec lock inline if it is free; otherwise the caller holds it
 -- (queued acquisition) and tok is checked against its holders (fencing).
-redis.register_function('mm_flush', function(keys, args)
+register_once('mm_flush', function(keys, args)
   begin(keys[1])
   ILK = nil; INSIDE = false
   CFG = cjson.decode(args[5] or '{}')
@@ -341,7 +365,7 @@ redis.register_function('mm_flush', function(keys, args)
 end)
 
 -- mm_grant(T; n): frames granted by the node to this lruvec's reserve (or returned: n < 0).
-redis.register_function('mm_grant', function(keys, args)
+register_once('mm_grant', function(keys, args)
   local n = tonumber(args[1])
   local r = redis.call('HINCRBY', keys[1] .. ':meta', 'reserve', n)
   if r < 0 then
@@ -379,7 +403,7 @@ redis.register_function{function_name = 'pt_read', flags = {'no-writes'},
 
 -- pt_walk(M; v0, v1[, max]): pt_read for a walk that holds each page table's lock
 -- (mlock_pte_range, zap, fault), with the PTL accounted.  With max: {resume_vpn, ptes...}.
-redis.register_function('pt_walk', function(keys, args)
+register_once('pt_walk', function(keys, args)
   local out, resume = pt_read_range(keys[1], tonumber(args[1]), tonumber(args[2]), true,
                                     tonumber(args[3]))
   if args[3] then table.insert(out, 1, resume) end
@@ -424,13 +448,15 @@ local function pt_install_impl(M, args, first)
   return conflicts
 end
 
-redis.register_function('pt_install', function(keys, args)
+register_once('pt_install', function(keys, args)
   return pt_install_impl(keys[1], args, 1)
 end)
 
 -- pt_install_unlock(M; tok, contended, bounce, wait_us, hold_us, lease_ms, entries...):
 -- the last step of a fault: install the ptes, then release mmap_lock, in one round trip.
-redis.register_function('pt_install_unlock', function(keys, args)
+register_once('pt_install_unlock', function(keys, args)
+  -- fenced: a holder whose mmap_lock was evicted (its CPU taken offline) installs nothing
+  if not lk_holds(keys[1] .. ':mmap_lock', tonumber(args[1])) then return {-1} end
   local conflicts = pt_install_impl(keys[1], args, 7)
   if #conflicts == 0 then  -- a fault that raced keeps the lock: it retries
     lk_release_impl(keys[1] .. ':mmap_lock', {args[1], args[2], args[3], args[4], args[5],
@@ -439,9 +465,30 @@ redis.register_function('pt_install_unlock', function(keys, args)
   return conflicts
 end)
 
+-- pt_markers(M) -> flat {vpn, idx, lv, bits} of the entries that are not present but name a
+-- page (MIGRATION: a migration entry, or a COW fault's claim): recovery after a CPU death.
+register_once('pt_markers', function(keys, args)
+  local M = keys[1]
+  local out = {}
+  for _, pm in ipairs(redis.call('ZRANGE', M .. ':pmds', 0, -1)) do
+    local s = redis.call('GET', M .. ':pt:' .. pm)
+    if s then
+      local base = tonumber(pm) * PTRS_PER_PMD
+      for i = 0, PTRS_PER_PMD - 1 do
+        local idx, lv, bits = struct.unpack(PTE_FMT, s, i * PTE_SIZE + 1)
+        if band(bits, PTE_PRESENT) == 0 and band(bits, PTE_MIGRATION) ~= 0 then
+          out[#out + 1] = base + i; out[#out + 1] = idx; out[#out + 1] = lv
+          out[#out + 1] = bits
+        end
+      end
+    end
+  end
+  return out
+end)
+
 -- pt_zap(M; v0, v1) -> flat {vpn, idx, lv, bits} of the present ptes removed from [v0, v1).
 -- Only existing page tables are visited (zap_pmd_range skips empty pmds).
-redis.register_function('pt_zap', function(keys, args)
+register_once('pt_zap', function(keys, args)
   local M, v0, v1 = keys[1], tonumber(args[1]), tonumber(args[2])
   local out = {}
   local t0, tables = redis.call('TIME'), 0
@@ -507,7 +554,7 @@ redis.register_function{function_name = 'mm_dump', flags = {'no-writes'},
 -- pmd_install(M; pmd, idx, lv, bits, expect_idx, expect_lv, expect_bits): map a THP with the
 -- pmd itself (do_huge_pmd_anonymous_page, copy_huge_pmd, a write-protect); expect 0,0,0 =
 -- pmd_none (no page table, no huge pmd).  Returns 1 when done, 0 when the pmd differed.
-redis.register_function('pmd_install', function(keys, args)
+register_once('pmd_install', function(keys, args)
   local M, pmd = keys[1], tonumber(args[1])
   local hkey = M .. ':hpmd:' .. pmd
   local cur = redis.call('GET', hkey)
@@ -527,7 +574,7 @@ end)
 
 -- pmd_split(M; pmd) -> {} or {idx, lv, bits}: __split_huge_pmd: the huge pmd becomes a page
 -- table of 512 ptes, each mapping its subpage of the THP (SUBPAGE, number in the high bits).
-redis.register_function('pmd_split', function(keys, args)
+register_once('pmd_split', function(keys, args)
   local M, pmd = keys[1], tonumber(args[1])
   local hkey = M .. ':hpmd:' .. pmd
   local h = redis.call('GET', hkey)

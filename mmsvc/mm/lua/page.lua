@@ -14,6 +14,26 @@ local FREED = 0        -- pages released to the lruvec's frame reserve by this c
 local STATS = {offlru = 0, flushes = 0}
 local FREE_PUSHES = {}  -- struct page indexes freed by this call
 
+-- Exactly-once execution of the functions that write.  The caller passes a request id as
+-- the first argument; the reply is kept next to the data (same slot, same AOF write) for
+-- ONCE_TTL_MS, so a call retried after a lost reply (a dropped connection, a Redis restart
+-- between the write and the reply) returns the first reply instead of applying twice.
+-- An empty id skips the record (callers that may repeat harmlessly).
+local ONCE_TTL_MS = 60000
+local function register_once(name, fn)
+  redis.register_function(name, function(keys, args)
+    local rid = table.remove(args, 1)
+    if rid == nil or rid == '' then return fn(keys, args) end
+    local k = keys[1] .. ':once:' .. rid
+    local prev = redis.call('GET', k)
+    if prev then return cmsgpack.unpack(prev) end
+    local res = fn(keys, args)
+    if res == nil then res = false end
+    redis.call('SET', k, cmsgpack.pack(res), 'PX', ONCE_TTL_MS)
+    return res
+  end)
+end
+
 -- bit/struct/cjson exist only when a function runs, not while the library loads.
 local function band(a, b) return bit.band(a, b) end
 local function bor(a, b) return bit.bor(a, b) end

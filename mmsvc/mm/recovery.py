@@ -1,0 +1,154 @@
+"""Recovery of what a dead CPU left half done (run from another CPU while the machine is
+stopped: cpu_hotplug.stop_machine).
+
+Linux has no counterpart: a CPU never dies in the middle of a syscall there (a hot-unplugged
+CPU's tasks migrate and go on).  A worker process can die anywhere, so its in-flight syscalls
+may have stopped between two of their store calls: pages allocated and counted but never
+mapped, page locks and isolations never released, a COW claim or migration entry never
+replaced, a page-cache slot reserved and never filled.  With every live CPU stopped (no
+syscall in flight anywhere) the ground truth is exactly the page tables, the page caches and
+the batches, so this recomputes from them what the kernel's counters must be (as the checker
+of §8.5 does) and sets them:
+
+* a COW claim or a migration entry names its page: restored as a present pte (the page is
+  still there) or dropped (it was freed);
+* mapcount = the ptes (pmds) mapping the page; refcount = mappings + page cache + batch
+  entries + an Isolate-API isolation; a page nobody references any more is freed (with the
+  final clearance of §6 when it is still mlocked: ``unevictable_pgs_cleared``);
+* page locks, freezes and the isolations of dead operations are dropped; a page left off
+  every LRU without a pending lru_add goes back through lru_cache_add;
+* a page still PG_mlocked (or counted) beyond its VM_LOCKED mappings gets munlock_page
+  entries (the interrupted syscall's munlock) - never for the known exception X4;
+* page-cache slots still reserved, or naming a page that is gone, are emptied.
+
+Repairs are counted and logged; they change no vmstat event except through the normal paths
+(munlock_page, the final clearance, lru-add).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from mmsvc.mm.checker import PageRef, load_lruvec
+from mmsvc.mm.machine import Machine
+from mmsvc.mm.memory import Programs
+from mmsvc.mm.mm_struct import Pte, load_mm, pt_install, pt_read
+from mmsvc.mm.page import PG, PTRS_PER_PMD, Page, PTEBit
+from mmsvc.mm.swap import Op, Swap
+from mmsvc.mm.vma import VM
+from mmsvc.store import keys
+from mmsvc.store.redis_store import RedisStore, text
+
+STALE_FLAGS = int(PG.LOCKED | PG.FROZEN)
+
+
+async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
+    """Repair machine m after a CPU died in it (every other CPU stopped).  Returns counts."""
+    fixed: Counter[str] = Counter()
+    pages: dict[PageRef, Page] = {}
+    for lv in sorted(m.lruvecs.values()):
+        _meta, lv_pages = await load_lruvec(store, m, lv)
+        for idx, p in lv_pages.items():
+            if p.flags & PG.INUSE:
+                pages[(lv, idx)] = p
+
+    # Page tables first: markers of dead COW claims and migrations, then every mapping.
+    mapcounts: Counter[PageRef] = Counter()
+    pte_maps: Counter[PageRef] = Counter()
+    locked: Counter[PageRef] = Counter()
+    for raw_pid in await store.client.smembers(f"{keys.machine(m.mid)}:procs"):
+        mm = await load_mm(store, m, int(raw_pid), allow_dead=True)
+        flat = await store.fcall("pt_markers", mm.key)
+        for i in range(0, len(flat), 4):
+            vpn, idx, lv, bits = (int(x) for x in flat[i:i + 4])
+            marker = Pte(vpn, idx, lv, bits)
+            if (lv, idx) in pages:
+                back = Pte(vpn, idx, lv, int(PTEBit.PRESENT) | (bits & PTEBit.WRITE))
+                fixed["marker_restored"] += not await pt_install(store, mm.key, [back],
+                                                                 {vpn: marker})
+            else:
+                fixed["marker_dropped"] += not await pt_install(
+                    store, mm.key, [Pte(vpn, 0, 0, 0)], {vpn: marker})
+        for vma in mm.vmas:
+            for pte in (await pt_read(store, mm.key, vma.start, vma.end)).values():
+                mref = (pte.lv, pte.idx)
+                if pte.bits & PTEBit.ZERO:
+                    continue
+                if pte.is_subpage:
+                    pte_maps[mref] += 1
+                    continue
+                if pte.is_pmd and pte.vpn % PTRS_PER_PMD:
+                    continue
+                mapcounts[mref] += 1
+                if (vma.flags & (VM.LOCKED | VM.IO)) == VM.LOCKED:
+                    locked[mref] += 1
+
+    # Page caches: reservations of dead faults, entries naming pages that are gone.
+    cache: set[PageRef] = set()
+    for f in m.files.values():
+        fkey = keys.file(m.mid, f.fid)
+        for raw_index, raw_val in (await store.client.hgetall(f"{fkey}:pc")).items():
+            val = text(raw_val)
+            if not val.startswith("busy|"):
+                lv_s, idx_s = val.split("|")
+                cref = (int(lv_s), int(idx_s))
+                cp = pages.get(cref)
+                if cp is not None and cp.has(PG.PAGECACHE) and cp.mapping == f.fid \
+                        and cp.index == int(text(raw_index)):
+                    cache.add(cref)
+                    continue
+            await store.fcall("pc_delete", fkey, text(raw_index), val)
+            fixed["pagecache_slot_emptied"] += 1
+
+    # Batch entries (every CPU's: the dead one's were drained before).
+    batch: Counter[PageRef] = Counter()
+    lru_pending: set[PageRef] = set()
+    cpus = [text(c) for c in await store.client.smembers(f"{keys.machine(m.mid)}:cpus")]
+    for lv in m.lruvecs.values():
+        for cpu in cpus:
+            for which in ("mlb", "lab"):
+                for e in await store.client.lrange(f"{m.lv_key(lv)}:{which}:{cpu}", 0, -1):
+                    bref = (lv, int(text(e).split("|")[0]))
+                    batch[bref] += 1
+                    if which == "lab":
+                        lru_pending.add(bref)
+
+    progs = Programs.empty()
+    for ref, p in sorted(pages.items()):
+        if p.has(PG.TAIL):
+            continue
+        lv, idx = ref
+        clear = p.flags & STALE_FLAGS
+        user = p.has(PG.USER_ISOLATED)
+        if p.has(PG.ISOLATED) and not user:
+            clear |= int(PG.ISOLATED)  # the isolator died: its reference is gone too
+            fixed["isolation_dropped"] += 1
+        in_cache = ref in cache
+        if p.has(PG.PAGECACHE) and not in_cache:
+            clear |= int(PG.PAGECACHE)
+            fixed["pagecache_flag_dropped"] += 1
+        expected = (mapcounts[ref] + pte_maps[ref] + int(in_cache) + batch[ref]
+                    + int(user and p.has(PG.ISOLATED)))
+        if (clear or p.mapcount != mapcounts[ref] or p.pte_mapcount != pte_maps[ref]
+                or p.refcount != expected):
+            fixed["counts_set"] += 1
+            fixed["pages_freed"] += expected == 0
+            progs.add(lv, ["J", idx, mapcounts[ref], pte_maps[ref], expected, clear])
+        if expected == 0:
+            continue
+        ops: list[Op] = []
+        on_lru = p.has(PG.LRU) or ref in lru_pending or (user and p.has(PG.ISOLATED))
+        if not on_lru:
+            ops.append(["C", idx])  # lru_cache_add: back on an LRU list
+            fixed["lru_added"] += 1
+        M = locked[ref]
+        if not p.has(PG.RESIDUE) and not p.has(PG.UNEVICTABLE_MAPPING) and p.has(PG.MLOCKED):
+            count = p.mlock_count if p.mlock_count >= 0 else 1
+            extra = max(count - M, 1 if M == 0 else 0)
+            ops += [["K", idx] for _ in range(extra)]  # the munlock that never ran
+            fixed["munlock_entries"] += extra
+        if ops:
+            progs.add(lv, *ops)
+    await progs.execute(swap, m)
+    await swap.lru_add_drain(m)
+    return fixed
