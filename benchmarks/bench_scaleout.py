@@ -107,9 +107,11 @@ def run(workers: int, layout: str, seconds: float, tasks: int) -> tuple[float, d
             node, memcg = (i, "root") if layout == "disjoint" else (0, "root")
             procs.append(ctx.Process(target=_client_proc,
                                      args=(target, mid, node, memcg, seconds, tasks, out)))
+        cpu0 = _cpu_times()
         for p in procs:
             p.start()
         total = sum(out.get() for _ in procs)
+        busy, idle = (a - b for a, b in zip(_cpu_times(), cpu0, strict=True))
         for p in procs:
             p.join()
 
@@ -124,11 +126,20 @@ def run(workers: int, layout: str, seconds: float, tasks: int) -> tuple[float, d
             }
 
         stats = asyncio.run(lruvec_stats())
+        stats["machine_busy"] = busy / max(busy + idle, 1)
         return total / seconds, stats
     finally:
         server.terminate()
         server.wait(timeout=30)
         redis.stop()
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, idle) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, idle
 
 
 def _free(port: int) -> bool:
@@ -150,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpus: {os.cpu_count()}; {RANGE}-page mlock+munlock loops, "
           f"2 client processes x {args.concurrency} tasks, {args.seconds:.0f} s per run")
     for layout in ("disjoint", "shared"):
-        one, _ = run(1, layout, args.seconds, args.concurrency)
+        one, st1 = run(1, layout, args.seconds, args.concurrency)
         two, st = run(2, layout, args.seconds, args.concurrency)
         print(f"{layout:8s}: 1 worker {one:8.1f} syscalls/s | 2 workers {two:8.1f} syscalls/s"
               f" | ratio {two / one:.2f}")
+        print(f"          machine CPU busy (clients, workers, redis): 1 worker "
+              f"{st1['machine_busy']:.0%}, 2 workers {st['machine_busy']:.0%} of "
+              f"{os.cpu_count()} cores")
         print(f"          lruvec_lock (2 workers): acquisitions {st['acquisitions']:.0f}, "
               f"contentions {st['contentions']:.0f}, cross-CPU bounces {st['bounces']:.0f}, "
               f"wait {st['wait_total_ms']:.1f} ms")

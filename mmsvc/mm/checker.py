@@ -70,7 +70,7 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
                 for e in entries:
                     batch_refs[(lv, int(text(e).split("|")[0]))] += 1
     cache_refs: set[PageRef] = set()
-    for f in m.files.values():
+    for f in list(m.files.values()):
         for val in (await store.client.hgetall(f"{keys.file(m.mid, f.fid)}:pc")).values():
             entry = text(val)
             if not entry.startswith("busy|"):

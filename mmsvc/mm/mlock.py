@@ -24,6 +24,17 @@ from mmsvc.mm.vma import VM, VM_LOCKED_MASK, VM_SPECIAL, Vma
 from mmsvc.store.redis_store import RedisStore
 
 WALK_CHUNK = 4096  # ptes read per round trip of the mlock walk
+#: The most pages one request may fault in, populate, lock or migrate (256 MiB).  The emulator
+#: does some 20-60 thousand pages a second, in page programs that Redis runs one at a time: a
+#: request must end well within its mmap_lock lease (30 s) and the clients' deadlines, and
+#: must not hold up everyone else's calls for long.  Linux has no such bound; mmsvc refuses
+#: bigger requests before changing anything (docs/api.md).
+MAX_POPULATE_PAGES = 1 << 16
+
+
+def too_many_pages(pages: int, what: str) -> str:
+    return (f"cannot {what} {pages} pages in one call: this emulator does at most "
+            f"{MAX_POPULATE_PAGES} ({MAX_POPULATE_PAGES >> 8} MiB) per request")
 
 
 def page_range(addr: int, length: int) -> tuple[int, int]:
@@ -236,6 +247,10 @@ class Mlock:
         total_vm = sum(v.pages for v in mm.vmas)
         if flags & MCL_CURRENT and total_vm > lock_limit and not mm.geti("cap_ipc_lock"):
             raise KernelError("ENOMEM", "RLIMIT_MEMLOCK exceeded by the address space")
+        if flags & MCL_CURRENT and not flags & MCL_ONFAULT:
+            to_populate = sum(v.pages for v in mm.vmas if populated_by_mlock(v))
+            if to_populate > MAX_POPULATE_PAGES:
+                raise KernelError("ENOMEM", too_many_pages(to_populate, "lock and populate"))
         await self.apply_mlockall_flags(m, mm, flags)
 
     async def populate(
@@ -276,6 +291,12 @@ class Mlock:
             finally:
                 if drain is not None and m.cfg.populate_drain:
                     await drain()
+
+
+def populated_by_mlock(vma: Vma) -> bool:
+    """populate() faults this VMA in (it skips VM_IO/VM_PFNMAP and PROT_NONE ones)."""
+    return bool(vma.flags & (VM.READ | VM.WRITE | VM.EXEC)
+                and not vma.flags & (VM.IO | VM.PFNMAP))
 
 
 def count_mm_mlocked_page_nr(mm: MmState, start: int, end: int) -> int:

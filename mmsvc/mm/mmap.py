@@ -12,7 +12,7 @@ from mmsvc.locks import Locks
 from mmsvc.mm.errors import KernelError, einval
 from mmsvc.mm.machine import Machine, new_id, refresh_files
 from mmsvc.mm.memory import Faults, Programs, split_huge_pmds_around, zap_range
-from mmsvc.mm.mlock import Mlock
+from mmsvc.mm.mlock import MAX_POPULATE_PAGES, Mlock, too_many_pages
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, save
 from mmsvc.mm.page import PTRS_PER_PMD, PTEBit
 from mmsvc.mm.rmap import anon_vma_add
@@ -129,10 +129,6 @@ class Mmap:
             file_id = f.fid
         if kind == MAP_SHARED:
             flags |= VM.SHARED | VM.MAYSHARE
-            if anon:
-                # shmem_zero_setup(): shared anonymous memory is an unnamed tmpfs file.
-                file_id = await self._shmem_zero_file(m, npages)
-                pgoff = 0
         # MAP_LOCKED / MCL_FUTURE (§3.7.4), checked by mlock_future_ok() -> EAGAIN.
         lockflags = int(mm.geti("def_flags"))
         if args.flags & MAP_LOCKED:
@@ -144,7 +140,20 @@ class Mmap:
             limit = mm.geti("rlim_soft") >> PAGE_SHIFT
             if mm.geti("locked_vm") + npages > limit:
                 raise KernelError("EAGAIN", "RLIMIT_MEMLOCK exceeded by a locked mapping")
+        populate = bool(flags & VM.LOCKED and not flags & VM.LOCKONFAULT) or bool(
+            args.flags & MAP_POPULATE and not args.flags & MAP_NORESERVE)
+        if populate and npages > MAX_POPULATE_PAGES:
+            raise KernelError("ENOMEM", too_many_pages(npages, "populate"))
+        shmem = kind == MAP_SHARED and anon
+        if shmem and npages > m.cfg.frames_per_node * m.cfg.nodes:
+            raise KernelError("ENOMEM", "shared anonymous mapping larger than the machine's "
+                                        "memory")
         start = self._get_unmapped_area(mm, args, npages)
+        # Every check is done: from here on the call changes things.
+        if shmem:
+            # shmem_zero_setup(): shared anonymous memory is an unnamed tmpfs file.
+            file_id = await self._shmem_zero_file(m, npages)
+            pgoff = 0
         if args.flags & MAP_FIXED:
             await self.do_munmap(m, mm, start, start + npages)
         vid = await new_id(self.store, m.mid, "vma")
@@ -159,8 +168,6 @@ class Mmap:
         if not args.flags & MAP_FIXED:
             mm.set_info("next_vpn", start - GUARD_PAGES)
         await save(self.store, mm)
-        populate = (vma.locked and not vma.flags & VM.LOCKONFAULT) or bool(
-            args.flags & MAP_POPULATE and not args.flags & MAP_NORESERVE)
         return vma, populate
 
     async def _shmem_zero_file(self, m: Machine, npages: int) -> int:
@@ -265,6 +272,12 @@ class Mmap:
         for vma in list(mm.overlapping(start, end)):
             if newprot & VM.WRITE and vma.shared and vma.file and not vma.flags & VM.MAYWRITE:
                 raise KernelError("EACCES", "file not opened for writing")
+        if newprot & VM.WRITE:  # locked private read-only areas made writable are populated
+            to_populate = sum(min(end, v.end) - max(start, v.start)
+                              for v in mm.overlapping(start, end)
+                              if (v.flags & (VM.WRITE | VM.SHARED | VM.LOCKED)) == VM.LOCKED)
+            if to_populate > MAX_POPULATE_PAGES:
+                raise KernelError("ENOMEM", too_many_pages(to_populate, "populate"))
         inside = await self.split_at(m, mm, start, end)
         populate: list[Vma] = []
         for vma in inside:

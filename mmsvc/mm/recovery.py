@@ -85,7 +85,7 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
 
     # Page caches: reservations of dead faults, entries naming pages that are gone.
     cache: set[PageRef] = set()
-    for f in m.files.values():
+    for f in list(m.files.values()):
         fkey = keys.file(m.mid, f.fid)
         for raw_index, raw_val in (await store.client.hgetall(f"{fkey}:pc")).items():
             val = text(raw_val)

@@ -25,7 +25,7 @@ from mmsvc.mm.machine import Machine, release_reserve
 from mmsvc.mm.madvise import Madvise
 from mmsvc.mm.memory import Faults, Programs, cache_flags, read_pages
 from mmsvc.mm.migrate import Migrate, MigrateStats, check_target
-from mmsvc.mm.mlock import Mlock, page_range
+from mmsvc.mm.mlock import MAX_POPULATE_PAGES, Mlock, page_range, too_many_pages
 from mmsvc.mm.mm_struct import (
     MmState,
     decode_mm,
@@ -41,6 +41,7 @@ from mmsvc.mm.rmap import Rmap
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.types import (
     MCL_CURRENT,
+    MLOCK_ONFAULT,
     Advice,
     CheckReport,
     FileSpec,
@@ -56,8 +57,22 @@ from mmsvc.mm.vmscan import ShrinkStats, Vmscan
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
 
-MAX_RANGE_PAGES = 1 << 24  # one request acts on at most 64 GiB of pages that need work
+#: One request faults in, locks, populates or migrates at most this many pages (mlock.py).
+MAX_RANGE_PAGES = MAX_POPULATE_PAGES
+MAX_MAP_PAGES = 1 << 24  # the largest mapping (64 GiB): mapping costs nothing until faulted
+MAX_RECLAIM_PAGES = 1 << 24  # pages one Reclaim scans per lruvec (bounded by the LRUs)
 MAX_VIEW_PAGES = 1 << 20
+#: FilePages answers one PageInfo per page of the file: a bigger file would not fit a response.
+MAX_FILE_VIEW_PAGES = 1 << 18
+
+
+def touched_range(addr: int, length: int) -> tuple[int, int]:
+    """Fault and Migrate: the pages of the bytes [addr, addr + length), addr not necessarily
+    page aligned (one byte per page is touched); EINVAL past the user address space."""
+    if addr < 0 or length <= 0:
+        raise einval("length must be positive")
+    start, end = page_range(addr, length)
+    return aligned_range(start << 12, (end - start) << 12)
 
 
 class Kernel:
@@ -152,6 +167,8 @@ class Kernel:
         return sorted((text(x) for x in raw), key=lambda s: (len(s), s))
 
     async def create_file(self, machine: str, spec: FileSpec) -> None:
+        if spec.prefill and spec.pages > MAX_POPULATE_PAGES:
+            raise einval(too_many_pages(spec.pages, "prefill"))
         m = await self._machine_fresh(machine)
         info = await machines.create_file(self.store, m, spec)
         if spec.prefill:
@@ -243,7 +260,7 @@ class Kernel:
 
     # ---------------------------------------------------------------- mmap family -------
     async def mmap(self, machine: str, pid: int, args: MmapArgs) -> int:
-        if args.length > MAX_RANGE_PAGES << 12:
+        if args.length > MAX_MAP_PAGES << 12:
             raise KernelError("ENOMEM", "mapping too large for this emulator")
         m = await self._machine_fresh(machine) if args.file else await self.machine(machine)
         del m
@@ -274,14 +291,17 @@ class Kernel:
         if length == 0:
             return
         start, end = aligned_range(addr, length)
+        populate = advice in (Advice.MADV_POPULATE_READ, Advice.MADV_POPULATE_WRITE)
+        if populate and end - start > MAX_RANGE_PAGES:
+            raise einval(too_many_pages(end - start, "populate"))
         async with self._mm(machine, pid, "r") as (m, mm):  # madvise_need_mmap_write: no
             await self.madv.madvise(m, mm, start, end, Advice(advice))
 
     # ---------------------------------------------------------------- mlock family -------
     async def mlock(self, machine: str, pid: int, addr: int, length: int, flags: int = 0) -> None:
         start, end = page_range(addr, length)
-        if end - start > MAX_RANGE_PAGES:
-            raise KernelError("ENOMEM", "range too large for this emulator")
+        if end - start > MAX_RANGE_PAGES and not flags & MLOCK_ONFAULT:  # onfault: no populate
+            raise KernelError("ENOMEM", too_many_pages(end - start, "lock and populate"))
         async with self._mm(machine, pid, "w") as (m, mm):
             start, end = await self.mlocks.do_mlock(m, mm, addr, length, flags)
         async with self._mm(machine, pid, "r") as (m, mm):
@@ -315,9 +335,9 @@ class Kernel:
 
     # --------------------------------------------------------------------- faults -------
     async def fault(self, machine: str, pid: int, addr: int, length: int, write: bool) -> int:
-        start, end = aligned_range(addr, length)
+        start, end = touched_range(addr, length)
         if end - start > MAX_RANGE_PAGES:
-            raise einval("range too large")
+            raise einval(too_many_pages(end - start, "fault in"))
         async with self._mm(machine, pid, "r", prefetch=(start, end)) as (m, mm):
             if not mm.covered(start, end):
                 raise KernelError("EFAULT", "SIGSEGV: address not mapped")
@@ -332,9 +352,9 @@ class Kernel:
     async def migrate(self, machine: str, pid: int, addr: int, length: int,
                       node: int) -> MigrateResult:
         """move_pages(2)/mbind-like: migrate the range's pages to node (spec §4)."""
-        start, end = aligned_range(addr, length)
+        start, end = touched_range(addr, length)
         if end - start > MAX_RANGE_PAGES:
-            raise einval("range too large")
+            raise einval(too_many_pages(end - start, "migrate"))
         async with self._mm(machine, pid, "r") as (m, mm):
             check_target(m, node)
             if not mm.covered(start, end):
@@ -368,7 +388,7 @@ class Kernel:
                       nr_pages: int) -> ReclaimResult:
         """Memory pressure on a node and/or memcg: scan up to nr_pages per lruvec (§5)."""
         m = await self._machine_fresh(machine)
-        if nr_pages <= 0 or nr_pages > MAX_RANGE_PAGES:
+        if nr_pages <= 0 or nr_pages > MAX_RECLAIM_PAGES:
             raise einval("nr_pages must be 1..16M")
         if node is not None and not 0 <= node < m.cfg.nodes:
             raise einval(f"no node {node}")
@@ -468,6 +488,9 @@ class Kernel:
         f = m.files.get(name)
         if f is None:
             raise KernelError("ENOENT", f"no file {name!r}")
+        if f.pages > MAX_FILE_VIEW_PAGES:
+            raise KernelError("E2BIG", f"file {name!r} has {f.pages} pages: a view shows at "
+                                       f"most {MAX_FILE_VIEW_PAGES}")
         raw = await self.store.client.hgetall(f"{keys.file(m.mid, f.fid)}:pc")
         cached: dict[int, tuple[int, int]] = {}
         for k, v in raw.items():

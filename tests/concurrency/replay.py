@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 from dataclasses import asdict
@@ -82,6 +83,8 @@ async def replay_once(driver: Driver, doc: dict[str, Any], verbose: bool) -> lis
                 return [f"step {n}: {f}" for f in faults]
             v = (await driver.on(n).check(mid, False)).violations
             if v:
+                if os.environ.get("MMSVC_REPLAY_DUMP"):
+                    await dump_mappings(k, mid, world)
                 return [f"Check(drain_all=False) after step {n}: {x}" for x in v]
         await driver.on(0).drain(mid, True)
         v = (await driver.on(1).check(mid, True)).violations
@@ -96,6 +99,22 @@ async def replay_once(driver: Driver, doc: dict[str, Any], verbose: bool) -> lis
         return [f"after a reclaim pass: {x}" for x in v]
     finally:
         await k.delete_machine(mid)
+
+
+async def dump_mappings(k: Any, mid: str, world: World) -> None:
+    """MMSVC_REPLAY_DUMP=1: every live process's VMAs and the pages they map."""
+    for proc in world.procs:
+        try:
+            entries = await k.smaps(mid, proc.pid)
+        except Exception as exc:
+            print(f"  pid {proc.pid}: {exc}")
+            continue
+        for e in entries:
+            print(f"  pid {proc.pid} vma {e.start:#x}-{e.end:#x} {e}")
+            for p in await k.page_flags(mid, proc.pid, e.start, e.end - e.start):
+                if p.present:
+                    print(f"    {p.addr:#x} pfn {p.pfn >> 32}:{p.pfn & 0xffffffff} "
+                          f"kind {p.kind} map {p.mapcount} ref {p.refcount}")
 
 
 def main(argv: list[str] | None = None) -> int:
