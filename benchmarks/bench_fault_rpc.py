@@ -18,22 +18,13 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import wait_ready
 from mmsvc.mm.types import MachineConfig, MmapArgs
 from mmsvc.store.embedded import EmbeddedRedis, free_port
 from mmsvc_client import AsyncMmsvcClient
 
 PAGES_PER_TASK = 200_000
 
-
-async def wait_ready(target: str) -> None:
-    for _ in range(100):
-        try:
-            async with AsyncMmsvcClient(target, timeout=1.0) as c:
-                await c.ping()
-                return
-        except Exception:
-            await asyncio.sleep(0.1)
-    raise SystemExit("server did not start")
 
 
 async def rate(seconds: float, workers: list[object]) -> float:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import wait_ready
 from mmsvc.mm.types import MAP_ANONYMOUS, MAP_PRIVATE, MachineConfig, MmapArgs, ProcessSpec
 from mmsvc.store.embedded import EmbeddedRedis, free_port
 from mmsvc_client import AsyncMmsvcClient
@@ -65,16 +66,6 @@ def _client_proc(target: str, mid: str, node: int, memcg: str, seconds: float, t
     out.put(asyncio.run(_client(target, mid, node, memcg, seconds, tasks)))
 
 
-async def _wait(target: str) -> None:
-    for _ in range(200):
-        try:
-            async with AsyncMmsvcClient(target, timeout=1.0) as c:
-                await c.ping()
-                return
-        except Exception:
-            await asyncio.sleep(0.1)
-    raise SystemExit(f"server {target} did not start")
-
 
 def run(workers: int, layout: str, seconds: float, tasks: int) -> tuple[float, dict[str, float]]:
     redis = EmbeddedRedis().start()
@@ -89,7 +80,7 @@ def run(workers: int, layout: str, seconds: float, tasks: int) -> tuple[float, d
                else [f"127.0.0.1:{port + 1 + i}" for i in range(workers)])
     try:
         for t in targets:
-            asyncio.run(_wait(t))
+            asyncio.run(wait_ready(t))
 
         async def setup() -> str:
             async with AsyncMmsvcClient(targets[0], timeout=60.0) as k:

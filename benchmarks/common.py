@@ -23,3 +23,19 @@ def redis_benchmark_hset(server: EmbeddedRedis, requests: int = 1_000_000) -> fl
     if not found:
         raise SystemExit(f"cannot parse redis-benchmark output: {out!r}")
     return float(found[-1])
+
+
+async def wait_ready(target: str, attempts: int = 200) -> None:
+    """Until a mmsvc server answers Ping on target (0.1 s apart)."""
+    import asyncio
+
+    from mmsvc_client import AsyncMmsvcClient
+
+    for _ in range(attempts):
+        try:
+            async with AsyncMmsvcClient(target, timeout=1.0) as c:
+                await c.ping()
+                return
+        except Exception:
+            await asyncio.sleep(0.1)
+    raise SystemExit(f"server {target} did not start")

@@ -47,6 +47,19 @@ def free_port_range(n: int) -> int:
     raise RuntimeError("no free port range")
 
 
+def end_process(proc: subprocess.Popen[bytes], graceful: bool, timeout: float) -> None:
+    """SIGTERM and wait (SIGKILL after ``timeout``), or SIGKILL at once."""
+    if graceful:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    proc.wait()
+
+
 @dataclass
 class DurableRedis:
     """redis-server with AOF, ``appendfsync always`` (the durable profile)."""
@@ -84,22 +97,14 @@ class DurableRedis:
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no final fsync beyond what appendfsync always did."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._end(graceful=False)
 
     def stop(self) -> None:
+        self._end(graceful=True)
+
+    def _end(self, graceful: bool) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            end_process(self.proc, graceful, timeout=10)
             self.proc = None
         if self._log is not None:
             self._log.close()
@@ -167,13 +172,8 @@ class Worker:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.send_signal(signal.SIGCONT)  # a paused worker must see the SIGTERM
+            end_process(self.proc, True, timeout=20)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 from mmsvc.mm.machine import Machine
-from mmsvc.mm.mm_struct import load_mm, pt_read
+from mmsvc.mm.mm_struct import MmState, load_mm, pt_read
 from mmsvc.mm.page import (
     CHUNK_PAGES,
     LRU,
@@ -46,6 +46,44 @@ async def load_lruvec(
     return meta, pages
 
 
+async def batch_entries(store: RedisStore,
+                        m: Machine) -> tuple[Counter[PageRef], set[PageRef]]:
+    """Every CPU's pending batch entries: references per page, and the pages waiting in an
+    lru_add batch (they will be put on an LRU list)."""
+    refs: Counter[PageRef] = Counter()
+    lru_pending: set[PageRef] = set()
+    cpus = [text(c) for c in await store.client.smembers(f"{keys.machine(m.mid)}:cpus")]
+    for lv in m.lruvecs.values():
+        for cpu in cpus:
+            for which in ("mlb", "lab"):
+                for e in await store.client.lrange(f"{m.lv_key(lv)}:{which}:{cpu}", 0, -1):
+                    ref = (lv, int(text(e).split("|")[0]))
+                    refs[ref] += 1
+                    if which == "lab":
+                        lru_pending.add(ref)
+    return refs, lru_pending
+
+
+async def count_mappings(store: RedisStore, mm: MmState, mapcounts: Counter[PageRef],
+                         pte_maps: Counter[PageRef], locked: Counter[PageRef]) -> None:
+    """Add mm's mappings from its page tables: pte mappings of small pages and pmds of THPs
+    (mapcounts), pte mappings of THP subpages (pte_maps), and M(p): those in VM_LOCKED vmas
+    outside a VM_IO window (locked)."""
+    for vma in mm.vmas:
+        for pte in (await pt_read(store, mm.key, vma.start, vma.end)).values():
+            ref = (pte.lv, pte.idx)
+            if pte.bits & PTEBit.ZERO:
+                continue
+            if pte.is_subpage:  # a pte mapping of a THP subpage: never counted (§3.9)
+                pte_maps[ref] += 1
+                continue
+            if pte.is_pmd and pte.vpn % PTRS_PER_PMD:
+                continue  # one pmd mapping, reported for each of its 512 pages
+            mapcounts[ref] += 1
+            if (vma.flags & (VM.LOCKED | VM.IO)) == VM.LOCKED:
+                locked[ref] += 1
+
+
 async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> CheckReport:
     rep = CheckReport(quiescent=quiescent)
     v = rep.violations
@@ -59,16 +97,8 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
     rep.pages_checked = len(live)
 
     # References each page must hold: mappings, page cache, batch entries (A6).
-    batch_refs: Counter[PageRef] = Counter()
-    pending = 0
-    cpus = [int(c) for c in await store.client.smembers(f"{keys.machine(m.mid)}:cpus")]
-    for lv in metas:
-        for cpu in cpus:
-            for which in ("mlb", "lab"):
-                entries = await store.client.lrange(f"{m.lv_key(lv)}:{which}:{cpu}", 0, -1)
-                pending += len(entries)
-                for e in entries:
-                    batch_refs[(lv, int(text(e).split("|")[0]))] += 1
+    batch_refs, _lru_pending = await batch_entries(store, m)
+    pending = sum(batch_refs.values())
     cache_refs: set[PageRef] = set()
     for f in list(m.files.values()):
         for val in (await store.client.hgetall(f"{keys.file(m.mid, f.fid)}:pc")).values():
@@ -89,19 +119,7 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
         if quiescent and mm.geti("alive") and mm.geti("locked_vm") != mm.locked_pages_total:  # Q7
             v.append(f"Q7 pid {pid}: locked_vm {mm.geti('locked_vm')} != "
                      f"{mm.locked_pages_total} pages in VM_LOCKED vmas")
-        for vma in mm.vmas:
-            ptes = await pt_read(store, mm.key, vma.start, vma.end)
-            for pte in ptes.values():
-                if pte.bits & PTEBit.ZERO:
-                    continue
-                if pte.is_subpage:  # a pte mapping of a THP subpage: never counted (§3.9)
-                    pte_maps[(pte.lv, pte.idx)] += 1
-                    continue
-                if pte.is_pmd and pte.vpn % PTRS_PER_PMD:
-                    continue  # one pmd mapping, reported for each of its 512 pages
-                mapcounts[(pte.lv, pte.idx)] += 1
-                if (vma.flags & (VM.LOCKED | VM.IO)) == VM.LOCKED:
-                    locked_maps[(pte.lv, pte.idx)] += 1
+        await count_mappings(store, mm, mapcounts, pte_maps, locked_maps)
 
     # A1 / A3 per lruvec (one zone per node: nr_mlock summed per node).
     mlock_by_node: Counter[int] = Counter()

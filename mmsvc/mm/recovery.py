@@ -29,13 +29,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mmsvc.mm.checker import PageRef, load_lruvec
+from mmsvc.mm.checker import PageRef, batch_entries, count_mappings, load_lruvec
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs
-from mmsvc.mm.mm_struct import Pte, load_mm, pt_install, pt_read
-from mmsvc.mm.page import PG, PTRS_PER_PMD, Page, PTEBit
+from mmsvc.mm.mm_struct import Pte, load_mm, pt_install
+from mmsvc.mm.page import PG, Page, PTEBit
 from mmsvc.mm.swap import Op, Swap
-from mmsvc.mm.vma import VM
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
 
@@ -69,19 +68,7 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
             else:
                 fixed["marker_dropped"] += not await pt_install(
                     store, mm.key, [Pte(vpn, 0, 0, 0)], {vpn: marker})
-        for vma in mm.vmas:
-            for pte in (await pt_read(store, mm.key, vma.start, vma.end)).values():
-                mref = (pte.lv, pte.idx)
-                if pte.bits & PTEBit.ZERO:
-                    continue
-                if pte.is_subpage:
-                    pte_maps[mref] += 1
-                    continue
-                if pte.is_pmd and pte.vpn % PTRS_PER_PMD:
-                    continue
-                mapcounts[mref] += 1
-                if (vma.flags & (VM.LOCKED | VM.IO)) == VM.LOCKED:
-                    locked[mref] += 1
+        await count_mappings(store, mm, mapcounts, pte_maps, locked)
 
     # Page caches: reservations of dead faults, entries naming pages that are gone.
     cache: set[PageRef] = set()
@@ -101,17 +88,7 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
             fixed["pagecache_slot_emptied"] += 1
 
     # Batch entries (every CPU's: the dead one's were drained before).
-    batch: Counter[PageRef] = Counter()
-    lru_pending: set[PageRef] = set()
-    cpus = [text(c) for c in await store.client.smembers(f"{keys.machine(m.mid)}:cpus")]
-    for lv in m.lruvecs.values():
-        for cpu in cpus:
-            for which in ("mlb", "lab"):
-                for e in await store.client.lrange(f"{m.lv_key(lv)}:{which}:{cpu}", 0, -1):
-                    bref = (lv, int(text(e).split("|")[0]))
-                    batch[bref] += 1
-                    if which == "lab":
-                        lru_pending.add(bref)
+    batch, lru_pending = await batch_entries(store, m)
 
     progs = Programs.empty()
     for ref, p in sorted(pages.items()):
