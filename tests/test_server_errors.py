@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import redis.exceptions
 from google.rpc import error_details_pb2, status_pb2
 
 from mmsvc.mm.errors import KernelError
@@ -58,6 +59,26 @@ async def test_kernel_error_maps_to_status_with_error_info(
     info = error_info(exc.value)
     assert info.reason == errno
     assert info.domain == "mmsvc"
+    assert dict(info.metadata) == {"machine": "m1", "pid": "7"}
+
+
+@pytest.mark.parametrize("exc", [redis.exceptions.TimeoutError("Timeout reading from socket"),
+                                 redis.exceptions.ConnectionError("Connection refused"),
+                                 redis.exceptions.BusyLoadingError("loading the dataset")])
+async def test_store_down_inside_a_handler_is_unavailable(
+    fake_server: Any, fake_kernel: Any, exc: Exception
+) -> None:
+    """The store unreachable past the store client's retries: UNAVAILABLE (retry later), not
+    INTERNAL, and the driver's message stays in the server log."""
+    fake_kernel.fail["mlock"] = exc
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{fake_server.port}") as ch:
+        stub = pb_grpc.MmServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Mlock(pb.MlockRequest(machine="m1", pid=7, addr=4096, length=4096))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.value.details() == "page store unavailable"
+    info = error_info(err.value)
+    assert info.reason == "EAGAIN"
     assert dict(info.metadata) == {"machine": "m1", "pid": "7"}
 
 

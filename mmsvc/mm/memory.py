@@ -26,7 +26,7 @@ from mmsvc.mm.rmap import (
     page_remove_rmap_ops,
     pte_unmap_ops,
 )
-from mmsvc.mm.swap import Op, Swap, rebase_ops
+from mmsvc.mm.swap import Op, OutOfFrames, Swap, rebase_ops
 from mmsvc.mm.vma import VM, Vma, anon_vma_compatible
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
@@ -52,6 +52,18 @@ def cache_flags(shmem: bool) -> int:
 
 
 @dataclass
+class ProgramStopped(KernelError):
+    """A multi-lruvec program ran out of frames after its first ``at`` ops (counted across
+    its runs) had run and allocated ``allocated``: what the kernel would have completed
+    before the failing allocation is done; the caller keeps that progress."""
+
+    def __init__(self, message: str, at: int, allocated: list[int]) -> None:
+        super().__init__("ENOMEM", message)
+        self.at = at
+        self.allocated = allocated
+
+
+@dataclass
 class Programs:
     """Page-program ops grouped into runs of one lruvec, kept in kernel order."""
 
@@ -67,13 +79,36 @@ class Programs:
         else:
             self.runs.append((lv, list(ops)))
 
+    def mark(self) -> int:
+        """Position after the ops added so far (a flat op count over the runs)."""
+        return sum(len(ops) for _, ops in self.runs)
+
     async def execute(self, swap: Swap, m: Machine) -> list[int]:
-        """Run every run in order; returns the pages allocated, numbered as the ops' -k."""
+        """Run every run in order; returns the pages allocated, numbered as the ops' -k.
+        Out of frames part-way: ProgramStopped says how far it got."""
         allocated: list[int] = []
+        at = 0
         for lv, ops in self.runs:
             local = rebase_ops(ops, allocated)
-            allocated.extend((await swap.run(m, lv, local)).allocs)
+            try:
+                allocated.extend((await swap.run(m, lv, local)).allocs)
+            except OutOfFrames as exc:
+                raise ProgramStopped(exc.message, at + exc.done,
+                                     allocated + exc.allocs) from exc
+            at += len(ops)
         return allocated
+
+    async def finish(self, swap: Swap, m: Machine, start: int, end: int,
+                     allocated: list[int]) -> bool:
+        """Run the ops [start, end) of a stopped program (the rest of one page's fault) up to
+        its next allocation, which would fail too; True when that was all of them."""
+        flat = [(lv, op) for lv, ops in self.runs for op in ops][start:end]
+        cut = next((i for i, (_, op) in enumerate(flat) if op[0] == "A"), len(flat))
+        rest = Programs.empty()
+        for lv, op in flat[:cut]:
+            rest.add(lv, *rebase_ops([op], allocated))
+        await rest.execute(swap, m)
+        return cut == len(flat)
 
 
 async def read_pages(store: RedisStore, m: Machine, refs: list[tuple[int, int]]) -> list[Page]:
@@ -211,8 +246,11 @@ class Faults:
             await read_pages(self.store, m, [(p.lv, p.idx) for p in to_check]),
             strict=True,
         ))
+        spans: list[tuple[int, int]] = []  # each install's ops in progs
+        reuse_at: list[int] = []  # progs position of each wp_reuse
         for vpn in range(start, end):
             cur = ptes.get(vpn)
+            begin = progs.mark()
             if cur is not None and not write:
                 continue
             if cur is not None and (cur.bits & PTEBit.WRITE or cur.is_pmd):
@@ -220,12 +258,14 @@ class Faults:
             if cur is None and not write:
                 # Read fault on private anon: the shared zero page (no struct page work).
                 installs.append((vpn, None, int(PTEBit.PRESENT | PTEBit.ZERO)))
+                spans.append((begin, begin))
                 continue
             if cur is not None and not cur.bits & PTEBit.ZERO:
                 page = records[vpn]
                 if (page.mapcount == 1 and page.refcount == 1 and page.has(PG.ANON)
                         and not cur.is_subpage):
                     wp_reuse.append(cur)  # do_wp_page: reuse the only reference
+                    reuse_at.append(begin)
                     continue
                 cow_old.append((cur.lv, cur.idx))
             if cur is not None:
@@ -238,15 +278,39 @@ class Faults:
                 # (§3.4.2 COW caller) and its reference, before the next page's fault
                 progs.add(cur.lv, *pte_unmap_ops(m, vma, cur), ["P", cur.idx])
             installs.append((vpn, new_count, int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)))
+            spans.append((begin, progs.mark()))
         # COW replaces a mapped page: claim its pte first (the PTL a racing fault on the same
         # pte would wait for), so that only one fault removes the old page's mapping.
         originals = dict(expect)
         expect = await self._claim(mm, expect)
         try:
             allocs = await progs.execute(self.swap, m)
+        except ProgramStopped as stop:
+            # Out of memory part-way: the pages before the failing allocation stay mapped
+            reached = await keep_progress(self.swap, m, progs, stop, spans)
+            installs = installs[:reached]
+            limit = spans[reached][0] if reached < len(spans) else stop.at
+            wp_reuse = [p for p, at in zip(wp_reuse, reuse_at, strict=True) if at <= limit]
+            vpns = {vpn for vpn, _, _ in installs}
+            await self._unclaim(mm, {v: p for v, p in expect.items() if v not in vpns},
+                                originals)
+            expect = {v: p for v, p in expect.items() if v in vpns}
+            cow_old = [(p.lv, p.idx) for v, p in originals.items()
+                       if v in vpns and not p.bits & PTEBit.ZERO]
+            await self._map_anon_pages(m, mm, vma, installs, wp_reuse, stop.allocated, expect,
+                                       cow_old)
+            raise KernelError("ENOMEM", stop.message) from stop
         except BaseException:
             await self._unclaim(mm, expect, originals)
             raise
+        await self._map_anon_pages(m, mm, vma, installs, wp_reuse, allocs, expect, cow_old)
+        return new_count
+
+    async def _map_anon_pages(
+        self, m: Machine, mm: MmState, vma: Vma, installs: list[tuple[int, int | None, int]],
+        wp_reuse: list[Pte], allocs: list[int], expect: dict[int, Pte],
+        cow_old: list[tuple[int, int]],
+    ) -> None:
         new_ptes = [
             Pte(vpn, 0 if slot is None else allocs[slot - 1],
                 0 if slot is None else mm.lv, bits)
@@ -260,7 +324,6 @@ class Faults:
         legacy = str(m.cfg.protocol) == "legacy"
         if self.legacy_cow is not None and cow_old and vma.locked and legacy:
             await self.legacy_cow(m, cow_old)
-        return new_count
 
     # ---------------------------------------------------------------- file / shmem -------
     async def _file(
@@ -380,18 +443,21 @@ class Faults:
         slots = 0
         new_cache: dict[int, int] = {}  # file index -> alloc slot
         installs: list[tuple[int, tuple[int, int] | int, int]] = []
+        spans: list[tuple[int, int]] = []  # each install's ops in progs
         expect: dict[int, Pte] = {}
         map_bits = int(PTEBit.PRESENT | (PTEBit.WRITE if vma.shared and vma.flags & VM.WRITE
                                          else 0))
         for vpn in sorted(set(wanted) | around):
             index = vma.linear_index(vpn)
             cur = ptes.get(vpn)
+            begin = progs.mark()
             if vpn in around and vpn not in wanted:
                 hit = around_cache.get(index)
                 if hit is None:
                     continue
                 progs.add(hit[0], *page_add_rmap_ops(m, vma, hit[1]))
                 installs.append((vpn, hit, map_bits))
+                spans.append((begin, progs.mark()))
                 continue
             page = cache[index]
             if page is None and index not in new_cache:
@@ -404,6 +470,7 @@ class Faults:
             if cur is not None and vma.shared:
                 # wp on a shared mapping: make the pte writable (no new mapping).
                 installs.append((vpn, (cur.lv, cur.idx), cur.bits | PTEBit.WRITE))
+                spans.append((begin, progs.mark()))
                 expect[vpn] = cur
                 continue
             if cow:
@@ -415,6 +482,7 @@ class Faults:
                     expect[vpn] = cur
                     progs.add(cur.lv, *pte_unmap_ops(m, vma, cur), ["P", cur.idx])
                 installs.append((vpn, slots, int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)))
+                spans.append((begin, progs.mark()))
                 continue
             ref: tuple[int, int] | int = page if page is not None else new_cache[index]
             if isinstance(ref, tuple):
@@ -422,6 +490,7 @@ class Faults:
             else:
                 progs.add(lv, *page_add_rmap_ops(m, vma, -ref))
             installs.append((vpn, ref, map_bits | (PTEBit.DIRTY if write else 0)))
+            spans.append((begin, progs.mark()))
         # The pages _grab locked and referenced: unlocked once mapped and mlocked (finish_fault
         # then unlock_page), so that reclaim, which locks the page before it looks at
         # PG_mlocked and the rmap, sees the fault's mlock and repairs nothing twice (§5.2).
@@ -439,13 +508,37 @@ class Faults:
             raise
         try:
             allocs = await progs.execute(self.swap, m)
+        except ProgramStopped as stop:
+            # Out of memory part-way: the pages faulted before the failing allocation stay
+            # mapped (GUP's progress; fault-around's ptes), the rest is not touched.
+            reached = await keep_progress(self.swap, m, progs, stop, spans)
+            await self._release(m, grabbed)  # the program's final unlocks did not run
+            done = installs[:reached]
+            vpns = {vpn for vpn, _, _ in done}
+            await self._unclaim(mm, {v: p for v, p in expect.items() if v not in vpns},
+                                originals)
+            await self._map_file_pages(m, mm, vma, fkey, owner, done, new_cache,
+                                       stop.allocated, {v: p for v, p in expect.items()
+                                                        if v in vpns}, ptes)
+            raise KernelError("ENOMEM", stop.message) from stop
         except BaseException:
             await self._unclaim(mm, expect, originals)
             await self._release(m, grabbed)
             raise
+        return await self._map_file_pages(m, mm, vma, fkey, owner, installs, new_cache, allocs,
+                                          expect, ptes)
+
+    async def _map_file_pages(
+        self, m: Machine, mm: MmState, vma: Vma, fkey: str, owner: str,
+        installs: list[tuple[int, tuple[int, int] | int, int]], new_cache: dict[int, int],
+        allocs: list[int], expect: dict[int, Pte], ptes: dict[int, Pte],
+    ) -> int:
+        """Publish the pages read into the page cache, then set the ptes (finish_fault)."""
+        lv = mm.lv
         publish: list[int | str] = []
         for index, slot in new_cache.items():
-            publish += [index, f"{lv}|{allocs[slot - 1]}"]
+            if slot <= len(allocs):
+                publish += [index, f"{lv}|{allocs[slot - 1]}"]
         if publish:
             await self.store.fcall("pc_commit", fkey, owner, *publish)
         new_ptes = []
@@ -458,7 +551,6 @@ class Faults:
                       if not (vma.shared and ptes.get(vpn) is not None)}
         await self._install(m, mm, vma, new_ptes, expect, mapped_new, last=True)
         return len(new_ptes)
-
 
     async def _claim(self, mm: MmState, expect: dict[int, Pte]) -> dict[int, Pte]:
         """Mark ptes that a COW replaces as busy (not present); EAGAIN if one changed.
@@ -507,6 +599,21 @@ class Faults:
                 undo.add(p.lv, *page_remove_rmap_ops(m, vma, p.idx), ["P", p.idx])
         await undo.execute(self.swap, m)
         raise FaultRace(f"concurrent fault on {len(raced)} pages")
+
+
+async def keep_progress(swap: Swap, m: Machine, progs: Programs, stop: ProgramStopped,
+                        spans: list[tuple[int, int]]) -> int:
+    """How many of a stopped fault's page installs (their op spans, in order) ran.  The one
+    the stop split is finished first when its allocation ran: a page cache page read in for
+    a COW fault that then found no memory for the copy stays in the page cache unmapped."""
+    reached = 0
+    for begin, end in spans:
+        ran = end <= stop.at or (
+            begin < stop.at and await progs.finish(swap, m, stop.at, end, stop.allocated))
+        if not ran:
+            break
+        reached += 1
+    return reached
 
 
 def _lv_idx(s: str) -> tuple[int, int]:

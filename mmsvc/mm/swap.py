@@ -68,6 +68,18 @@ class NeedFrames(Exception):
         self.done = done
 
 
+class OutOfFrames(KernelError):
+    """ENOMEM part-way through a page program: ``done`` of its ops ran (and allocated
+    ``allocs``) before a page could not be allocated.  Page programs check the lruvec's frame
+    reserve before they start, so ``done`` is 0 unless the program was split (a contended
+    lruvec lock) and another CPU took the frames in between."""
+
+    def __init__(self, message: str, done: int, allocs: list[int]) -> None:
+        super().__init__("ENOMEM", message)
+        self.done = done
+        self.allocs = allocs
+
+
 DirectReclaim = Callable[[Machine, int, int], Awaitable[int]]
 
 
@@ -124,6 +136,7 @@ class Swap:
         """Run a page program on lruvec lv from this CPU, flushing batches where needed."""
         b = self.batches(m)
         out = ProgramResult()
+        total = len(ops)
         while True:
             try:
                 async with b.lock:
@@ -139,7 +152,8 @@ class Swap:
             reclaimed = self.direct_reclaim is not None and await self.direct_reclaim(m, lv, need)
             if reclaimed and await reserve_frames(self.store, m, lv, need):
                 continue
-            raise KernelError("ENOMEM", "out of page frames on the node (after reclaim)")
+            raise OutOfFrames("out of page frames on the node (after reclaim)",
+                              total - len(ops), out.allocs)
 
     async def _run_locked(self, m: Machine, b: CpuBatches, lv: int, ops: list[Op],
                           tok: int = 0) -> ProgramResult:
@@ -178,8 +192,13 @@ class Swap:
                 return out  # folio_ref_freeze failed: the rest of the program is not run
             if reason == "lru_locked":
                 # Contended lruvec lock: queue for it, run the rest holding it (fenced).
-                async with self.locks.hold(f"{m.lv_key(lv)}:lock") as held:
-                    rest = await self._run_locked(m, b, lv, ops, held.token)
+                try:
+                    async with self.locks.hold(f"{m.lv_key(lv)}:lock") as held:
+                        rest = await self._run_locked(m, b, lv, ops, held.token)
+                except NeedFrames as exc:  # what ran before the split counts as done too
+                    _merge(out, exc.done)
+                    exc.done = out
+                    raise
                 _merge(out, rest)
                 return out
             if reason:

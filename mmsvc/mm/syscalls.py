@@ -23,7 +23,14 @@ from mmsvc.mm.legacy import Legacy
 from mmsvc.mm.lockstat import lock_stat
 from mmsvc.mm.machine import Machine, release_reserve
 from mmsvc.mm.madvise import Madvise
-from mmsvc.mm.memory import Faults, Programs, cache_flags, read_pages
+from mmsvc.mm.memory import (
+    Faults,
+    Programs,
+    ProgramStopped,
+    cache_flags,
+    keep_progress,
+    read_pages,
+)
 from mmsvc.mm.migrate import Migrate, MigrateStats, check_target
 from mmsvc.mm.mlock import MAX_POPULATE_PAGES, Mlock, page_range, too_many_pages
 from mmsvc.mm.mm_struct import (
@@ -185,11 +192,19 @@ class Kernel:
             progs = Programs.empty()
             for n, index in enumerate(idxs, 1):
                 progs.add(lv, ["A", cache_flags(shmem), fid, index, 0], ["G", -n], ["C", -n])
-            allocs = await progs.execute(self.swap, m)
+            stopped: ProgramStopped | None = None
+            try:
+                allocs = await progs.execute(self.swap, m)
+            except ProgramStopped as stop:  # a short write: the pages written stay cached
+                spans = [(3 * i, 3 * i + 3) for i in range(len(idxs))]
+                allocs = stop.allocated[:await keep_progress(self.swap, m, progs, stop, spans)]
+                stopped = stop
             publish: list[int | str] = []
-            for index, idx in zip(idxs, allocs, strict=True):
-                publish += [index, f"{lv}|{idx}"]
+            for i, index in enumerate(idxs):
+                publish += [index, f"{lv}|{allocs[i]}" if i < len(allocs) else ""]
             await self.store.fcall("pc_commit", fkey, owner, *publish)
+            if stopped is not None:
+                raise KernelError("ENOMEM", stopped.message) from stopped
         await self.swap.lru_add_drain(m)
 
     # ----------------------------------------------------------------- processes -------

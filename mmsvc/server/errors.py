@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import redis.exceptions
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -50,6 +51,17 @@ ERRNO_TO_CODE: Mapping[str, grpc.StatusCode] = {
     "EEXIST": grpc.StatusCode.ALREADY_EXISTS,
     "ENOTSUP": grpc.StatusCode.UNIMPLEMENTED,
 }
+
+
+#: The page store stayed unreachable longer than the store client's retries (a Redis restart
+#: or failover that outlasts them): the call may be retried, UNAVAILABLE with reason EAGAIN.
+STORE_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+              redis.exceptions.BusyLoadingError)
+STORE_DOWN_MESSAGE = "page store unavailable"
+
+
+def store_down_status(metadata: Mapping[str, str] | None = None) -> grpc.Status:
+    return build_status(grpc.StatusCode.UNAVAILABLE, STORE_DOWN_MESSAGE, "EAGAIN", metadata)
 
 
 def code_for_errno(errno: str) -> grpc.StatusCode:

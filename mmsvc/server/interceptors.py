@@ -17,15 +17,16 @@ from typing import Any, TypeAlias
 
 import grpc
 import grpc.aio
-import redis.exceptions
 
 from mmsvc.logging import get_logger
 from mmsvc.metrics import ServerMetrics
 from mmsvc.server.errors import (
     INTERNAL_MESSAGE,
     INTERNAL_REASON,
+    STORE_DOWN,
     build_status,
     request_metadata,
+    store_down_status,
 )
 from mmsvc.server.tenancy import CURRENT_TENANT
 
@@ -201,10 +202,6 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
 
-STORE_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-              redis.exceptions.BusyLoadingError)
-
-
 class ErrorGuardInterceptor(WrappingInterceptor):
     """Turns any exception escaping a handler into INTERNAL with a generic message.
 
@@ -219,8 +216,7 @@ class ErrorGuardInterceptor(WrappingInterceptor):
             # client may retry (UNAVAILABLE); the log line carries no traceback
             error_log.warning("rpc_store_unavailable", method=info.full_method,
                               error=type(exc).__name__, **meta)
-            status = build_status(grpc.StatusCode.UNAVAILABLE, "page store unavailable",
-                                  "EAGAIN", meta)
+            status = store_down_status(meta)
             await context.abort(status.code, status.details, status.trailing_metadata)
         error_log.error(
             "rpc_internal_error", method=info.full_method, exc_info=exc, **meta

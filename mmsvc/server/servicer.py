@@ -42,10 +42,12 @@ from mmsvc.server import validate as v
 from mmsvc.server.errors import (
     INTERNAL_MESSAGE,
     INTERNAL_REASON,
+    STORE_DOWN,
     abort,
     build_status,
     code_for_errno,
     request_metadata,
+    store_down_status,
 )
 from mmsvc.server.tenancy import Tenancy, Unauthenticated
 
@@ -110,6 +112,11 @@ def rpc(
             )
         except grpc.aio.AbortError:
             raise
+        except STORE_DOWN as e:
+            # not a server fault: the store was unreachable past the client's retries
+            log.warning("rpc_store_unavailable", method=fn.__name__, error=type(e).__name__,
+                        **request_metadata(request))
+            await abort_with(context, store_down_status(request_metadata(request)))
         except Exception:
             await abort_internal(context, request, fn.__name__)
         raise AssertionError("unreachable: context.abort() returned")  # pragma: no cover
