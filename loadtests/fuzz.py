@@ -112,7 +112,7 @@ UNKNOWN_METHODS = ("/mmsvc.v1.MmService/Frobnicate", "/mmsvc.v2.MmService/Ping")
 MUTATING = frozenset({
     "CreateFile", "CreateProcess", "Fork", "Exit", "Setrlimit", "DropCapability", "Mmap",
     "Munmap", "Mprotect", "Madvise", "Mlock", "Munlock", "Mlockall", "Munlockall", "Fault",
-    "Migrate", "Isolate", "Putback", "Reclaim",
+    "Migrate", "Isolate", "Putback", "Reclaim", "Truncate", "PunchHole", "Pin", "Unpin",
 })
 #: Rejections after which Linux may legitimately have done part of the work, as (errno, piece
 #: of the message; "" for any): the VMA walks stop at a hole (ENOMEM) or at an unsuitable VMA
@@ -127,6 +127,9 @@ PARTIAL_OK: dict[str, tuple[tuple[str, str], ...]] = {
                 ("EAGAIN", "")),
     "Fault": (("ENOMEM", ""), ("EFAULT", ""), ("EAGAIN", "")),
     "Mlockall": (("EAGAIN", ""),),
+    # GUP faults the range in before it pins: a fault that fails part-way keeps the pages
+    # faulted before it (as Fault does), and nothing is pinned
+    "Pin": (("ENOMEM", ""), ("EFAULT", "SIGBUS"), ("EAGAIN", "")),
 }
 
 

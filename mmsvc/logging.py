@@ -7,6 +7,7 @@ logger with :func:`get_logger`; the gRPC access log uses ``component="mmsvc.acce
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any, Literal, TextIO
@@ -71,7 +72,8 @@ def configure_logging(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=structlog.PrintLoggerFactory(
+            file=_NeverFailingStream(out)),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     # grpc and other libraries log through the stdlib: send them to the same stream.
@@ -84,6 +86,24 @@ def configure_logging(
     handler._mmsvc = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(max(level, logging.WARNING))
+
+
+class _NeverFailingStream:
+    """A log stream whose failures never reach the caller: a log line that cannot be written
+    (the stream was closed, a broken pipe) must not fail the RPC that logged it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except (ValueError, OSError):
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self.stream.flush()
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -268,4 +268,4 @@ def log_stream() -> Iterator[io.StringIO]:
     try:
         yield stream
     finally:
-        configure_logging("auto", "warning", stream=sys.stderr)
+        configure_logging("auto", "warning", stream=sys.__stderr__)  # not a capture file

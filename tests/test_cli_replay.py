@@ -300,7 +300,7 @@ async def test_ranges_errors_fork_exit_and_x() -> None:
             {"op": "exit", "proc": "c"},
             {"op": "touch", "proc": "c", "id": "a"},
             {"op": "touch", "proc": "ghost", "id": "a"},
-            {"op": "shm_create", "id": "s", "pages": 1},
+            {"op": "shm_lock", "proc": "ghost", "id": "s"},
             {"op": "snapshot", "label": "end"},
             {"op": "snapshot", "label": "end2"},
         ],
@@ -311,7 +311,7 @@ async def test_ranges_errors_fork_exit_and_x() -> None:
     assert ops[7] == {"i": 7, "op": "drain", "errno": None}  # drain has no proc
     assert ops[11]["errno"] == "ESRCH"  # the child exited
     assert ops[12]["errno"] == "ESRCH"  # no such process
-    assert ops[13]["errno"] == "ENOSYS"  # optional shm ops
+    assert ops[13]["errno"] == "ESRCH"  # shm ops are replayed: no such process
     empty, after, end, end2 = doc["snapshots"]
     assert empty["after_op"] == -1
     assert empty["procs"] == {"p0": {"alive": True, "VmLck_kb": 0, "mappings": {}}}

@@ -141,3 +141,27 @@ async def test_metrics_export_hook(fake_kernel: Any) -> None:
         assert 'machine="mx"' not in text
     finally:
         await server.stop(None)
+
+
+async def test_a_log_stream_closed_under_the_server_fails_no_rpc(
+    fake_server: Any, fake_kernel: Any
+) -> None:
+    """Logging must never fail a call: the stream the logs go to is closed (a closed stdout,
+    a broken pipe), then an RPC that logs an error still gets its own status."""
+    from mmsvc.logging import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("json", "info", stream=stream)
+    stream.close()
+    try:
+        fake_kernel.fail["mlock"] = RuntimeError("boom")  # logged as rpc_internal_error
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{fake_server.port}") as ch:
+            stub = pb_grpc.MmServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Mlock(pb.MlockRequest(machine="m1", pid=7, addr=4096, length=4096))
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+            assert (await stub.Ping(pb.PingRequest())).cpu == 0
+    finally:
+        import sys
+
+        configure_logging("auto", "warning", stream=sys.__stderr__)

@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 
-from mmsvc.mm.kernel import MigrateResult, ReclaimResult
+from mmsvc.mm.kernel import MigrateResult, PinResult, ReclaimResult
 from mmsvc.mm.types import (
     Advice,
     CheckReport,
@@ -29,6 +29,7 @@ from mmsvc.server import convert
 T = TypeVar("T")
 
 CAPABILITIES = {"CAP_IPC_LOCK": tpb.CAPABILITY_IPC_LOCK}
+SHM_COMMANDS = {"SHM_LOCK": tpb.SHM_COMMAND_LOCK, "SHM_UNLOCK": tpb.SHM_COMMAND_UNLOCK}
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,53 @@ def putback(machine: str, pid: int, addr: int, length: int) -> Call[int]:
         "Putback", pb.PutbackRequest(machine=machine, pid=pid, addr=addr, length=length),
         lambda r: int(r.put_back),
     )
+
+
+def shm_create(machine: str, pid: int, pages: int, addr: int) -> Call[tuple[int, int]]:
+    return Call(
+        "ShmCreate", pb.ShmCreateRequest(machine=machine, pid=pid, pages=pages, addr=addr),
+        lambda r: (int(r.shmid), int(r.addr)),
+    )
+
+
+def shm_attach(machine: str, pid: int, shmid: int, addr: int) -> Call[int]:
+    return Call(
+        "ShmAttach", pb.ShmAttachRequest(machine=machine, pid=pid, shmid=shmid, addr=addr),
+        lambda r: int(r.addr),
+    )
+
+
+def shm_ctl(machine: str, pid: int, shmid: int, cmd: str) -> Call[None]:
+    return Call(
+        "ShmCtl",
+        pb.ShmCtlRequest(machine=machine, pid=pid, shmid=shmid,
+                         cmd=SHM_COMMANDS.get(cmd, tpb.SHM_COMMAND_UNSPECIFIED)),
+        _none,
+    )
+
+
+def truncate(machine: str, file: str, size_pages: int) -> Call[None]:
+    return Call("Truncate",
+                pb.TruncateRequest(machine=machine, file=file, size_pages=size_pages), _none,
+                idempotent=True)
+
+
+def punch_hole(machine: str, file: str, offset_pages: int, pages: int) -> Call[None]:
+    return Call("PunchHole", pb.PunchHoleRequest(machine=machine, file=file,
+                                                 offset_pages=offset_pages, pages=pages),
+                _none, idempotent=True)
+
+
+def pin(machine: str, pid: int, addr: int, length: int, write: bool) -> Call[PinResult]:
+    return Call(
+        "Pin", pb.PinRequest(machine=machine, pid=pid, addr=addr, length=length, write=write),
+        lambda r: PinResult(int(r.pin_id), int(r.pages)),
+    )
+
+
+def unpin(machine: str, pid: int, pin_id: int) -> Call[int]:
+    return Call("Unpin", pb.UnpinRequest(machine=machine, pid=pid, pin_id=pin_id),
+                lambda r: int(r.pages))
 
 
 def munlock(machine: str, pid: int, addr: int, length: int) -> Call[None]:

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from mmsvc.mm.kernel import MigrateResult, ReclaimResult
+from mmsvc.mm.kernel import MigrateResult, PinResult, ReclaimResult
 from mmsvc.mm.types import (
     Advice,
     CheckReport,
@@ -169,6 +169,36 @@ class AsyncMmsvcClient:
 
     async def putback(self, machine: str, pid: int, addr: int, length: int) -> int:
         return await self._run(c.putback(machine, pid, addr, length))
+
+    async def shm_create(
+        self, machine: str, pid: int, pages: int, addr: int = 0
+    ) -> tuple[int, int]:
+        """shmget(IPC_PRIVATE) + shmat: (shmid, address)."""
+        return await self._run(c.shm_create(machine, pid, pages, addr))
+
+    async def shm_attach(self, machine: str, pid: int, shmid: int, addr: int = 0) -> int:
+        return await self._run(c.shm_attach(machine, pid, shmid, addr))
+
+    async def shm_ctl(self, machine: str, pid: int, shmid: int, cmd: str) -> None:
+        """cmd: "SHM_LOCK" or "SHM_UNLOCK"."""
+        await self._run(c.shm_ctl(machine, pid, shmid, cmd))
+
+    async def truncate(self, machine: str, file: str, size_pages: int) -> None:
+        """ftruncate(2) of a file to size_pages pages."""
+        await self._run(c.truncate(machine, file, size_pages))
+
+    async def punch_hole(self, machine: str, file: str, offset_pages: int, pages: int) -> None:
+        """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of pages [offset, +pages)."""
+        await self._run(c.punch_hole(machine, file, offset_pages, pages))
+
+    async def pin(self, machine: str, pid: int, addr: int, length: int,
+                  write: bool = True) -> PinResult:
+        """pin_user_pages(FOLL_PIN | FOLL_LONGTERM): the pin's id and the pages pinned."""
+        return await self._run(c.pin(machine, pid, addr, length, write))
+
+    async def unpin(self, machine: str, pid: int, pin_id: int) -> int:
+        """unpin_user_pages: returns the pages unpinned."""
+        return await self._run(c.unpin(machine, pid, pin_id))
 
     async def munlock(self, machine: str, pid: int, addr: int, length: int) -> None:
         await self._run(c.munlock(machine, pid, addr, length))

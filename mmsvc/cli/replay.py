@@ -12,7 +12,9 @@ Conventions the format leaves open (also in docs/api.md):
   of the last non-snapshot op before the snapshot (-1 if none);
 * an op naming a process that does not exist (its fork failed) reports ``ESRCH``; an op on a
   mapping id whose mmap failed reports ``EINVAL`` (neither reaches the kernel);
-* optional ``shm_*`` ops are not supported and report ``ENOSYS``.
+* ``shm_create`` is shmget(IPC_PRIVATE) + shmat at the next address hint (the segment is the
+  mapping ``id``); ``shm_lock`` / ``shm_unlock`` are shmctl SHM_LOCK / SHM_UNLOCK of that
+  mapping's segment.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ MLOCK_FLAGS = {"MLOCK_ONFAULT": MLOCK_ONFAULT}
 MCL_FLAGS = {"MCL_CURRENT": MCL_CURRENT, "MCL_FUTURE": MCL_FUTURE, "MCL_ONFAULT": MCL_ONFAULT}
 ADVICE = {a.name: a for a in Advice}
 RLIM_INFINITY = (1 << 64) - 1
-UNSUPPORTED_OPS = frozenset({"shm_create", "shm_lock", "shm_unlock"})
+UNSUPPORTED_OPS: frozenset[str] = frozenset()  # every op of the format is replayed
 
 # Placement of scenario mappings (see module docstring).
 MAP_BASE = 0x10_0000_0000
@@ -117,6 +119,10 @@ class Target(Protocol):
         self, machine: str, pid: int, addr: int, length: int
     ) -> list[PageInfo]: ...
     async def file_pages(self, machine: str, file: str) -> list[PageInfo]: ...
+    async def shm_create(
+        self, machine: str, pid: int, pages: int, addr: int = 0
+    ) -> tuple[int, int]: ...
+    async def shm_ctl(self, machine: str, pid: int, shmid: int, cmd: str) -> None: ...
 
 
 class _OpFailed(Exception):
@@ -131,6 +137,7 @@ class _OpFailed(Exception):
 class _Mapping:
     addr: int
     pages: int
+    shmid: int | None = None  # a SysV segment (shm_create)
 
 
 @dataclass
@@ -395,6 +402,15 @@ class Replayer:
             await k.setrlimit(machine, pid, soft, hard)
         elif kind == "drop_cap":
             await k.drop_capability(machine, pid, str(op.get("cap", "CAP_IPC_LOCK")))
+        elif kind == "shm_create":
+            await self._shm_create(proc, op)
+        elif kind in ("shm_lock", "shm_unlock"):
+            self._range(proc, op)  # the mapping must exist (EINVAL if its create failed)
+            shmid = proc.mappings[str(op.get("id", ""))].shmid
+            if shmid is None:
+                raise ReplayError(f"{kind}: mapping {op.get('id')!r} is not a SysV segment")
+            await k.shm_ctl(machine, pid, shmid,
+                            "SHM_LOCK" if kind == "shm_lock" else "SHM_UNLOCK")
         else:
             raise ReplayError(f"unknown op {kind!r}")
 
@@ -438,6 +454,22 @@ class Replayer:
         proc.failed.discard(mid)
         proc.failed_pages.pop(mid, None)
         proc.mappings[mid] = _Mapping(addr, pages)
+
+    async def _shm_create(self, proc: _Proc, op: Mapping[str, Any]) -> None:
+        mid = str(op.get("id", ""))
+        pages = int(op.get("pages", 0))
+        hint = self.next_hint
+        self.next_hint += (pages * PAGE_SIZE + 2 * MAP_ALIGN - 1) // MAP_ALIGN * MAP_ALIGN
+        proc.mappings.pop(mid, None)
+        try:
+            shmid, addr = await self.k.shm_create(self.machine, proc.pid, pages, hint)
+        except SyscallError:
+            proc.failed.add(mid)
+            proc.failed_pages[mid] = pages
+            raise
+        proc.failed.discard(mid)
+        proc.failed_pages.pop(mid, None)
+        proc.mappings[mid] = _Mapping(addr, pages, shmid)
 
     # -- snapshots -------------------------------------------------------------------------
 

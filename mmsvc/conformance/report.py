@@ -12,9 +12,9 @@ per trace: ``MATCH``, or ``DIFF`` with the number of differing fields and the fi
 ``ERROR`` when the replay itself failed.  The last line is exactly ``N passed, M failed``.
 
 ``--kernel`` first re-records the expectations of every corpus trace (all traces mmsvc can
-replay, i.e. without ``shm_*`` ops) from the host kernel; a trace the kernel runner cannot run
-(busy host: ``Disturbed``) is tried once more after the others, and if it still fails keeps its
-old expectation and makes the exit status non-zero.
+replay: every op of the format, ``shm_*`` included) from the host kernel; a trace the kernel
+runner cannot run (busy host: ``Disturbed``) is tried once more after the others, and if it
+still fails keeps its old expectation and makes the exit status non-zero.
 
 Exit status: 0 when every trace matches, 1 otherwise, 2 on usage errors or an unusable host.
 """
@@ -40,8 +40,8 @@ CORPUS = Path(__file__).resolve().parents[2] / "tests" / "conformance"
 TRACES = CORPUS / "traces"
 EXPECTED = CORPUS / "expected"
 KNOWN = CORPUS / "known_differences.json"
-#: ops the kernel runner supports but mmsvc does not (trace-format.md: optional)
-MMSVC_UNSUPPORTED_OPS = frozenset({"shm_create", "shm_lock", "shm_unlock"})
+#: ops the kernel runner supports but mmsvc does not (none since SysV shm: mmsvc/mm/shm.py)
+MMSVC_UNSUPPORTED_OPS: frozenset[str] = frozenset()
 #: the Linux 6.18 profile of ``mmsvc replay --profile linux-6.18``
 BATCH_SIZE = 31
 #: pause before recording again the traces a busy host made the kernel runner give up on

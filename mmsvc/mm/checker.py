@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from mmsvc.mm.gup import pin_refs
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.mm_struct import MmState, load_mm, pt_read
 from mmsvc.mm.page import (
@@ -98,6 +99,7 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
 
     # References each page must hold: mappings, page cache, batch entries (A6).
     batch_refs, _lru_pending = await batch_entries(store, m)
+    pins = await pin_refs(store, m)  # GUP pins' references (mm/gup.py)
     pending = sum(batch_refs.values())
     cache_refs: set[PageRef] = set()
     for f in list(m.files.values()):
@@ -176,7 +178,7 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
         if isolated:
             rep.known_exceptions["isolated"] = rep.known_exceptions.get("isolated", 0) + 1
         expected = (mapcounts[ref] + pte_maps[ref] + (1 if ref in cache_refs else 0)
-                    + batch_refs[ref] + isolated)
+                    + batch_refs[ref] + isolated + pins[ref])
         if p.mapcount != mapcounts[ref]:
             v.append(f"A6 {name}: mapcount {p.mapcount} != {mapcounts[ref]} ptes")
         if p.pte_mapcount != pte_maps[ref]:
@@ -184,7 +186,7 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
         if p.refcount != expected:
             v.append(f"A6 {name}: refcount {p.refcount} != {expected} "
                      f"(maps {mapcounts[ref]}, cache {int(ref in cache_refs)}, "
-                     f"batches {batch_refs[ref]})")
+                     f"batches {batch_refs[ref]}, pins {pins[ref]})")
         if not quiescent:
             continue
         if p.has(PG.LOCKED) or p.has(PG.FROZEN):
@@ -199,6 +201,13 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
             v.append(f"Q2 {name}: stranded on the unevictable LRU without PG_mlocked")
         over = lru_unev and p.has(PG.MLOCKED) and p.prev > M and not legacy
         orphan = p.has(PG.MLOCKED) and M == 0 and not p.has(PG.UNEVICTABLE_MAPPING)
+        if ((over or orphan) and pins[ref] and not mapcounts[ref] and not pte_maps[ref]
+                and ref not in cache_refs):
+            # X1 (§8.5): unmapped, out of the page cache, held only by a GUP pin - truncation
+            # or hole punch racing munlock (S20, §3.6): PG_mlocked and a stale count until
+            # the unpin frees the page, which then counts `cleared` (§6.4, §8.3 row 10)
+            rep.known_exceptions["X1"] = rep.known_exceptions.get("X1", 0) + 1
+            continue
         if (over or orphan) and p.has(PG.RESIDUE):
             # X4 [derived]: the count was raised by an LRU_PAGE entry left on another CPU
             # when a munlock cleared PG_mlocked (§8.3 rows 11-12, "a new way of stranding"):

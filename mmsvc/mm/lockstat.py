@@ -16,6 +16,8 @@ async def lock_instances(store: RedisStore, m: Machine) -> list[tuple[str, str, 
         out.append(("page_lock", f"node{n}/{cg}", f"{m.lv_key(lv)}:page_lock"))
     for f in sorted(m.files.values(), key=lambda f: f.fid):
         out.append(("i_mmap_rwsem", f.name, f"{keys.file(m.mid, f.fid)}:i_mmap_rwsem"))
+        # the inode lock: ftruncate and hole punch (mm/truncate.py)
+        out.append(("i_rwsem", f.name, f"{keys.file(m.mid, f.fid)}:i_rwsem"))
     pids = sorted(int(p) for p in await store.client.smembers(f"{keys.machine(m.mid)}:procs"))
     out += [("mmap_lock", f"pid{p}", f"{keys.mm(m.mid, p)}:mmap_lock") for p in pids]
     out += [("ptl", f"pid{p}", f"{keys.mm(m.mid, p)}:ptl") for p in pids]

@@ -6,6 +6,8 @@ A machine's static shape (config, lruvec ids, files) is cached per worker in a
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -83,6 +85,30 @@ def validate_config(cfg: MachineConfig) -> None:
         raise einval("fault_around_pages must be a power of two")
     if cfg.hpage_pmd_nr != 512:
         raise einval("hpage_pmd_nr must be 512 (x86-64 with 4 KiB pages)")
+    validate_tunables(cfg)
+
+
+def validate_tunables(cfg: MachineConfig) -> None:
+    """The §10.1 choices: on/off settings are bools, the others one of their enum's values."""
+    for f in dataclasses.fields(MachineConfig):
+        value = getattr(cfg, f.name)
+        if isinstance(f.default, enum.Enum):
+            try:
+                type(f.default)(value)
+            except ValueError:
+                known = ", ".join(str(x) for x in type(f.default))
+                raise einval(f"{f.name} must be one of {known}") from None
+        elif isinstance(f.default, bool) and not isinstance(value, bool):
+            raise einval(f"{f.name} must be a boolean")
+
+
+def tunables_from_json(conf: dict[str, object]) -> dict[str, object]:
+    """The enum-valued settings of a stored config as enums (stored as their values; a
+    machine created before a setting existed gets its default)."""
+    for f in dataclasses.fields(MachineConfig):
+        if isinstance(f.default, enum.Enum) and f.name in conf:
+            conf[f.name] = type(f.default)(conf[f.name])
+    return conf
 
 
 async def create_machine(store: RedisStore, cfg: MachineConfig) -> str:
@@ -115,6 +141,7 @@ async def load_machine(store: RedisStore, mid: str) -> Machine:
     conf = json.loads(raw[b"config"])
     conf["memcgs"] = tuple(conf["memcgs"])
     conf["protocol"] = Protocol(conf["protocol"])
+    tunables_from_json(conf)
     lvs_raw: dict[str, int] = json.loads(raw[b"lruvecs"])
     lvs = {(int(k.split("|")[0]), k.split("|", 1)[1]): v for k, v in lvs_raw.items()}
     m = Machine(mid, MachineConfig(**conf), lvs)

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from mmsvc.mm.errors import KernelError
-from mmsvc.mm.machine import Machine, new_id
+from mmsvc.mm.machine import FileInfo, Machine, new_id, refresh_files
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap, pte_args
 from mmsvc.mm.page import PG, PTRS_PER_PMD, Page, PTEBit
 from mmsvc.mm.rmap import (
@@ -355,6 +355,9 @@ class Faults:
                     if v not in ptes and vma.linear_index(v) < f.pages:
                         around.add(v)
         beyond = [v for v in wanted if vma.linear_index(v) >= f.pages]
+        if beyond and await self._resized(m, f):
+            # ftruncate on another CPU grew the file since this one cached its size
+            return await self._file(m, mm, vma, start, end, write, ptes)
         if beyond:
             # ascending faults: the pages before the first one beyond EOF are mapped
             eof = min(beyond)
@@ -364,10 +367,19 @@ class Faults:
             raise KernelError("EFAULT", "SIGBUS: access beyond the end of the file")
         owner = uuid.uuid4().hex[:12]
         indices = sorted({vma.linear_index(v) for v in wanted})
-        looked = await self.store.fcall("pc_lookup", fkey, owner, *indices)
+        looked = await self.store.fcall("pc_lookup_flags", fkey, owner, *indices)
+        # the mapping's flags with the reservations: SHM_LOCK's PG_UNEVICTABLE_MAPPING (shm.py)
+        mapping_flags = int(looked.pop())
         cache: dict[int, tuple[int, int] | None] = {}
         for index, val in zip(indices, looked, strict=True):
             s = val.decode()
+            if s == "eof":
+                # i_size shrank under us (ftruncate on another CPU, mm/truncate.py): refresh
+                # the cached size and fault again, which then raises SIGBUS where it must
+                await self._drop_reservations(fkey, owner, [
+                    i for i, v in zip(indices, looked, strict=True) if v == b"new"])
+                await self._resized(m, f)
+                raise FaultRace("file truncated during the fault")
             if s == "busy":
                 await self._drop_reservations(fkey, owner, [
                     i for i, v in zip(indices, looked, strict=True) if v == b"new"])
@@ -394,10 +406,16 @@ class Faults:
             raise
         try:
             return await self._file_map(m, mm, vma, fkey, owner, wanted, around, cache,
-                                        around_cache, write, cow, ptes)
+                                        around_cache, write, cow, ptes, mapping_flags)
         except BaseException:
             await self._drop_reservations(fkey, owner, mine)
             raise
+
+    async def _resized(self, m: Machine, f: FileInfo) -> bool:
+        """Reload the file registry (sizes change with ftruncate, mm/truncate.py); True when
+        f's size is not what this CPU had cached."""
+        await refresh_files(self.store, m)
+        return m.file_by_id(f.fid).pages != f.pages
 
     async def _grab(self, m: Machine, fid: int, found: dict[int, tuple[int, int]]) -> set[int]:
         """filemap_get_folio + lock_page for pages the page cache lookups found (the lookup
@@ -437,6 +455,7 @@ class Faults:
         self, m: Machine, mm: MmState, vma: Vma, fkey: str, owner: str, wanted: list[int],
         around: set[int], cache: dict[int, tuple[int, int] | None],
         around_cache: dict[int, tuple[int, int]], write: bool, cow: bool, ptes: dict[int, Pte],
+        mapping_flags: int = 0,
     ) -> int:
         lv = mm.lv
         progs = Programs.empty()
@@ -464,7 +483,8 @@ class Faults:
                 # Read the page into the page cache: a new shmem page via the lru_add batch.
                 slots += 1
                 new_cache[index] = slots
-                progs.add(lv, ["A", cache_flags(m.file_by_id(vma.file).shmem), vma.file, index, 0],
+                progs.add(lv, ["A", cache_flags(m.file_by_id(vma.file).shmem) | mapping_flags,
+                               vma.file, index, 0],
                           ["G", -slots],
                           ["C", -slots])
             if cur is not None and vma.shared:

@@ -11,15 +11,17 @@ its mlock_count, §4.2.4), and free the old page; on failure restore the old pag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
-from mmsvc.mm.mm_struct import Pte, pt_install
+from mmsvc.mm.mm_struct import Pte, load_mm, pt_install
 from mmsvc.mm.page import PG, Page, PTEBit
 from mmsvc.mm.rmap import Mapping, Rmap, page_add_rmap_ops, page_remove_rmap_ops
 from mmsvc.mm.swap import Op, Swap
+from mmsvc.mm.types import MigrationDrain
+from mmsvc.mm.vma import Vma
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
 
@@ -53,25 +55,30 @@ class Migrate:
             stats.failed += 1
             return
         page = (await read_pages(self.store, m, [(lv, idx)]))[0]
+        # §10.1 migration_drain: where the local mlock batch is drained ([11/13]).
+        mode = m.cfg.migration_drain if drain else MigrationDrain.OFF
+        drain = mode != MigrationDrain.OFF
         async with self.rmap.locked(m, page):
             maps = await self.rmap.mappings(m, lv, idx, page)
-            maps = await self._unmap(m, lv, idx, maps, drain)
+            maps = await self._unmap(m, lv, idx, maps, mode)
             for attempt in range(MIGRATE_PASSES):
                 page = (await read_pages(self.store, m, [(lv, idx)]))[0]
                 if await self._freeze(m, lv, idx, page):
                     try:
-                        await self._move(m, lv, idx, page, target_lv, maps)
+                        await self._move(m, lv, idx, page, target_lv, maps, mode)
                     except BaseException:
                         await self.swap.run(m, lv, [["F", idx, 0, int(PG.FROZEN)]])
-                        await self._restore(m, lv, idx, maps, (lv, idx))
+                        await self._restore(m, lv, idx, maps, (lv, idx), mode)
                         await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)],
                                                     ["B", idx, 0]])
                         raise
                     stats.migrated += 1
                     return
                 if drain and attempt + 1 < MIGRATE_PASSES:
+                    # the retry's restore and unmap drain this CPU (with rmap_walk_level too:
+                    # residue a moved task left on another CPU still fails it, S14)
                     await self.swap.lru_add_drain(m)
-            await self._restore(m, lv, idx, maps, (lv, idx))
+            await self._restore(m, lv, idx, maps, (lv, idx), mode)
         await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)], ["B", idx, 0]])
         stats.failed += 1
 
@@ -83,8 +90,9 @@ class Migrate:
         return not (await self.swap.run(m, lv, [["R", idx, expected]])).failed
 
     async def _unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
-                     drain: bool) -> list[Mapping]:
-        """try_to_migrate_one for each pte: migration entry, page_remove_rmap, drain (§4.2.1).
+                     mode: MigrationDrain) -> list[Mapping]:
+        """try_to_migrate_one for each pte: migration entry, page_remove_rmap, drain (§4.2.1;
+        ``rmap_walk_level``: once after the walk, §4.1; ``off``: never).
         Returns the mappings now held by migration entries (a pte that changed meanwhile is
         not ours: page_vma_mapped_walk re-checks it under the PTL)."""
         done: list[Mapping] = []
@@ -94,15 +102,20 @@ class Migrate:
                 continue
             done.append(mp)
             await self.swap.run(m, lv, [*page_remove_rmap_ops(m, mp.vma, idx), ["P", idx]])
-            if drain and mp.vma.locked:
+            if mode == MigrationDrain.AFTER_EACH_LOCKED_UNMAP and mp.vma.locked:
                 await self.swap.lru_add_drain(m)  # mlock_drain_local() (11/13)
+        if mode == MigrationDrain.RMAP_WALK_LEVEL:
+            await self.swap.lru_add_drain(m)  # "at the upper rmap_walk() level" (§4.1)
         return done
 
     async def _restore(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
-                       new: tuple[int, int]) -> None:
-        """remove_migration_ptes: map (new or old) page again; VM_LOCKED: mlock + drain."""
+                       new: tuple[int, int], mode: MigrationDrain) -> None:
+        """remove_migration_ptes: map (new or old) page again; VM_LOCKED: mlock + drain.
+        The vma's flags are read now, not at unmap time: an mlock may have stored VM_LOCKED
+        (with VM_IO, §3.6) meanwhile, which is what the VM_IO guard is for (S23)."""
         nlv, nidx = new
         for mp in maps:
+            mp = replace(mp, vma=await self._vma_now(m, mp))
             entry = Pte(mp.pte.vpn, idx, lv, int(PTEBit.MIGRATION) | (mp.pte.bits & PTEBit.WRITE))
             restored = Pte(mp.pte.vpn, nidx, nlv, mp.pte.bits)
             raced = await pt_install(self.store, mp.mm_key, [restored], {mp.pte.vpn: entry})
@@ -112,28 +125,46 @@ class Migrate:
             if str(m.cfg.protocol) == "legacy" and mp.vma.locked:
                 ops.append(["Y", nidx])  # legacy remove_migration_pte mlocks explicitly (§9.3.5)
             await self.swap.run(m, nlv, ops)
-            if mp.vma.locked:
+            if mode == MigrationDrain.AFTER_EACH_LOCKED_UNMAP and mp.vma.locked:
                 await self.swap.lru_add_drain(m)  # §4.2.3
+        if mode == MigrationDrain.RMAP_WALK_LEVEL:
+            await self.swap.lru_add_drain(m)
+
+    async def _vma_now(self, m: Machine, mp: Mapping) -> Vma:
+        """The vma covering the pte as last stored (rmap walkers read vm_flags without the
+        mmap_lock, §1.7.3); the one seen at unmap time if the process is gone."""
+        try:
+            mm = await load_mm(self.store, m, mp.pid)
+        except Exception:  # an exited process: its pte is gone too (the restore races)
+            return mp.vma
+        return next((v for v in mm.vmas if v.start <= mp.pte.vpn < v.end), mp.vma)
 
     async def _move(self, m: Machine, lv: int, idx: int, old: Page, target_lv: int,
-                    maps: list[Mapping]) -> None:
+                    maps: list[Mapping], mode: MigrationDrain) -> None:
         flags = old.flags & COPIED_FLAGS  # PG_mlocked is not transferred (§1.2.2)
+        lru_first = m.cfg.migration_newpage_lru_first
         # the new page is locked until its mappings are back (reclaim and faults keep off)
         ops: list[Op] = [["A", flags | int(PG.LOCKED), old.mapping, old.index, old.aux],
                          ["G", -1]]
         if old.has(PG.PAGECACHE):
             ops.append(["G", -1])  # the page cache's reference moves to the new page
-        ops.append(["C", -1])  # §4.2.4: new page on the LRU before the mappings return
+        if lru_first:
+            ops.append(["C", -1])  # §4.2.4: new page on the LRU before the mappings return
         res = await self.swap.run(m, target_lv, ops)
         new_idx = res.allocs[0]
         if old.has(PG.PAGECACHE):
             fkey = keys.file(m.mid, old.mapping)
             await self.store.client.hset(f"{fkey}:pc", old.index, f"{target_lv}|{new_idx}")
-        if maps:
+        if maps and lru_first:
             await self.swap.lru_add_drain(m)
-        await self._restore(m, lv, idx, maps, (target_lv, new_idx))
-        # migration's reference and the new page's lock
-        await self.swap.run(m, target_lv, [["F", new_idx, 0, int(PG.LOCKED)], ["P", new_idx]])
+        await self._restore(m, lv, idx, maps, (target_lv, new_idx), mode)
+        # migration's reference and the new page's lock; before 08/13 (lru_first off) the
+        # new page is put back only now: its restored mlocks found it off the LRU, and
+        # lru-add culls it with mlock_count 0 - the count is not rebuilt (§4.2.4, §8.2)
+        done: list[Op] = [["F", new_idx, 0, int(PG.LOCKED)]]
+        if not lru_first:
+            done.append(["C", new_idx])  # putback_lru_page(newpage)
+        await self.swap.run(m, target_lv, [*done, ["P", new_idx]])
         # The old page: out of the page cache, no longer isolated, last references dropped.
         old_ops: list[Op] = [["F", idx, 0, int(PG.ISOLATED | PG.PAGECACHE | PG.FROZEN
                                                 | PG.LOCKED)],

@@ -17,8 +17,8 @@ from mmsvc.mm.legacy import Legacy
 from mmsvc.mm.machine import Machine, new_id
 from mmsvc.mm.memory import Faults, Programs, split_huge_pmds_around
 from mmsvc.mm.mm_struct import MmState, pt_walk, save
-from mmsvc.mm.page import PTEBit
-from mmsvc.mm.swap import Swap
+from mmsvc.mm.page import PTRS_PER_PMD, PTEBit
+from mmsvc.mm.swap import MASS_WALK, Swap
 from mmsvc.mm.types import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, MLOCK_ONFAULT, PAGE_SHIFT
 from mmsvc.mm.vma import VM, VM_LOCKED_MASK, VM_SPECIAL, Vma
 from mmsvc.store.redis_store import RedisStore
@@ -121,8 +121,11 @@ class Mlock:
     async def mlock_vma_pages_range(
         self, m: Machine, mm: MmState, vma: Vma, newflags: int
     ) -> Vma:
-        """§3.6: the VM_IO guard, drains around the walk of present ptes."""
-        stored = newflags | (VM.IO if newflags & VM.LOCKED else 0)
+        """§3.6: the VM_IO guard, drains around the walk of present ptes.  Without the guard
+        (``vm_io_guard`` off, before v2 07/13) an rmap walker that restores a pte between
+        this store and the walk counts it, and the walk counts it again (§8.3 row 4, S23)."""
+        guard = m.cfg.vm_io_guard and newflags & VM.LOCKED
+        stored = newflags | (VM.IO if guard else 0)
         vma = replace(vma, flags=stored)
         mm.update_vma(vma)
         lock = bool(newflags & VM.LOCKED)
@@ -140,7 +143,15 @@ class Mlock:
 
     async def walk_vma(self, m: Machine, mm: MmState, vma: Vma, lock: bool) -> None:
         """mlock_pte_range over the VMA: mlock_page or munlock_page for each present page,
-        then drain."""
+        then drain.  This is the "mass" operation that batches even with
+        ``mlock_batch_scope=mass_only`` (§10.1)."""
+        token = MASS_WALK.set(True)
+        try:
+            await self._walk_vma(m, mm, vma, lock)
+        finally:
+            MASS_WALK.reset(token)
+
+    async def _walk_vma(self, m: Machine, mm: MmState, vma: Vma, lock: bool) -> None:
         async for ptes in pt_walk(self.store, mm.key, vma.start, vma.end, WALK_CHUNK):
             progs = Programs.empty()
             seen_pmds: set[int] = set()
@@ -152,7 +163,10 @@ class Mlock:
                     if p.pmd in seen_pmds:
                         continue
                     seen_pmds.add(p.pmd)
-                progs.add(p.lv, ["L" if lock else "K", p.idx])
+                base = p.pmd * PTRS_PER_PMD if p.is_pmd else vpn
+                # the page's identity, re-checked where the page is (see walk_target)
+                progs.add(p.lv, ["L" if lock else "K", p.idx, vma.linear_index(base),
+                                 vma.file if vma.file else -1])
             await progs.execute(self.swap, m)
         await self.swap.lru_add_drain(m)
 

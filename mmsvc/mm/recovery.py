@@ -13,8 +13,9 @@ of §8.5 does) and sets them:
 * a COW claim or a migration entry names its page: restored as a present pte (the page is
   still there) or dropped (it was freed);
 * mapcount = the ptes (pmds) mapping the page; refcount = mappings + page cache + batch
-  entries + an Isolate-API isolation; a page nobody references any more is freed (with the
-  final clearance of §6 when it is still mlocked: ``unevictable_pgs_cleared``);
+  entries + an Isolate-API isolation + recorded GUP pins (mm/gup.py); a page nobody
+  references any more is freed (with the final clearance of §6 when it is still mlocked:
+  ``unevictable_pgs_cleared``);
 * page locks, freezes and the isolations of dead operations are dropped; a page left off
   every LRU without a pending lru_add goes back through lru_cache_add;
 * a page still PG_mlocked (or counted) beyond its VM_LOCKED mappings gets munlock_page
@@ -30,6 +31,7 @@ from __future__ import annotations
 from collections import Counter
 
 from mmsvc.mm.checker import PageRef, batch_entries, count_mappings, load_lruvec
+from mmsvc.mm.gup import pin_refs
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs
 from mmsvc.mm.mm_struct import Pte, load_mm, pt_install
@@ -89,6 +91,7 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
 
     # Batch entries (every CPU's: the dead one's were drained before).
     batch, lru_pending = await batch_entries(store, m)
+    pins = await pin_refs(store, m)  # recorded GUP pins hold their references (mm/gup.py)
 
     progs = Programs.empty()
     for ref, p in sorted(pages.items()):
@@ -105,7 +108,7 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
             clear |= int(PG.PAGECACHE)
             fixed["pagecache_flag_dropped"] += 1
         expected = (mapcounts[ref] + pte_maps[ref] + int(in_cache) + batch[ref]
-                    + int(user and p.has(PG.ISOLATED)))
+                    + int(user and p.has(PG.ISOLATED)) + pins[ref])
         if (clear or p.mapcount != mapcounts[ref] or p.pte_mapcount != pte_maps[ref]
                 or p.refcount != expected):
             fixed["counts_set"] += 1
@@ -119,7 +122,9 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
             ops.append(["C", idx])  # lru_cache_add: back on an LRU list
             fixed["lru_added"] += 1
         M = locked[ref]
-        if not p.has(PG.RESIDUE) and not p.has(PG.UNEVICTABLE_MAPPING) and p.has(PG.MLOCKED):
+        x1 = pins[ref] and not mapcounts[ref] and not pte_maps[ref] and not in_cache
+        if (not p.has(PG.RESIDUE) and not p.has(PG.UNEVICTABLE_MAPPING) and p.has(PG.MLOCKED)
+                and not x1):  # X1: a pinned page keeps PG_mlocked until unpinned (§8.5)
             count = p.mlock_count if p.mlock_count >= 0 else 1
             extra = max(count - M, 1 if M == 0 else 0)
             ops += [["K", idx] for _ in range(extra)]  # the munlock that never ran

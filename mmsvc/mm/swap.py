@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -20,6 +21,7 @@ from mmsvc.locks import Locks
 from mmsvc.logging import get_logger
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine, reserve_frames
+from mmsvc.mm.types import MlockBatchScope, MlockCountInitCull, MlockCountInitLruAdd
 from mmsvc.store.redis_store import RedisStore
 
 Op = list[Any]  # a page-program op, see mm_pages in lua/memory.lua
@@ -124,12 +126,12 @@ class Swap:
 
     def _header(self, m: Machine, b: CpuBatches, lv: int, tok: int = 0) -> str:
         return json.dumps({
-            "cpu": self.cpu, "mlb_max": m.cfg.mlock_batch_len, "lab_max": m.cfg.lru_add_batch_len,
+            "cpu": self.cpu, "mlb_max": mlock_batch_max(m), "lab_max": m.cfg.lru_add_batch_len,
             "mlb_n": len(b.mlb), "lab_n": len(b.lab),
             "mlb_local": int(all(x == lv for x in b.mlb)),
             "lab_local": int(all(x == lv for x in b.lab)),
             "seq": b.seq, "disabled": int(self.lru_cache_disabled > 0),
-            "init_lru_add_bool": 0, "init_cull_one": 0, "tok": tok,
+            **flush_tunables(m), "tok": tok,
         })
 
     async def run(self, m: Machine, lv: int, ops: list[Op]) -> ProgramResult:
@@ -212,13 +214,14 @@ class Swap:
         freed = 0
         for lv, count in _runs(order):
             key = m.lv_key(lv)
-            res = json.loads(await self.store.fcall("mm_flush", key, which, self.cpu, count, 0))
+            cfg = json.dumps(flush_tunables(m))
+            res = json.loads(await self.store.fcall("mm_flush", key, which, self.cpu, count, 0,
+                                                    cfg))
             if res.get("reason") == "locked":
                 # Contended: queue for the lruvec lock, then flush with the fencing token.
                 async with self.locks.hold(f"{key}:lock") as held:
-                    res = json.loads(
-                        await self.store.fcall("mm_flush", key, which, self.cpu, count, held.token)
-                    )
+                    res = json.loads(await self.store.fcall(
+                        "mm_flush", key, which, self.cpu, count, held.token, cfg))
                 if res.get("reason"):
                     raise KernelError("EAGAIN", f"lruvec lock lost during flush: {res['reason']}")
             freed += int(res["freed"])
@@ -241,6 +244,28 @@ class Swap:
     def pending(self, m: Machine) -> int:
         b = self.batches(m)
         return len(b.mlb) + len(b.lab)
+
+
+#: Set while this task runs the mlock/munlock range walk (mlock.py), the only place that
+#: batches with ``mlock_batch_scope=mass_only``.  A context variable: per request, not per CPU.
+MASS_WALK: ContextVar[bool] = ContextVar("mmsvc_mass_walk", default=False)
+
+
+def mlock_batch_max(m: Machine) -> int:
+    """The mlock batch length for the caller: with ``mass_only`` (Babka's fallback, §10.1)
+    only the range walk batches; everyone else runs §2.4-§2.6 at once (length 1, §2.11)."""
+    if m.cfg.mlock_batch_scope == MlockBatchScope.MASS_ONLY and not MASS_WALK.get():
+        return 1
+    return m.cfg.mlock_batch_len
+
+
+def flush_tunables(m: Machine) -> dict[str, int]:
+    """The batch-processing choices of §8.2 the page programs read (CFG in lua/swap.lua)."""
+    return {
+        "init_lru_add_bool": int(m.cfg.mlock_count_init_lru_add
+                                 == MlockCountInitLruAdd.BOOL_MLOCKED),
+        "init_cull_one": int(m.cfg.mlock_count_init_cull == MlockCountInitCull.ONE),
+    }
 
 
 def cpu_unplugged(cpu: int) -> NoReturn:

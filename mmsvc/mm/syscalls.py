@@ -18,7 +18,8 @@ from mmsvc.mm import vmstat as views
 from mmsvc.mm.checker import check_machine
 from mmsvc.mm.cpu_hotplug import CpuHotplug, cpu_lease_ms
 from mmsvc.mm.errors import KernelError, einval
-from mmsvc.mm.kernel import MigrateResult, ReclaimResult
+from mmsvc.mm.gup import Gup
+from mmsvc.mm.kernel import MigrateResult, PinResult, ReclaimResult
 from mmsvc.mm.legacy import Legacy
 from mmsvc.mm.lockstat import lock_stat
 from mmsvc.mm.machine import Machine, release_reserve
@@ -45,7 +46,9 @@ from mmsvc.mm.mmap import Mmap, aligned_range
 from mmsvc.mm.page import PG, PTEBit
 from mmsvc.mm.recovery import reconcile
 from mmsvc.mm.rmap import Rmap
+from mmsvc.mm.shm import SHM_LOCK, SHM_UNLOCK, Shm, caller_credentials
 from mmsvc.mm.swap import Swap
+from mmsvc.mm.truncate import Truncate, check_size
 from mmsvc.mm.types import (
     MCL_CURRENT,
     MLOCK_ONFAULT,
@@ -103,6 +106,9 @@ class Kernel:
         self.vmscan = Vmscan(store, self.swap, self.rmap)
         self.migrator = Migrate(store, self.swap, self.rmap)
         self.madv = Madvise(store, self.swap, self.faults, self.mlocks, self.vmscan)
+        self.truncator = Truncate(store, self.swap, self.locks, self.rmap)
+        self.gup = Gup(store, self.swap, self.faults)
+        self.shms = Shm(store, self.swap, self.locks, self.mmaps)
         self.swap.direct_reclaim = self._direct_reclaim
         self._machines: dict[str, Machine] = {}
 
@@ -251,6 +257,8 @@ class Kernel:
     async def exit(self, machine: str, pid: int) -> None:
         async with self._mm(machine, pid, "w") as (m, mm):
             await self.mmaps.exit_mmap(m, mm)
+        # do_exit: exit_files() after exit_mm(): the drivers' pins go with their files (gup.py)
+        await self.gup.release_pins(m, pid)
 
     async def setrlimit(self, machine: str, pid: int, soft: int, hard: int) -> None:
         if soft < 0 or hard < 0 or soft > hard:
@@ -348,6 +356,41 @@ class Kernel:
         async with self._mm(machine, pid, "w") as (m, mm):
             await self.mlocks.apply_mlockall_flags(m, mm, 0)
 
+    # ------------------------------------------------------------------- SysV shm -------
+    async def shm_create(self, machine: str, pid: int, pages: int,
+                         addr: int = 0) -> tuple[int, int]:
+        """shmget(IPC_PRIVATE, pages) + shmat into pid (mmsvc/mm/shm.py): (shmid, address).
+        All or nothing: a segment whose shmat fails is removed again."""
+        if not 1 <= pages <= MAX_MAP_PAGES:
+            raise einval("segment size must be 1 page .. 64 GiB")
+        if addr < 0 or addr % 4096:
+            raise einval("address not page aligned")
+        await self._machine_fresh(machine)  # the segment's file: other CPUs must see it
+        async with self._mm(machine, pid, "w") as (m, mm):
+            shmid = await self.shms.shmget(m, pages)
+            try:
+                start = await self.shms.shmat(m, mm, shmid, addr)
+            except KernelError:
+                await self.shms.remove_unattached(m, shmid)
+                raise
+        return shmid, start << 12
+
+    async def shm_attach(self, machine: str, pid: int, shmid: int, addr: int = 0) -> int:
+        """shmat(shmid, addr, 0): returns the address of the new shared mapping."""
+        if addr < 0 or addr % 4096:
+            raise einval("address not page aligned")
+        await self._machine_fresh(machine)  # a segment made by another CPU
+        async with self._mm(machine, pid, "w") as (m, mm):
+            return await self.shms.shmat(m, mm, shmid, addr) << 12
+
+    async def shm_ctl(self, machine: str, pid: int, shmid: int, cmd: str) -> None:
+        """shmctl(shmid, SHM_LOCK | SHM_UNLOCK) by pid (its RLIMIT_MEMLOCK, CAP_IPC_LOCK)."""
+        if cmd not in (SHM_LOCK, SHM_UNLOCK):
+            raise einval(f"unknown shmctl command {cmd!r}")
+        m = await self._machine_fresh(machine)
+        rlim_soft, capable = await caller_credentials(self.store, m, pid)
+        await self.shms.shmctl(m, shmid, cmd, rlim_soft, capable)
+
     # --------------------------------------------------------------------- faults -------
     async def fault(self, machine: str, pid: int, addr: int, length: int, write: bool) -> int:
         start, end = touched_range(addr, length)
@@ -430,6 +473,47 @@ class Kernel:
             got += st.reclaimed
             await release_reserve(self.store, m, other)
         return got
+
+    # ------------------------------------------------------ truncation and pins -------
+    async def truncate(self, machine: str, file: str, size_pages: int) -> None:
+        """ftruncate(2) of a file to size_pages (mm/truncate.py, spec S20)."""
+        m = await self._machine_fresh(machine)
+        f = self._file_named(m, file)
+        check_size(m, size_pages, "size")
+        await self.truncator.ftruncate(m, f, size_pages)
+
+    async def punch_hole(self, machine: str, file: str, offset_pages: int, pages: int) -> None:
+        """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of pages [offset, +pages)."""
+        m = await self._machine_fresh(machine)
+        f = self._file_named(m, file)
+        if offset_pages < 0 or pages <= 0:
+            raise einval("offset must be >= 0 and length > 0")  # fallocate(2) EINVAL
+        await self.truncator.punch_hole(m, f, offset_pages, pages)
+
+    @staticmethod
+    def _file_named(m: Machine, name: str) -> machines.FileInfo:
+        f = m.files.get(name)
+        if f is None:
+            raise KernelError("ENOENT", f"no file {name!r}")
+        return f
+
+    async def pin(self, machine: str, pid: int, addr: int, length: int,
+                  write: bool) -> PinResult:
+        """pin_user_pages(FOLL_PIN | FOLL_LONGTERM [| FOLL_WRITE]) of the range (gup.py)."""
+        if addr < 0 or addr % 4096:
+            raise einval("address not page aligned")
+        start, end = touched_range(addr, length)
+        if end - start > MAX_RANGE_PAGES:
+            raise einval(too_many_pages(end - start, "pin"))
+        async with self._mm(machine, pid, "r") as (m, mm):
+            return await self.gup.pin_user_pages(m, mm, start, end, write)
+
+    async def unpin(self, machine: str, pid: int, pin_id: int) -> int:
+        """unpin_user_pages of a pin pid took; returns the pages unpinned."""
+        m = await self.machine(machine)
+        if not await self.store.client.sismember(f"{keys.machine(m.mid)}:procs", str(pid)):
+            raise KernelError("ESRCH", f"no process {pid} on machine {m.mid}")
+        return await self.gup.unpin(m, pid, pin_id)
 
     async def isolate(self, machine: str, pid: int, addr: int, length: int) -> int:
         """Take the range's pages off their LRU, as compaction or NUMA balancing does

@@ -36,6 +36,35 @@ class Protocol(enum.StrEnum):
     LEGACY = "legacy"
 
 
+class MigrationDrain(enum.StrEnum):
+    """Where migration drains the local mlock batch (spec §10.1 ``migration_drain``, [11/13])."""
+
+    AFTER_EACH_LOCKED_UNMAP = "after_each_locked_unmap"  # the rework: §4.2.1-§4.2.3
+    OFF = "off"  # before 11/13: no drain, the entries' references fail the freeze (S14)
+    RMAP_WALK_LEVEL = "rmap_walk_level"  # Hugh's first attempt: once per rmap walk
+
+
+class MlockCountInitLruAdd(enum.StrEnum):
+    """mlock_count given by lru-add to a page it culls (§8.2 ``mlock_count_init_lru_add``)."""
+
+    ZERO = "0"  # 10/13
+    BOOL_MLOCKED = "bool_mlocked"  # v1 06/13: !!PG_mlocked
+
+
+class MlockCountInitCull(enum.StrEnum):
+    """mlock_count given by __mlock_page's cull (§8.2 ``mlock_count_init_cull``)."""
+
+    BOOL_MLOCKED = "bool_mlocked"  # 10/13: !!PG_mlocked
+    ONE = "1"  # v1 06/13
+
+
+class MlockBatchScope(enum.StrEnum):
+    """Which mlock/munlock calls use the per-CPU batch (§10.1 ``mlock_batch_scope``)."""
+
+    PER_CPU_ALL = "per_cpu_all"  # the rework: every caller
+    MASS_ONLY = "mass_only"  # only the mlock/munlock range walk; synchronous elsewhere
+
+
 class Advice(enum.IntEnum):
     """madvise(2) advice values, numbered as in Linux."""
 
@@ -65,6 +94,15 @@ class MachineConfig:
     name: str = ""
     # Linux 6.18 drains the local batches when a populate finishes; the seed kernel did not.
     populate_drain: bool = False
+    # Spec §10.1 tunables: the defaults are the rework's choices; the alternatives reproduce
+    # the designs the thread considered (docs/api.md "Machine configuration").
+    vm_io_guard: bool = True  # §3.6; off reproduces the double count (S23)
+    migration_drain: MigrationDrain = MigrationDrain.AFTER_EACH_LOCKED_UNMAP  # §4.2 (S14)
+    mlock_count_init_lru_add: MlockCountInitLruAdd = MlockCountInitLruAdd.ZERO  # §8.2
+    mlock_count_init_cull: MlockCountInitCull = MlockCountInitCull.BOOL_MLOCKED  # §8.2
+    reclaim_locked_activate: bool = True  # §5.2.3; off: PAGEREF_RECLAIM, §5.3 decides
+    migration_newpage_lru_first: bool = True  # §4.2.4; off: pre-08 order, count not rebuilt
+    mlock_batch_scope: MlockBatchScope = MlockBatchScope.PER_CPU_ALL  # §10.1
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,9 @@ class Vma:
     # anon_vma_fork: a child's VMA also reaches its parents' anon_vmas (its chain is then not
     # singular, which forbids merging it with a VMA that has no anon_vma)
     anon_parents: tuple[int, ...] = ()
+    # vm_ops->close (a SysV shm attach, mmsvc/mm/shm.py): a VMA that may not be removed by a
+    # merge, so once split its pieces never merge again (mm/vma.c can_merge_remove_vma)
+    vm_ops_close: bool = False
 
     @property
     def pages(self) -> int:
@@ -93,6 +96,7 @@ class Vma:
             and prev.file == self.file
             and mergeable_anon_vma(prev, self)
             and prev.pgoff + prev.pages == self.pgoff
+            and not (prev.vm_ops_close or self.vm_ops_close)
         )
 
     def may_map_anon(self, anon_vma: int) -> bool:
@@ -100,7 +104,10 @@ class Vma:
         return anon_vma != 0 and (anon_vma == self.anon_vma or anon_vma in self.anon_parents)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        d = asdict(self)
+        if not self.vm_ops_close:
+            del d["vm_ops_close"]  # the usual case: stored as before
+        return json.dumps(d, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Vma:

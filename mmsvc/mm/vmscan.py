@@ -95,7 +95,7 @@ class Vmscan:
                 await self.swap.run(m, lv, [["Y", idx]])
                 stats.culled += 1
                 return KEEP
-            if locked:
+            if locked and m.cfg.reclaim_locked_activate:
                 # §5.2.1 page_referenced_one: "restore the mlock which got missed".
                 mp = locked[0]
                 if mlock_filter(mp.vma):
@@ -112,6 +112,11 @@ class Vmscan:
             if page.has(PG.SWAPBACKED) and page.has(PG.ANON):
                 return KEEP  # add_to_swap fails (no swap space) before any unmap
             mapped = await self._try_to_unmap(m, lv, idx, maps)
+            if mapped < 0:
+                # reclaim_locked_activate off: PAGEREF_RECLAIM, and try_to_unmap_one met the
+                # VM_LOCKED vma, mlocked the page and failed (§5.3): kept, putback culls it
+                stats.culled += 1
+                return KEEP
             if mapped:
                 return KEEP  # still mapped after try_to_unmap (a racing fault): keep it
             if page.has(PG.SWAPBACKED):
@@ -131,9 +136,18 @@ class Vmscan:
     async def _try_to_unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping]) -> int:
         """try_to_unmap_one for each mapping: clear the pte if it still maps the page
         (page_vma_mapped_walk re-checks under the PTL), page_remove_rmap (+ munlock) and put.
-        Returns the page's mapcount afterwards (page_mapped: a racing fault may map it)."""
+        Returns the page's mapcount afterwards (page_mapped: a racing fault may map it), or
+        -1 when the walk stopped at a VM_LOCKED vma (without TTU_IGNORE_MLOCK, §5.3): that
+        happens only with ``reclaim_locked_activate`` off, else §5.2 kept the page first."""
         ops: list[Op] = []
         for mp in maps:
+            if mp.vma.locked:
+                # §5.3: mlock_vma_page(page, vma, false), stop the walk, report failure; the
+                # vmas the walk met before it are unmapped already
+                ops += [["L", idx]] if mlock_filter(mp.vma) else []
+                if ops:
+                    await self.swap.run(m, lv, ops)
+                return -1
             raced = await pt_install(self.store, mp.mm_key, [Pte(mp.pte.vpn, 0, 0, 0)],
                                      {mp.pte.vpn: mp.pte})
             if raced:
@@ -149,6 +163,10 @@ class Vmscan:
         isolation and the page cache's: a fault that took one since fails the freeze and the
         page is kept), then the page leaves the page cache and the last references go.  A
         fault that looked the page up before it left finds it frozen or freed and retries."""
+        if not page.has(PG.PAGECACHE):
+            # truncated (mm/truncate.py), still held by a pin or a batch entry: no mapping to
+            # remove it from; whoever holds the last reference frees it
+            return False
         res = await self.swap.run(m, lv, [
             ["R", idx, 2], ["F", idx, 0, int(PG.PAGECACHE | PG.ISOLATED | PG.LOCKED | PG.FROZEN)],
             ["P", idx], ["P", idx]])

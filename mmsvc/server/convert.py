@@ -14,6 +14,10 @@ from mmsvc.mm.types import (
     FileSpec,
     LockStatRow,
     MachineConfig,
+    MigrationDrain,
+    MlockBatchScope,
+    MlockCountInitCull,
+    MlockCountInitLruAdd,
     PageInfo,
     ProcessSpec,
     ProcStatus,
@@ -28,6 +32,36 @@ _PROTOCOL_TO_PB = {
     Protocol.LEGACY: tpb.PROTOCOL_LEGACY,
 }
 _PROTOCOL_FROM_PB = {v: k for k, v in _PROTOCOL_TO_PB.items()}
+
+# Spec §10.1 tunables: proto enum value -> dataclass value, per field (UNSPECIFIED = default).
+_SWITCH: dict[int, object] = {tpb.SWITCH_ON: True, tpb.SWITCH_OFF: False}
+TUNABLES_FROM_PB: dict[str, dict[int, object]] = {
+    "vm_io_guard": _SWITCH,
+    "reclaim_locked_activate": _SWITCH,
+    "migration_newpage_lru_first": _SWITCH,
+    "migration_drain": {
+        tpb.MIGRATION_DRAIN_AFTER_EACH_LOCKED_UNMAP: MigrationDrain.AFTER_EACH_LOCKED_UNMAP,
+        tpb.MIGRATION_DRAIN_OFF: MigrationDrain.OFF,
+        tpb.MIGRATION_DRAIN_RMAP_WALK_LEVEL: MigrationDrain.RMAP_WALK_LEVEL,
+    },
+    "mlock_count_init_lru_add": {
+        tpb.MLOCK_COUNT_INIT_LRU_ADD_ZERO: MlockCountInitLruAdd.ZERO,
+        tpb.MLOCK_COUNT_INIT_LRU_ADD_BOOL_MLOCKED: MlockCountInitLruAdd.BOOL_MLOCKED,
+    },
+    "mlock_count_init_cull": {
+        tpb.MLOCK_COUNT_INIT_CULL_BOOL_MLOCKED: MlockCountInitCull.BOOL_MLOCKED,
+        tpb.MLOCK_COUNT_INIT_CULL_ONE: MlockCountInitCull.ONE,
+    },
+    "mlock_batch_scope": {
+        tpb.MLOCK_BATCH_SCOPE_PER_CPU_ALL: MlockBatchScope.PER_CPU_ALL,
+        tpb.MLOCK_BATCH_SCOPE_MASS_ONLY: MlockBatchScope.MASS_ONLY,
+    },
+}
+
+
+def _tunable_to_pb(name: str, value: object) -> int:
+    return next(k for k, v in TUNABLES_FROM_PB[name].items() if v == value)
+
 
 FILE_KINDS_FROM_PB = {
     tpb.FILE_KIND_UNSPECIFIED: "tmpfs",
@@ -68,10 +102,21 @@ def machine_config_from_pb(msg: tpb.MachineConfig) -> MachineConfig:
         changes["protocol"] = _PROTOCOL_FROM_PB[msg.protocol]
     if msg.name:
         changes["name"] = msg.name
+    for name, values in TUNABLES_FROM_PB.items():
+        number = getattr(msg, name)
+        if number:  # an unknown number is refused by validate.machine_tunables first
+            changes[name] = values[number]
     return dataclasses.replace(MachineConfig(), **changes)  # type: ignore[arg-type]
 
 
 def machine_config_to_pb(cfg: MachineConfig) -> tpb.MachineConfig:
+    msg = _machine_config_to_pb(cfg)
+    for name in TUNABLES_FROM_PB:
+        setattr(msg, name, _tunable_to_pb(name, getattr(cfg, name)))
+    return msg
+
+
+def _machine_config_to_pb(cfg: MachineConfig) -> tpb.MachineConfig:
     return tpb.MachineConfig(
         nodes=cfg.nodes,
         frames_per_node=cfg.frames_per_node,

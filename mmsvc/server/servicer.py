@@ -60,6 +60,8 @@ S = TypeVar("S", bound="MmServicer")
 
 ADVICE_VALUES = frozenset(int(a) for a in Advice)
 CAPABILITIES = {tpb.CAPABILITY_IPC_LOCK: "CAP_IPC_LOCK"}
+SHM_COMMANDS = {tpb.SHM_COMMAND_LOCK: "SHM_LOCK", tpb.SHM_COMMAND_UNLOCK: "SHM_UNLOCK"}
+MAX_SHM_PAGES = 1 << 24  # as the largest mapping (syscalls.MAX_MAP_PAGES)
 PROTOCOLS = frozenset({tpb.PROTOCOL_REWORK, tpb.PROTOCOL_LEGACY})
 UNAUTHENTICATED_REASON = "UNAUTHENTICATED"
 
@@ -161,6 +163,7 @@ class MmServicer(pb_grpc.MmServiceServicer):
             v.bounded(c.hpage_pmd_nr, 2, 1 << 18, "config.hpage_pmd_nr")
         if c.protocol:
             v.enum_value(c.protocol, PROTOCOLS, "config.protocol")
+        v.machine_tunables(c)  # spec §10.1 settings: unknown enum values are EINVAL
         for memcg in c.memcgs:
             v.name(memcg, "config.memcgs")
         v.require(len(set(c.memcgs)) == len(c.memcgs), "config.memcgs", "duplicate memcg")
@@ -354,6 +357,73 @@ class MmServicer(pb_grpc.MmServiceServicer):
         v.byte_range(request.addr, request.length, align_addr=True, allow_zero=False)
         n = await self.kernel.putback(request.machine, request.pid, request.addr, request.length)
         return pb.PutbackResponse(put_back=n)
+
+    @rpc
+    async def ShmCreate(self, request: pb.ShmCreateRequest, context: Ctx) -> pb.ShmCreateResponse:
+        v.machine_id(request.machine)
+        v.pid(request.pid)
+        v.bounded(request.pages, 1, MAX_SHM_PAGES, "pages")
+        v.byte_range(request.addr, 0, align_addr=True, allow_zero=True)
+        shmid, addr = await self.kernel.shm_create(
+            request.machine, request.pid, request.pages, request.addr)
+        return pb.ShmCreateResponse(shmid=shmid, addr=addr)
+
+    @rpc
+    async def ShmAttach(self, request: pb.ShmAttachRequest, context: Ctx) -> pb.ShmAttachResponse:
+        v.machine_id(request.machine)
+        v.pid(request.pid)
+        v.require(request.shmid >= 0, "shmid", "must be >= 0")
+        v.byte_range(request.addr, 0, align_addr=True, allow_zero=True)
+        addr = await self.kernel.shm_attach(
+            request.machine, request.pid, request.shmid, request.addr)
+        return pb.ShmAttachResponse(addr=addr)
+
+    @rpc
+    async def ShmCtl(self, request: pb.ShmCtlRequest, context: Ctx) -> pb.ShmCtlResponse:
+        v.machine_id(request.machine)
+        v.pid(request.pid)
+        v.require(request.shmid >= 0, "shmid", "must be >= 0")
+        v.enum_value(request.cmd, SHM_COMMANDS, "cmd")
+        await self.kernel.shm_ctl(
+            request.machine, request.pid, request.shmid, SHM_COMMANDS[request.cmd])
+        return pb.ShmCtlResponse()
+
+    # -- truncation and pins (mm/truncate.py, mm/gup.py) ------------------------------------
+
+    @rpc
+    async def Truncate(self, request: pb.TruncateRequest, context: Ctx) -> pb.TruncateResponse:
+        v.machine_id(request.machine)
+        v.name(request.file, "file")
+        v.bounded(request.size_pages, 0, v.MAX_FILE_PAGES, "size_pages")
+        await self.kernel.truncate(request.machine, request.file, request.size_pages)
+        return pb.TruncateResponse()
+
+    @rpc
+    async def PunchHole(self, request: pb.PunchHoleRequest, context: Ctx) -> pb.PunchHoleResponse:
+        v.machine_id(request.machine)
+        v.name(request.file, "file")
+        v.bounded(request.offset_pages, 0, v.MAX_FILE_PAGES, "offset_pages")
+        v.bounded(request.pages, 1, v.MAX_FILE_PAGES, "pages")
+        await self.kernel.punch_hole(request.machine, request.file, request.offset_pages,
+                                     request.pages)
+        return pb.PunchHoleResponse()
+
+    @rpc
+    async def Pin(self, request: pb.PinRequest, context: Ctx) -> pb.PinResponse:
+        v.machine_id(request.machine)
+        v.pid(request.pid)
+        v.byte_range(request.addr, request.length, align_addr=True, allow_zero=False)
+        res = await self.kernel.pin(request.machine, request.pid, request.addr, request.length,
+                                    request.write)
+        return pb.PinResponse(pin_id=res.pin_id, pages=res.pages)
+
+    @rpc
+    async def Unpin(self, request: pb.UnpinRequest, context: Ctx) -> pb.UnpinResponse:
+        v.machine_id(request.machine)
+        v.pid(request.pid)
+        v.require(request.pin_id > 0, "pin_id", "must be a pin id (> 0)")
+        pages = await self.kernel.unpin(request.machine, request.pid, request.pin_id)
+        return pb.UnpinResponse(pages=pages)
 
     @rpc
     async def Munlock(self, request: pb.MunlockRequest, context: Ctx) -> pb.MunlockResponse:

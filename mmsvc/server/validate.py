@@ -28,6 +28,8 @@ from mmsvc.mm.types import (
     PROT_READ,
     PROT_WRITE,
 )
+from mmsvc.proto_gen.mmsvc.v1 import types_pb2 as tpb
+from mmsvc.server.convert import TUNABLES_FROM_PB
 
 U64 = 1 << 64
 #: Largest length accepted for any range (x86-64 user address space: 128 TiB).
@@ -104,6 +106,14 @@ def bits(value: int, mask: int, field: str) -> None:
 def enum_value(value: int, known: Container[int], field: str) -> None:
     require(value != 0, field, "must be set (UNSPECIFIED)")
     require(value in known, field, f"unknown value {value}")
+
+
+def machine_tunables(config: tpb.MachineConfig) -> None:
+    """Spec §10.1 settings of a MachineConfig: 0 (the default) or a value of its enum."""
+    for name, values in TUNABLES_FROM_PB.items():
+        number = getattr(config, name)
+        if number:
+            enum_value(number, values, f"config.{name}")
 
 
 def prot(value: int, field: str = "prot") -> None:

@@ -54,7 +54,7 @@ def test_labels_name_the_snapshot_and_the_op() -> None:
 def test_corpus_excludes_what_mmsvc_cannot_replay() -> None:
     names = {p.stem for p in report.corpus_traces()}
     assert A_MATCH in names
-    assert "shm_lock_unlock" not in names  # shm_* ops: kernel runner only
+    assert "shm_lock_unlock" in names  # shm_* ops are replayed too (mmsvc/mm/shm.py)
 
 
 def test_report_replays_and_compares(

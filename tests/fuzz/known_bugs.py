@@ -78,7 +78,9 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
         key="freed-page-program",
         summary="a page program acts on a freed page: ResponseError 'page N of {m:lv} is "
-                "free' from mm_pages (INTERNAL on Exit; seen once, a race in mmsvc/mm)",
+                "free' from mm_pages (INTERNAL on Exit; seen once, a race in mmsvc/mm).  The "
+                "mlock/munlock walks' variant of it is fixed (docs/concurrency.md finding 16); "
+                "the Exit one is not reproduced yet",
         regression="",
         category="INTERNAL",
         log_signature="is free script: mm_pages",

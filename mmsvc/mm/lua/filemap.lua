@@ -3,14 +3,22 @@
 -- F:pc    hash  index -> "lv|idx" (a page in the cache) or "busy|<owner>" (being read in,
 --               the emulated locked page: other faulters retry)
 -- F:immap hash  "<pid>|<vma>" -> "pgoff|npages"  (the i_mmap interval tree, spec §1.8)
+-- F:isize string  the file's size in pages once truncated (mm/truncate.py; else the registry's)
+-- F:as    hash  "flags" -> the mapping's flags (AS_UNEVICTABLE as PG_UNEVICTABLE_MAPPING: shm.lua)
 
 -- pc_lookup(F; owner, index...) -> per index: "lv|idx", "busy", or "new" (now reserved by owner)
-register_once('pc_lookup', function(keys, args)
+-- or "eof": at or beyond i_size (F:isize, set once the file was truncated: mm/truncate.py), read
+-- in the same step, so a fault racing a truncation never reads a page in beyond the new end
+-- (filemap_fault's i_size check: SIGBUS)
+local function pc_lookup(keys, args)
   local F, owner = keys[1], args[1]
   local out = {}
+  local isize = tonumber(redis.call('GET', F .. ':isize') or '-1')
   for i = 2, #args do
     local v = redis.call('HGET', F .. ':pc', args[i])
-    if not v then
+    if isize >= 0 and tonumber(args[i]) >= isize then
+      out[#out + 1] = 'eof'
+    elseif not v then
       redis.call('HSET', F .. ':pc', args[i], 'busy|' .. owner)
       out[#out + 1] = 'new'
     elseif string.sub(v, 1, 5) == 'busy|' then
@@ -19,6 +27,17 @@ register_once('pc_lookup', function(keys, args)
       out[#out + 1] = v
     end
   end
+  return out
+end
+register_once('pc_lookup', pc_lookup)
+
+-- pc_lookup_flags(F; owner, index...): pc_lookup, then the mapping's flags (F:as, set while
+-- SHM_LOCKed: lua/shm.lua) read in the same step, so a page read in for a reserved slot is
+-- born with what the mapping was when the slot was reserved (SHM_UNLOCK waits for the
+-- reservations it sees to be published, then clears the mark on their pages too).
+register_once('pc_lookup_flags', function(keys, args)
+  local out = pc_lookup(keys, args)
+  out[#out + 1] = tonumber(redis.call('HGET', keys[1] .. ':as', 'flags') or '0')
   return out
 end)
 

@@ -50,9 +50,18 @@ end
 --      mlb_local, lab_local (1 if all of them are in T), seq, disabled, init_* tunables.
 -- ops: {"A",flags,mapping,index,aux} alloc | {"M",i} map | {"U",i} unmap | {"G",i} get |
 --      {"P",i} put | {"L",i} mlock_page | {"N",i} mlock_new_page | {"K",i} munlock_page |
---      {"C",i} lru_cache_add | {"F",i,set,clear} flags.  i < 0 names the -i'th page allocated
+--      {"C",i} lru_cache_add | {"F",i,set,clear} flags | {"shm",i,fid,index,lock} SHM_(UN)LOCK
+--      (lua/shm.lua).  i < 0 names the -i'th page allocated
 --      by this call.  Stops early (reason) when a batch must be flushed across lruvecs or the
 --      lruvec lock is taken; `done` ops have been applied.
+-- The page a range walk read from a pte is still that page: in use, at the same index, and
+-- anonymous (a private copy) or a page of the VMA's file (mapping; -1: the VMA has none).
+local function walk_target(idx, index, mapping)
+  local p = pg(idx, true)
+  if p == nil or p.index ~= index then return false end
+  return has(p, PG_ANON) or (mapping >= 0 and p.mapping == mapping)
+end
+
 register_once('mm_pages', function(keys, args)
   begin(keys[1])
   ILK = nil; INSIDE = false
@@ -169,6 +178,21 @@ register_once('mm_pages', function(keys, args)
       else
         set(p, PG_FROZEN); dirty(idx)
       end
+    elseif c == 'pin' then
+      -- {"pin", idx, n}: mm/gup.c try_grab_folio(FOLL_PIN): n references (a small page:
+      -- GUP_PIN_COUNTING_BIAS, a THP head: 1 + its pincount, kept by mm/gup.py).  Like
+      -- folio_try_get it fails on a page that is free or frozen (refcount 0): `failed`.
+      local idx = op[2]
+      local p = pg(idx, true)
+      if p == nil or not has(p, PG_INUSE) or has(p, PG_FROZEN) or p.ref <= 0 then
+        failed[#failed + 1] = idx
+      else
+        get_page(idx, op[3])
+      end
+    elseif c == 'unpin' then
+      -- {"unpin", idx, n}: unpin_user_page: the pin's references go; the last one frees the
+      -- page with the final clearance of §6 (a pinned page may keep PG_mlocked until then, X1)
+      put_page(op[2], op[3])
     elseif c == 'J' then
       -- {"J", idx, mapcount, ptemaps, refcount, clear}: recovery after a CPU died in the
       -- middle of syscalls (mm/recovery.py, run while the machine is stopped): the counts
@@ -322,8 +346,31 @@ register_once('mm_pages', function(keys, args)
           ev('unevictable_pgs_stranded', nr_pages(p))
         end
       end
+    elseif c == 'shm' then
+      -- {"shm", idx, fid, index, lock}: SHM_LOCK / SHM_UNLOCK reaching a page of the segment's
+      -- page cache (lua/shm.lua): lock = 1 marks it PG_UNEVICTABLE_MAPPING and moves nothing
+      -- (reclaim or lru-add culls it later); lock = 0 clears the mark, then
+      -- check_move_unevictable_folios.  A page gone meanwhile is reported in `failed`.
+      local idx = op[2]
+      local p = shm_cache_page(idx, op[3], op[4])
+      if p == nil then
+        failed[#failed + 1] = idx
+      elseif op[5] == 1 then
+        set(p, PG_UNEVICTABLE_MAPPING); dirty(idx)
+      else
+        if has(p, PG_LRU) and not held then held = ilock_enter(T .. ':lock', cpu) end
+        if has(p, PG_LRU) and not held then reason = 'lru_locked'; done = k - 1; break end
+        clr(p, PG_UNEVICTABLE_MAPPING); dirty(idx)
+        check_move_unevictable_page(idx, p)
+      end
     elseif c == 'F' then
       local p = pg(ix(op[2])); set(p, op[3]); clr(p, op[4]); dirty(ix(op[2]))
+    elseif (c == 'L' or c == 'K') and op[3] ~= nil and not walk_target(ix(op[2]), op[3], op[4]) then
+      -- {"L"|"K", idx, index, mapping}: a page an mlock/munlock range walk read from a pte.
+      -- mlock_pte_range works under the page table lock, so an rmap walker (reclaim,
+      -- migration, truncation) that zapped the pte meanwhile leaves it nothing to do: a page
+      -- freed or reused since the pte was read is skipped (`failed`), never touched.
+      failed[#failed + 1] = ix(op[2])
     elseif c == 'L' or c == 'N' or c == 'K' then
       local p
       if c == 'L' then p = mlock_page(ix(op[2]), cpu, seq)

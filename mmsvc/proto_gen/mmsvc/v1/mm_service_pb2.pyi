@@ -1783,3 +1783,384 @@ class PutbackResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PutbackResponse: _TypeAlias = PutbackResponse  # noqa: Y015
+
+@_typing.final
+class ShmCreateRequest(_message.Message):
+    """ShmCreate input: shmget(IPC_PRIVATE, pages) + shmat(shmid, addr, 0)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    PAGES_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """Machine id."""
+    pid: _builtins.int
+    """Process id (the segment is attached to it)."""
+    pages: _builtins.int
+    """Segment size in pages (1 .. the machine's memory)."""
+    addr: _builtins.int
+    """Address hint (page aligned; 0 = anywhere), as mmap's."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        pages: _builtins.int = ...,
+        addr: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "machine", b"machine", "pages", b"pages", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShmCreateRequest: _TypeAlias = ShmCreateRequest  # noqa: Y015
+
+@_typing.final
+class ShmCreateResponse(_message.Message):
+    """ShmCreate output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHMID_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    shmid: _builtins.int
+    """The segment's id (shmid)."""
+    addr: _builtins.int
+    """Where it is attached in the process."""
+    def __init__(
+        self,
+        *,
+        shmid: _builtins.int = ...,
+        addr: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "shmid", b"shmid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShmCreateResponse: _TypeAlias = ShmCreateResponse  # noqa: Y015
+
+@_typing.final
+class ShmAttachRequest(_message.Message):
+    """ShmAttach input: shmat(shmid, addr, 0)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    SHMID_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """Machine id."""
+    pid: _builtins.int
+    """Process id."""
+    shmid: _builtins.int
+    """The segment's id."""
+    addr: _builtins.int
+    """Address hint (page aligned; 0 = anywhere)."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        shmid: _builtins.int = ...,
+        addr: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "machine", b"machine", "pid", b"pid", "shmid", b"shmid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShmAttachRequest: _TypeAlias = ShmAttachRequest  # noqa: Y015
+
+@_typing.final
+class ShmAttachResponse(_message.Message):
+    """ShmAttach output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDR_FIELD_NUMBER: _builtins.int
+    addr: _builtins.int
+    """Where the segment is attached."""
+    def __init__(
+        self,
+        *,
+        addr: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShmAttachResponse: _TypeAlias = ShmAttachResponse  # noqa: Y015
+
+@_typing.final
+class ShmCtlRequest(_message.Message):
+    """ShmCtl input: shmctl(shmid, cmd, NULL) by process pid (its RLIMIT_MEMLOCK and CAP_IPC_LOCK)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    SHMID_FIELD_NUMBER: _builtins.int
+    CMD_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """Machine id."""
+    pid: _builtins.int
+    """Process id of the caller."""
+    shmid: _builtins.int
+    """The segment's id."""
+    cmd: _types_pb2.ShmCommand.ValueType
+    """SHM_LOCK or SHM_UNLOCK."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        shmid: _builtins.int = ...,
+        cmd: _types_pb2.ShmCommand.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "machine", b"machine", "pid", b"pid", "shmid", b"shmid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShmCtlRequest: _TypeAlias = ShmCtlRequest  # noqa: Y015
+
+@_typing.final
+class ShmCtlResponse(_message.Message):
+    """ShmCtl output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShmCtlResponse: _TypeAlias = ShmCtlResponse  # noqa: Y015
+
+@_typing.final
+class TruncateRequest(_message.Message):
+    """Truncate input: ftruncate(2)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    SIZE_PAGES_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """Machine id."""
+    file: _builtins.str
+    """File name."""
+    size_pages: _builtins.int
+    """New size in pages (0 .. the machine's memory)."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        file: _builtins.str = ...,
+        size_pages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "machine", b"machine", "size_pages", b"size_pages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TruncateRequest: _TypeAlias = TruncateRequest  # noqa: Y015
+
+@_typing.final
+class TruncateResponse(_message.Message):
+    """Truncate output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TruncateResponse: _TypeAlias = TruncateResponse  # noqa: Y015
+
+@_typing.final
+class PunchHoleRequest(_message.Message):
+    """PunchHole input: fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    OFFSET_PAGES_FIELD_NUMBER: _builtins.int
+    PAGES_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """Machine id."""
+    file: _builtins.str
+    """File name."""
+    offset_pages: _builtins.int
+    """First page of the hole."""
+    pages: _builtins.int
+    """Pages in the hole (> 0; the part beyond the end of the file is ignored)."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        file: _builtins.str = ...,
+        offset_pages: _builtins.int = ...,
+        pages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "machine", b"machine", "offset_pages", b"offset_pages", "pages", b"pages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PunchHoleRequest: _TypeAlias = PunchHoleRequest  # noqa: Y015
+
+@_typing.final
+class PunchHoleResponse(_message.Message):
+    """PunchHole output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PunchHoleResponse: _TypeAlias = PunchHoleResponse  # noqa: Y015
+
+@_typing.final
+class PinRequest(_message.Message):
+    """Pin input: pin_user_pages(FOLL_PIN | FOLL_LONGTERM [| FOLL_WRITE])."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    WRITE_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """Machine id."""
+    pid: _builtins.int
+    """Process id (the pin belongs to it)."""
+    addr: _builtins.int
+    """Start address (page aligned)."""
+    length: _builtins.int
+    """Length in bytes (> 0, rounded up to pages)."""
+    write: _builtins.bool
+    """FOLL_WRITE: write-fault the range first (breaks COW); needs PROT_WRITE."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        addr: _builtins.int = ...,
+        length: _builtins.int = ...,
+        write: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "length", b"length", "machine", b"machine", "pid", b"pid", "write", b"write"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PinRequest: _TypeAlias = PinRequest  # noqa: Y015
+
+@_typing.final
+class PinResponse(_message.Message):
+    """Pin output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PIN_ID_FIELD_NUMBER: _builtins.int
+    PAGES_FIELD_NUMBER: _builtins.int
+    pin_id: _builtins.int
+    """Names the pin for Unpin."""
+    pages: _builtins.int
+    """Pages pinned (the shared zero page is not)."""
+    def __init__(
+        self,
+        *,
+        pin_id: _builtins.int = ...,
+        pages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pages", b"pages", "pin_id", b"pin_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PinResponse: _TypeAlias = PinResponse  # noqa: Y015
+
+@_typing.final
+class UnpinRequest(_message.Message):
+    """Unpin input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    PIN_ID_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """Machine id."""
+    pid: _builtins.int
+    """Process id that took the pin."""
+    pin_id: _builtins.int
+    """The pin (PinResponse.pin_id)."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        pin_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine", "pid", b"pid", "pin_id", b"pin_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnpinRequest: _TypeAlias = UnpinRequest  # noqa: Y015
+
+@_typing.final
+class UnpinResponse(_message.Message):
+    """Unpin output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGES_FIELD_NUMBER: _builtins.int
+    pages: _builtins.int
+    """Pages unpinned."""
+    def __init__(
+        self,
+        *,
+        pages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pages", b"pages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnpinResponse: _TypeAlias = UnpinResponse  # noqa: Y015

@@ -150,6 +150,41 @@ class MmServiceStub:
                 request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.PutbackRequest.SerializeToString,
                 response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.PutbackResponse.FromString,
                 _registered_method=True)
+        self.ShmCreate = channel.unary_unary(
+                '/mmsvc.v1.MmService/ShmCreate',
+                request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.ShmCreateRequest.SerializeToString,
+                response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.ShmCreateResponse.FromString,
+                _registered_method=True)
+        self.ShmAttach = channel.unary_unary(
+                '/mmsvc.v1.MmService/ShmAttach',
+                request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.ShmAttachRequest.SerializeToString,
+                response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.ShmAttachResponse.FromString,
+                _registered_method=True)
+        self.ShmCtl = channel.unary_unary(
+                '/mmsvc.v1.MmService/ShmCtl',
+                request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.ShmCtlRequest.SerializeToString,
+                response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.ShmCtlResponse.FromString,
+                _registered_method=True)
+        self.Truncate = channel.unary_unary(
+                '/mmsvc.v1.MmService/Truncate',
+                request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.TruncateRequest.SerializeToString,
+                response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.TruncateResponse.FromString,
+                _registered_method=True)
+        self.PunchHole = channel.unary_unary(
+                '/mmsvc.v1.MmService/PunchHole',
+                request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.PunchHoleRequest.SerializeToString,
+                response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.PunchHoleResponse.FromString,
+                _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/mmsvc.v1.MmService/Pin',
+                request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.PinRequest.SerializeToString,
+                response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.PinResponse.FromString,
+                _registered_method=True)
+        self.Unpin = channel.unary_unary(
+                '/mmsvc.v1.MmService/Unpin',
+                request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.UnpinRequest.SerializeToString,
+                response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.UnpinResponse.FromString,
+                _registered_method=True)
         self.Reclaim = channel.unary_unary(
                 '/mmsvc.v1.MmService/Reclaim',
                 request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.ReclaimRequest.SerializeToString,
@@ -368,6 +403,58 @@ class MmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShmCreate(self, request, context):
+        """SysV shared memory: shmget(IPC_PRIVATE) of a new segment + shmat into the process.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShmAttach(self, request, context):
+        """shmat(2) of an existing segment: a shared read-write mapping of all of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShmCtl(self, request, context):
+        """shmctl(2) SHM_LOCK / SHM_UNLOCK (spec §1.1.4, S30).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Truncate(self, request, context):
+        """ftruncate(2) of a file, in pages: shrinking unmaps the range everywhere (private COW
+        copies too) and drops its page cache pages; growing only sets the size (spec S20).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PunchHole(self, request, context):
+        """fallocate(2) FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: the range's page cache pages are
+        unmapped (private COW copies stay) and dropped; the file keeps its size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pin(self, request, context):
+        """pin_user_pages(FOLL_PIN | FOLL_LONGTERM): faults the range in and pins its pages until
+        Unpin or the process's exit (a pinned page cannot be migrated or reclaimed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unpin(self, request, context):
+        """unpin_user_pages of a pin: the last reference frees a page (with the final clearance).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Reclaim(self, request, context):
         """Memory pressure: scans up to nr_pages LRU pages (shrink_lruvec).
         """
@@ -555,6 +642,41 @@ def add_MmServiceServicer_to_server(servicer, server):
                     servicer.Putback,
                     request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.PutbackRequest.FromString,
                     response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.PutbackResponse.SerializeToString,
+            ),
+            'ShmCreate': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShmCreate,
+                    request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.ShmCreateRequest.FromString,
+                    response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.ShmCreateResponse.SerializeToString,
+            ),
+            'ShmAttach': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShmAttach,
+                    request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.ShmAttachRequest.FromString,
+                    response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.ShmAttachResponse.SerializeToString,
+            ),
+            'ShmCtl': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShmCtl,
+                    request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.ShmCtlRequest.FromString,
+                    response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.ShmCtlResponse.SerializeToString,
+            ),
+            'Truncate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Truncate,
+                    request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.TruncateRequest.FromString,
+                    response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.TruncateResponse.SerializeToString,
+            ),
+            'PunchHole': grpc.unary_unary_rpc_method_handler(
+                    servicer.PunchHole,
+                    request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.PunchHoleRequest.FromString,
+                    response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.PunchHoleResponse.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.PinRequest.FromString,
+                    response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.PinResponse.SerializeToString,
+            ),
+            'Unpin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unpin,
+                    request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.UnpinRequest.FromString,
+                    response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.UnpinResponse.SerializeToString,
             ),
             'Reclaim': grpc.unary_unary_rpc_method_handler(
                     servicer.Reclaim,
@@ -1229,6 +1351,195 @@ class MmService:
             '/mmsvc.v1.MmService/Putback',
             mmsvc_dot_v1_dot_mm__service__pb2.PutbackRequest.SerializeToString,
             mmsvc_dot_v1_dot_mm__service__pb2.PutbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShmCreate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsvc.v1.MmService/ShmCreate',
+            mmsvc_dot_v1_dot_mm__service__pb2.ShmCreateRequest.SerializeToString,
+            mmsvc_dot_v1_dot_mm__service__pb2.ShmCreateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShmAttach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsvc.v1.MmService/ShmAttach',
+            mmsvc_dot_v1_dot_mm__service__pb2.ShmAttachRequest.SerializeToString,
+            mmsvc_dot_v1_dot_mm__service__pb2.ShmAttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShmCtl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsvc.v1.MmService/ShmCtl',
+            mmsvc_dot_v1_dot_mm__service__pb2.ShmCtlRequest.SerializeToString,
+            mmsvc_dot_v1_dot_mm__service__pb2.ShmCtlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Truncate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsvc.v1.MmService/Truncate',
+            mmsvc_dot_v1_dot_mm__service__pb2.TruncateRequest.SerializeToString,
+            mmsvc_dot_v1_dot_mm__service__pb2.TruncateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PunchHole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsvc.v1.MmService/PunchHole',
+            mmsvc_dot_v1_dot_mm__service__pb2.PunchHoleRequest.SerializeToString,
+            mmsvc_dot_v1_dot_mm__service__pb2.PunchHoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsvc.v1.MmService/Pin',
+            mmsvc_dot_v1_dot_mm__service__pb2.PinRequest.SerializeToString,
+            mmsvc_dot_v1_dot_mm__service__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unpin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsvc.v1.MmService/Unpin',
+            mmsvc_dot_v1_dot_mm__service__pb2.UnpinRequest.SerializeToString,
+            mmsvc_dot_v1_dot_mm__service__pb2.UnpinResponse.FromString,
             options,
             channel_credentials,
             insecure,

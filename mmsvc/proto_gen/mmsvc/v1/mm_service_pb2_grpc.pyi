@@ -91,6 +91,26 @@ class MmServiceStub:
     """
     Putback: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.PutbackRequest, _mm_service_pb2.PutbackResponse]
     """Puts the range's isolated pages back (putback_lru_page: lru-add re-decides)."""
+    ShmCreate: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.ShmCreateRequest, _mm_service_pb2.ShmCreateResponse]
+    """SysV shared memory: shmget(IPC_PRIVATE) of a new segment + shmat into the process."""
+    ShmAttach: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.ShmAttachRequest, _mm_service_pb2.ShmAttachResponse]
+    """shmat(2) of an existing segment: a shared read-write mapping of all of it."""
+    ShmCtl: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.ShmCtlRequest, _mm_service_pb2.ShmCtlResponse]
+    """shmctl(2) SHM_LOCK / SHM_UNLOCK (spec §1.1.4, S30)."""
+    Truncate: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.TruncateRequest, _mm_service_pb2.TruncateResponse]
+    """ftruncate(2) of a file, in pages: shrinking unmaps the range everywhere (private COW
+    copies too) and drops its page cache pages; growing only sets the size (spec S20).
+    """
+    PunchHole: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.PunchHoleRequest, _mm_service_pb2.PunchHoleResponse]
+    """fallocate(2) FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: the range's page cache pages are
+    unmapped (private COW copies stay) and dropped; the file keeps its size.
+    """
+    Pin: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.PinRequest, _mm_service_pb2.PinResponse]
+    """pin_user_pages(FOLL_PIN | FOLL_LONGTERM): faults the range in and pins its pages until
+    Unpin or the process's exit (a pinned page cannot be migrated or reclaimed).
+    """
+    Unpin: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.UnpinRequest, _mm_service_pb2.UnpinResponse]
+    """unpin_user_pages of a pin: the last reference frees a page (with the final clearance)."""
     Reclaim: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.ReclaimRequest, _mm_service_pb2.ReclaimResponse]
     """Memory pressure: scans up to nr_pages LRU pages (shrink_lruvec)."""
     Drain: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.DrainRequest, _mm_service_pb2.DrainResponse]
@@ -165,6 +185,26 @@ class MmServiceAsyncStub(MmServiceStub):
     """
     Putback: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.PutbackRequest, _mm_service_pb2.PutbackResponse]  # type: ignore[assignment]
     """Puts the range's isolated pages back (putback_lru_page: lru-add re-decides)."""
+    ShmCreate: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.ShmCreateRequest, _mm_service_pb2.ShmCreateResponse]  # type: ignore[assignment]
+    """SysV shared memory: shmget(IPC_PRIVATE) of a new segment + shmat into the process."""
+    ShmAttach: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.ShmAttachRequest, _mm_service_pb2.ShmAttachResponse]  # type: ignore[assignment]
+    """shmat(2) of an existing segment: a shared read-write mapping of all of it."""
+    ShmCtl: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.ShmCtlRequest, _mm_service_pb2.ShmCtlResponse]  # type: ignore[assignment]
+    """shmctl(2) SHM_LOCK / SHM_UNLOCK (spec §1.1.4, S30)."""
+    Truncate: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.TruncateRequest, _mm_service_pb2.TruncateResponse]  # type: ignore[assignment]
+    """ftruncate(2) of a file, in pages: shrinking unmaps the range everywhere (private COW
+    copies too) and drops its page cache pages; growing only sets the size (spec S20).
+    """
+    PunchHole: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.PunchHoleRequest, _mm_service_pb2.PunchHoleResponse]  # type: ignore[assignment]
+    """fallocate(2) FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: the range's page cache pages are
+    unmapped (private COW copies stay) and dropped; the file keeps its size.
+    """
+    Pin: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.PinRequest, _mm_service_pb2.PinResponse]  # type: ignore[assignment]
+    """pin_user_pages(FOLL_PIN | FOLL_LONGTERM): faults the range in and pins its pages until
+    Unpin or the process's exit (a pinned page cannot be migrated or reclaimed).
+    """
+    Unpin: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.UnpinRequest, _mm_service_pb2.UnpinResponse]  # type: ignore[assignment]
+    """unpin_user_pages of a pin: the last reference frees a page (with the final clearance)."""
     Reclaim: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.ReclaimRequest, _mm_service_pb2.ReclaimResponse]  # type: ignore[assignment]
     """Memory pressure: scans up to nr_pages LRU pages (shrink_lruvec)."""
     Drain: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.DrainRequest, _mm_service_pb2.DrainResponse]  # type: ignore[assignment]
@@ -374,6 +414,68 @@ class MmServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mm_service_pb2.PutbackResponse, _abc.Awaitable[_mm_service_pb2.PutbackResponse]]:
         """Puts the range's isolated pages back (putback_lru_page: lru-add re-decides)."""
+
+    @_abc_1.abstractmethod
+    def ShmCreate(
+        self,
+        request: _mm_service_pb2.ShmCreateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mm_service_pb2.ShmCreateResponse, _abc.Awaitable[_mm_service_pb2.ShmCreateResponse]]:
+        """SysV shared memory: shmget(IPC_PRIVATE) of a new segment + shmat into the process."""
+
+    @_abc_1.abstractmethod
+    def ShmAttach(
+        self,
+        request: _mm_service_pb2.ShmAttachRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mm_service_pb2.ShmAttachResponse, _abc.Awaitable[_mm_service_pb2.ShmAttachResponse]]:
+        """shmat(2) of an existing segment: a shared read-write mapping of all of it."""
+
+    @_abc_1.abstractmethod
+    def ShmCtl(
+        self,
+        request: _mm_service_pb2.ShmCtlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mm_service_pb2.ShmCtlResponse, _abc.Awaitable[_mm_service_pb2.ShmCtlResponse]]:
+        """shmctl(2) SHM_LOCK / SHM_UNLOCK (spec §1.1.4, S30)."""
+
+    @_abc_1.abstractmethod
+    def Truncate(
+        self,
+        request: _mm_service_pb2.TruncateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mm_service_pb2.TruncateResponse, _abc.Awaitable[_mm_service_pb2.TruncateResponse]]:
+        """ftruncate(2) of a file, in pages: shrinking unmaps the range everywhere (private COW
+        copies too) and drops its page cache pages; growing only sets the size (spec S20).
+        """
+
+    @_abc_1.abstractmethod
+    def PunchHole(
+        self,
+        request: _mm_service_pb2.PunchHoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mm_service_pb2.PunchHoleResponse, _abc.Awaitable[_mm_service_pb2.PunchHoleResponse]]:
+        """fallocate(2) FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: the range's page cache pages are
+        unmapped (private COW copies stay) and dropped; the file keeps its size.
+        """
+
+    @_abc_1.abstractmethod
+    def Pin(
+        self,
+        request: _mm_service_pb2.PinRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mm_service_pb2.PinResponse, _abc.Awaitable[_mm_service_pb2.PinResponse]]:
+        """pin_user_pages(FOLL_PIN | FOLL_LONGTERM): faults the range in and pins its pages until
+        Unpin or the process's exit (a pinned page cannot be migrated or reclaimed).
+        """
+
+    @_abc_1.abstractmethod
+    def Unpin(
+        self,
+        request: _mm_service_pb2.UnpinRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mm_service_pb2.UnpinResponse, _abc.Awaitable[_mm_service_pb2.UnpinResponse]]:
+        """unpin_user_pages of a pin: the last reference frees a page (with the final clearance)."""
 
     @_abc_1.abstractmethod
     def Reclaim(

@@ -109,6 +109,154 @@ CAPABILITY_IPC_LOCK: Capability.ValueType  # 1
 """CAP_IPC_LOCK: lock memory beyond RLIMIT_MEMLOCK."""
 Global___Capability: _TypeAlias = Capability  # noqa: Y015
 
+class _ShmCommand:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ShmCommandEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShmCommand.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SHM_COMMAND_UNSPECIFIED: _ShmCommand.ValueType  # 0
+    """Invalid: rejected with INVALID_ARGUMENT."""
+    SHM_COMMAND_LOCK: _ShmCommand.ValueType  # 11
+    """SHM_LOCK: the segment's pages become unevictable (charged to RLIMIT_MEMLOCK)."""
+    SHM_COMMAND_UNLOCK: _ShmCommand.ValueType  # 12
+    """SHM_UNLOCK: evictable again; pages on the unevictable LRU are rescued."""
+
+class ShmCommand(_ShmCommand, metaclass=_ShmCommandEnumTypeWrapper):
+    """A shmctl(2) command (numbered as Linux's)."""
+
+SHM_COMMAND_UNSPECIFIED: ShmCommand.ValueType  # 0
+"""Invalid: rejected with INVALID_ARGUMENT."""
+SHM_COMMAND_LOCK: ShmCommand.ValueType  # 11
+"""SHM_LOCK: the segment's pages become unevictable (charged to RLIMIT_MEMLOCK)."""
+SHM_COMMAND_UNLOCK: ShmCommand.ValueType  # 12
+"""SHM_UNLOCK: evictable again; pages on the unevictable LRU are rescued."""
+Global___ShmCommand: _TypeAlias = ShmCommand  # noqa: Y015
+
+class _Switch:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SwitchEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Switch.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SWITCH_UNSPECIFIED: _Switch.ValueType  # 0
+    """Server default (the field's documented default)."""
+    SWITCH_ON: _Switch.ValueType  # 1
+    """On."""
+    SWITCH_OFF: _Switch.ValueType  # 2
+    """Off."""
+
+class Switch(_Switch, metaclass=_SwitchEnumTypeWrapper):
+    """An on/off machine setting whose default is given per field (spec §10.1 tunables)."""
+
+SWITCH_UNSPECIFIED: Switch.ValueType  # 0
+"""Server default (the field's documented default)."""
+SWITCH_ON: Switch.ValueType  # 1
+"""On."""
+SWITCH_OFF: Switch.ValueType  # 2
+"""Off."""
+Global___Switch: _TypeAlias = Switch  # noqa: Y015
+
+class _MigrationDrain:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MigrationDrainEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MigrationDrain.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MIGRATION_DRAIN_UNSPECIFIED: _MigrationDrain.ValueType  # 0
+    """Server default (after_each_locked_unmap)."""
+    MIGRATION_DRAIN_AFTER_EACH_LOCKED_UNMAP: _MigrationDrain.ValueType  # 1
+    """After each unmap and restore in a VM_LOCKED vma (the rework, spec §4.2)."""
+    MIGRATION_DRAIN_OFF: _MigrationDrain.ValueType  # 2
+    """Never: the entries' references fail the freeze (spec S14)."""
+    MIGRATION_DRAIN_RMAP_WALK_LEVEL: _MigrationDrain.ValueType  # 3
+    """Once per rmap walk, Hugh's first attempt: residue of a task that moved CPU fails it."""
+
+class MigrationDrain(_MigrationDrain, metaclass=_MigrationDrainEnumTypeWrapper):
+    """Where migration drains the local mlock batch (spec §10.1 `migration_drain`, [11/13])."""
+
+MIGRATION_DRAIN_UNSPECIFIED: MigrationDrain.ValueType  # 0
+"""Server default (after_each_locked_unmap)."""
+MIGRATION_DRAIN_AFTER_EACH_LOCKED_UNMAP: MigrationDrain.ValueType  # 1
+"""After each unmap and restore in a VM_LOCKED vma (the rework, spec §4.2)."""
+MIGRATION_DRAIN_OFF: MigrationDrain.ValueType  # 2
+"""Never: the entries' references fail the freeze (spec S14)."""
+MIGRATION_DRAIN_RMAP_WALK_LEVEL: MigrationDrain.ValueType  # 3
+"""Once per rmap walk, Hugh's first attempt: residue of a task that moved CPU fails it."""
+Global___MigrationDrain: _TypeAlias = MigrationDrain  # noqa: Y015
+
+class _MlockCountInitLruAdd:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MlockCountInitLruAddEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MlockCountInitLruAdd.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MLOCK_COUNT_INIT_LRU_ADD_UNSPECIFIED: _MlockCountInitLruAdd.ValueType  # 0
+    """Server default (zero)."""
+    MLOCK_COUNT_INIT_LRU_ADD_ZERO: _MlockCountInitLruAdd.ValueType  # 1
+    """0, as patch 10/13 chose."""
+    MLOCK_COUNT_INIT_LRU_ADD_BOOL_MLOCKED: _MlockCountInitLruAdd.ValueType  # 2
+    """!!PG_mlocked, as v1 06/13 had (overcounts spec S12 order A)."""
+
+class MlockCountInitLruAdd(_MlockCountInitLruAdd, metaclass=_MlockCountInitLruAddEnumTypeWrapper):
+    """mlock_count given to a page culled by lru-add (spec §8.2 `mlock_count_init_lru_add`)."""
+
+MLOCK_COUNT_INIT_LRU_ADD_UNSPECIFIED: MlockCountInitLruAdd.ValueType  # 0
+"""Server default (zero)."""
+MLOCK_COUNT_INIT_LRU_ADD_ZERO: MlockCountInitLruAdd.ValueType  # 1
+"""0, as patch 10/13 chose."""
+MLOCK_COUNT_INIT_LRU_ADD_BOOL_MLOCKED: MlockCountInitLruAdd.ValueType  # 2
+"""!!PG_mlocked, as v1 06/13 had (overcounts spec S12 order A)."""
+Global___MlockCountInitLruAdd: _TypeAlias = MlockCountInitLruAdd  # noqa: Y015
+
+class _MlockCountInitCull:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MlockCountInitCullEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MlockCountInitCull.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MLOCK_COUNT_INIT_CULL_UNSPECIFIED: _MlockCountInitCull.ValueType  # 0
+    """Server default (bool_mlocked)."""
+    MLOCK_COUNT_INIT_CULL_BOOL_MLOCKED: _MlockCountInitCull.ValueType  # 1
+    """!!PG_mlocked, as patch 10/13 chose."""
+    MLOCK_COUNT_INIT_CULL_ONE: _MlockCountInitCull.ValueType  # 2
+    """1, as v1 06/13 had."""
+
+class MlockCountInitCull(_MlockCountInitCull, metaclass=_MlockCountInitCullEnumTypeWrapper):
+    """mlock_count given to a page culled by __mlock_page (spec §8.2 `mlock_count_init_cull`)."""
+
+MLOCK_COUNT_INIT_CULL_UNSPECIFIED: MlockCountInitCull.ValueType  # 0
+"""Server default (bool_mlocked)."""
+MLOCK_COUNT_INIT_CULL_BOOL_MLOCKED: MlockCountInitCull.ValueType  # 1
+"""!!PG_mlocked, as patch 10/13 chose."""
+MLOCK_COUNT_INIT_CULL_ONE: MlockCountInitCull.ValueType  # 2
+"""1, as v1 06/13 had."""
+Global___MlockCountInitCull: _TypeAlias = MlockCountInitCull  # noqa: Y015
+
+class _MlockBatchScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MlockBatchScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MlockBatchScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MLOCK_BATCH_SCOPE_UNSPECIFIED: _MlockBatchScope.ValueType  # 0
+    """Server default (per_cpu_all)."""
+    MLOCK_BATCH_SCOPE_PER_CPU_ALL: _MlockBatchScope.ValueType  # 1
+    """Every mlock/munlock of a page (the rework)."""
+    MLOCK_BATCH_SCOPE_MASS_ONLY: _MlockBatchScope.ValueType  # 2
+    """Only the mlock/munlock range walk batches; everything else is synchronous."""
+
+class MlockBatchScope(_MlockBatchScope, metaclass=_MlockBatchScopeEnumTypeWrapper):
+    """Which callers use the per-CPU mlock batch (spec §10.1 `mlock_batch_scope`)."""
+
+MLOCK_BATCH_SCOPE_UNSPECIFIED: MlockBatchScope.ValueType  # 0
+"""Server default (per_cpu_all)."""
+MLOCK_BATCH_SCOPE_PER_CPU_ALL: MlockBatchScope.ValueType  # 1
+"""Every mlock/munlock of a page (the rework)."""
+MLOCK_BATCH_SCOPE_MASS_ONLY: MlockBatchScope.ValueType  # 2
+"""Only the mlock/munlock range walk batches; everything else is synchronous."""
+Global___MlockBatchScope: _TypeAlias = MlockBatchScope  # noqa: Y015
+
 class _FileKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -153,6 +301,13 @@ class MachineConfig(_message.Message):
     HPAGE_PMD_NR_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     POPULATE_DRAIN_FIELD_NUMBER: _builtins.int
+    VM_IO_GUARD_FIELD_NUMBER: _builtins.int
+    MIGRATION_DRAIN_FIELD_NUMBER: _builtins.int
+    MLOCK_COUNT_INIT_LRU_ADD_FIELD_NUMBER: _builtins.int
+    MLOCK_COUNT_INIT_CULL_FIELD_NUMBER: _builtins.int
+    RECLAIM_LOCKED_ACTIVATE_FIELD_NUMBER: _builtins.int
+    MIGRATION_NEWPAGE_LRU_FIRST_FIELD_NUMBER: _builtins.int
+    MLOCK_BATCH_SCOPE_FIELD_NUMBER: _builtins.int
     nodes: _builtins.int
     """NUMA nodes (default 1)."""
     frames_per_node: _builtins.int
@@ -177,6 +332,26 @@ class MachineConfig(_message.Message):
     """Populate (mlock, MAP_POPULATE, MAP_LOCKED, MADV_POPULATE_*) drains this CPU's batches
     when it is done, as Linux 6.18 does; the seed-era kernel did not (spec §11 S2).
     """
+    vm_io_guard: Global___Switch.ValueType
+    """Spec §10.1 tunables (docs/api.md "Machine configuration"); UNSPECIFIED = the rework's
+    choice.  VM_IO guard of mlock_vma_pages_range (§3.6; default on; off: spec S23).
+    """
+    migration_drain: Global___MigrationDrain.ValueType
+    """Migration's drains of the local mlock batch (§4.2; default after_each_locked_unmap)."""
+    mlock_count_init_lru_add: Global___MlockCountInitLruAdd.ValueType
+    """mlock_count when lru-add culls a page (§8.2; default zero)."""
+    mlock_count_init_cull: Global___MlockCountInitCull.ValueType
+    """mlock_count when __mlock_page culls a page (§8.2; default bool_mlocked)."""
+    reclaim_locked_activate: Global___Switch.ValueType
+    """Reclaim restores a missed mlock in page_referenced_one and activates (§5.2; default
+    on); off: PAGEREF_RECLAIM and try_to_unmap_one finds the VM_LOCKED vma (§5.3).
+    """
+    migration_newpage_lru_first: Global___Switch.ValueType
+    """Migration puts the new page on the LRU before restoring its mappings (§4.2.4; default
+    on); off: the pre-08/13 order, mlock_count is not rebuilt.
+    """
+    mlock_batch_scope: Global___MlockBatchScope.ValueType
+    """Which callers use the mlock batch (default per_cpu_all)."""
     @_builtins.property
     def memcgs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Memory cgroups (default ["root"])."""
@@ -196,10 +371,17 @@ class MachineConfig(_message.Message):
         hpage_pmd_nr: _builtins.int = ...,
         name: _builtins.str = ...,
         populate_drain: _builtins.bool = ...,
+        vm_io_guard: Global___Switch.ValueType = ...,
+        migration_drain: Global___MigrationDrain.ValueType = ...,
+        mlock_count_init_lru_add: Global___MlockCountInitLruAdd.ValueType = ...,
+        mlock_count_init_cull: Global___MlockCountInitCull.ValueType = ...,
+        reclaim_locked_activate: Global___Switch.ValueType = ...,
+        migration_newpage_lru_first: Global___Switch.ValueType = ...,
+        mlock_batch_scope: Global___MlockBatchScope.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fault_around_pages", b"fault_around_pages", "frames_per_node", b"frames_per_node", "hpage_pmd_nr", b"hpage_pmd_nr", "lru_add_batch_len", b"lru_add_batch_len", "memcgs", b"memcgs", "mlock_batch_len", b"mlock_batch_len", "name", b"name", "nodes", b"nodes", "populate_drain", b"populate_drain", "protocol", b"protocol", "swap_pages", b"swap_pages", "thp", b"thp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fault_around_pages", b"fault_around_pages", "frames_per_node", b"frames_per_node", "hpage_pmd_nr", b"hpage_pmd_nr", "lru_add_batch_len", b"lru_add_batch_len", "memcgs", b"memcgs", "migration_drain", b"migration_drain", "migration_newpage_lru_first", b"migration_newpage_lru_first", "mlock_batch_len", b"mlock_batch_len", "mlock_batch_scope", b"mlock_batch_scope", "mlock_count_init_cull", b"mlock_count_init_cull", "mlock_count_init_lru_add", b"mlock_count_init_lru_add", "name", b"name", "nodes", b"nodes", "populate_drain", b"populate_drain", "protocol", b"protocol", "reclaim_locked_activate", b"reclaim_locked_activate", "swap_pages", b"swap_pages", "thp", b"thp", "vm_io_guard", b"vm_io_guard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
