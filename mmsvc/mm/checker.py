@@ -1,4 +1,5 @@
-"""The consistency checker of spec §8.5: A1-A8 always, Q1-Q8 when quiescent.
+"""The consistency checker of spec §8.5: A1-A8 always, Q1-Q8 when quiescent; S1-S3 for the
+swap area on a machine with swap (mm/swapfile.py).
 
 It reads the whole machine (every struct page, list, batch, page table and VMA) and recomputes
 what the counters and counts must be.  Violations are reported, never repaired.
@@ -21,6 +22,7 @@ from mmsvc.mm.page import (
     Page,
     PTEBit,
 )
+from mmsvc.mm.swapfile import check_swap
 from mmsvc.mm.types import CheckReport
 from mmsvc.mm.vma import VM
 from mmsvc.store import keys
@@ -100,6 +102,8 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
     # References each page must hold: mappings, page cache, batch entries (A6).
     batch_refs, _lru_pending = await batch_entries(store, m)
     pins = await pin_refs(store, m)  # GUP pins' references (mm/gup.py)
+    # swap slots vs swap ptes, the swap cache's pages (S1-S3, mm/swapfile.py)
+    swapcache = await check_swap(store, m, live, v) if m.cfg.swap_pages else set()
     pending = sum(batch_refs.values())
     cache_refs: set[PageRef] = set()
     for f in list(m.files.values()):
@@ -178,7 +182,7 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
         if isolated:
             rep.known_exceptions["isolated"] = rep.known_exceptions.get("isolated", 0) + 1
         expected = (mapcounts[ref] + pte_maps[ref] + (1 if ref in cache_refs else 0)
-                    + batch_refs[ref] + isolated + pins[ref])
+                    + batch_refs[ref] + isolated + pins[ref] + (1 if ref in swapcache else 0))
         if p.mapcount != mapcounts[ref]:
             v.append(f"A6 {name}: mapcount {p.mapcount} != {mapcounts[ref]} ptes")
         if p.pte_mapcount != pte_maps[ref]:
@@ -202,7 +206,7 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
         over = lru_unev and p.has(PG.MLOCKED) and p.prev > M and not legacy
         orphan = p.has(PG.MLOCKED) and M == 0 and not p.has(PG.UNEVICTABLE_MAPPING)
         if ((over or orphan) and pins[ref] and not mapcounts[ref] and not pte_maps[ref]
-                and ref not in cache_refs):
+                and ref not in cache_refs and ref not in swapcache):
             # X1 (§8.5): unmapped, out of the page cache, held only by a GUP pin - truncation
             # or hole punch racing munlock (S20, §3.6): PG_mlocked and a stale count until
             # the unpin frees the page, which then counts `cleared` (§6.4, §8.3 row 10)

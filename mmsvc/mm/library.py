@@ -17,7 +17,8 @@ from importlib import resources
 from mmsvc.mm.page import lua_header
 
 LIBRARY_NAME = "mmsvc"
-_ORDER = ("page.lua", "locks.lua", "swap.lua", "mlock.lua", "shm.lua", "memory.lua", "filemap.lua")
+_ORDER = ("page.lua", "locks.lua", "swap.lua", "mlock.lua", "shm.lua", "memory.lua", "filemap.lua",
+          "swapfile.lua")
 
 
 @cache

@@ -26,7 +26,15 @@ from mmsvc.mm.rmap import (
     page_remove_rmap_ops,
     pte_unmap_ops,
 )
-from mmsvc.mm.swap import Op, OutOfFrames, Swap, rebase_ops
+from mmsvc.mm.swap import InstallAfter, Op, OutOfFrames, Swap, rebase_ops
+from mmsvc.mm.swapfile import (
+    add_to_swap_cache,
+    free_swap_and_cache,
+    lookup_swap_cache,
+    swap_count,
+    swap_pte,
+    swap_ptes,
+)
 from mmsvc.mm.vma import VM, Vma, anon_vma_compatible
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
@@ -98,6 +106,20 @@ class Programs:
             at += len(ops)
         return allocated
 
+    async def execute_and_install(self, swap: Swap, m: Machine, install: InstallAfter | None,
+                                  ) -> tuple[list[int], list[int] | None]:
+        """execute(); a one-run program with ``install`` also sets the ptes in its call when
+        it runs to its end there: returns the allocations and the install's conflicts (None:
+        not installed, the caller installs)."""
+        if install is None or len(self.runs) != 1:
+            return await self.execute(swap, m), None
+        lv, ops = self.runs[0]
+        try:
+            res = await swap.run(m, lv, ops, install)
+        except OutOfFrames as exc:
+            raise ProgramStopped(exc.message, exc.done, exc.allocs) from exc
+        return res.allocs, res.installed
+
     async def finish(self, swap: Swap, m: Machine, start: int, end: int,
                      allocated: list[int]) -> bool:
         """Run the ops [start, end) of a stopped program (the rest of one page's fault) up to
@@ -167,12 +189,68 @@ class Faults:
             ptes = await pt_read(self.store, mm.key, start, end, walk=True)
         if write and not vma.shared and vma.anon_vma == 0:
             vma = await self.anon_vma_prepare(m, mm, vma)
+        # swap entries are not present: pt_read does not report them (mm/swapfile.py)
+        if (m.cfg.swap_pages and vma.anon_vma and not vma.shared
+                and await self.do_swap_page(m, mm, vma, start, end, write)):
+            ptes = await pt_read(self.store, mm.key, start, end, walk=True)
         if vma.is_anon:
             done = 0
             if m.cfg.thp and write:
                 done, ptes = await self._huge_anon(m, mm, vma, start, end, ptes)
             return done + await self._anon(m, mm, vma, start, end, write, ptes)
         return await self._file(m, mm, vma, start, end, write, ptes)
+
+    async def do_swap_page(self, m: Machine, mm: MmState, vma: Vma, start: int,
+                           end: int, write: bool) -> int:
+        """do_swap_page for each swap entry of [start, end), ascending; returns how many.
+
+        The page is found in the swap cache (a fork sibling read it in, or reclaim has not
+        freed it yet) or read into a new one, then mapped with page_add_anon_rmap - not
+        page_add_new_anon_rmap: in a VM_LOCKED vma its rmap hook mlocks the page (§3.2.1, the
+        swap-in caller), then a new page goes to lru_cache_add.  A write fault maps it
+        writable when this pte is its only user (reuse_swap_page); otherwise it is mapped
+        read-only and the write goes on as do_wp_page: a copy (COW after fork).  The swap
+        pte's slot reference goes last (swap_free, then try_to_free_swap)."""
+        entries = await swap_ptes(self.store, mm.key, start, end)
+        for vpn, slot in entries.items():
+            await self._swap_in_one(m, mm, vma, vpn, slot, write)
+        return len(entries)
+
+    async def _swap_in_one(self, m: Machine, mm: MmState, vma: Vma, vpn: int,
+                           slot: int, write: bool) -> None:
+        exclusive = write and await swap_count(self.store, m, slot) == 1
+        cached = await lookup_swap_cache(self.store, m, slot)
+        if cached is not None:
+            lv, idx = cached
+            # the lookup's reference: fails on a page reclaim froze to free it
+            res = await self.swap.run(m, lv, [["pin", idx, 1]])
+            page = None if res.failed else (await read_pages(self.store, m, [cached]))[0]
+            if page is None or not page.has(PG.SWAPCACHE):
+                if page is not None:
+                    await self.swap.run(m, lv, [["P", idx]])
+                raise FaultRace("swap cache page being freed")
+            exclusive = exclusive and page.mapcount == 0
+            ops: list[Op] = [*page_add_rmap_ops(m, vma, idx), ["P", idx]]
+        else:
+            # swapin_readahead -> __read_swap_cache_async: a new page in the swap cache
+            lv = mm.lv
+            root = vma.anon_parents[-1] if vma.anon_parents else vma.anon_vma
+            flags = ANON_FLAGS | int(PG.SWAPCACHE)
+            new = Programs([(lv, [["A", flags, root, vma.linear_index(vpn), 0], ["G", -1]])])
+            idx = (await new.execute(self.swap, m))[0]
+            if await add_to_swap_cache(self.store, m, slot, lv, idx) != (lv, idx):
+                await self.swap.run(m, lv, [["F", idx, 0, int(PG.SWAPCACHE)], ["P", idx],
+                                            ["P", idx]])
+                raise FaultRace("swap entry read in or freed by someone else")
+            # mapped (+ mlock_vma_page), then lru_cache_add takes the allocation's reference
+            ops = [*page_add_rmap_ops(m, vma, idx), ["C", idx]]
+        await self.swap.run(m, lv, ops)
+        bits = int(PTEBit.PRESENT | PTEBit.DIRTY | (PTEBit.WRITE if exclusive else 0))
+        if await pt_install(self.store, mm.key, [Pte(vpn, idx, lv, bits)],
+                            {vpn: swap_pte(vpn, slot)}):
+            await self.swap.run(m, lv, [*page_remove_rmap_ops(m, vma, idx), ["P", idx]])
+            raise FaultRace("concurrent fault on a swap entry")
+        await free_swap_and_cache(self.store, self.swap, m, [slot])
 
     async def anon_vma_prepare(self, m: Machine, mm: MmState, vma: Vma) -> Vma:
         """The first anonymous page of a VMA needs an anon_vma: a compatible neighbour's
@@ -283,8 +361,10 @@ class Faults:
         # pte would wait for), so that only one fault removes the old page's mapping.
         originals = dict(expect)
         expect = await self._claim(mm, expect)
+        fused = self._install_after(m, mm, progs, *anon_ptes(mm, installs, wp_reuse, None,
+                                                              expect))
         try:
-            allocs = await progs.execute(self.swap, m)
+            allocs, installed = await progs.execute_and_install(self.swap, m, fused)
         except ProgramStopped as stop:
             # Out of memory part-way: the pages before the failing allocation stay mapped
             reached = await keep_progress(self.swap, m, progs, stop, spans)
@@ -303,23 +383,46 @@ class Faults:
         except BaseException:
             await self._unclaim(mm, expect, originals)
             raise
+        if installed is not None:  # the program's call also set the ptes
+            new_ptes, _, fresh = anon_ptes(mm, installs, wp_reuse, allocs, expect)
+            await self._after_fused_install(m, mm, vma, new_ptes, fresh, installed)
+            return new_count
         await self._map_anon_pages(m, mm, vma, installs, wp_reuse, allocs, expect, cow_old)
         return new_count
+
+    def _install_after(self, m: Machine, mm: MmState, progs: Programs, new: list[Pte],
+                       expect: dict[int, Pte], fresh: set[int]) -> InstallAfter | None:
+        """The fault's last install can go with its page program (one round trip, the
+        store's ``mm_pages_install``) when the program is one lruvec's, the store is a single
+        Redis and this install also releases mmap_lock (a one-VMA fault, the common case).
+        The legacy design's COW munlock (after the install) keeps the two steps apart."""
+        if (self.store.is_cluster or len(progs.runs) != 1 or not mm.unlock_on_install
+                or mm.held is None or str(m.cfg.protocol) == "legacy"):
+            return None
+        return InstallAfter(mm.key, self.swap.locks.release_args(mm.held), pte_args(new, expect))
+
+    async def _after_fused_install(self, m: Machine, mm: MmState, vma: Vma, new: list[Pte],
+                                   fresh: set[int], raced: list[int]) -> None:
+        """What _install does after pt_install_unlock, for a fused program + install."""
+        if raced == [-1]:
+            mm.held = None  # evicted: nothing to release
+            raise KernelError("EAGAIN", "mmap_lock lease expired (fenced): nothing mapped")
+        if not raced:
+            mm.held = None  # released by the install
+            return
+        undo = Programs.empty()
+        for p in new:
+            if p.vpn in raced and p.vpn in fresh and not p.bits & PTEBit.ZERO:
+                undo.add(p.lv, *page_remove_rmap_ops(m, vma, p.idx), ["P", p.idx])
+        await undo.execute(self.swap, m)
+        raise FaultRace(f"concurrent fault on {len(raced)} pages")
 
     async def _map_anon_pages(
         self, m: Machine, mm: MmState, vma: Vma, installs: list[tuple[int, int | None, int]],
         wp_reuse: list[Pte], allocs: list[int], expect: dict[int, Pte],
         cow_old: list[tuple[int, int]],
     ) -> None:
-        new_ptes = [
-            Pte(vpn, 0 if slot is None else allocs[slot - 1],
-                0 if slot is None else mm.lv, bits)
-            for vpn, slot, bits in installs
-        ]
-        new_ptes += [Pte(p.vpn, p.idx, p.lv, p.bits | PTEBit.WRITE | PTEBit.DIRTY)
-                     for p in wp_reuse]
-        expect.update({p.vpn: p for p in wp_reuse})
-        fresh = {vpn for vpn, slot, _ in installs if slot is not None}
+        new_ptes, expect, fresh = anon_ptes(mm, installs, wp_reuse, allocs, expect)
         await self._install(m, mm, vma, new_ptes, expect, fresh, last=True)
         legacy = str(m.cfg.protocol) == "legacy"
         if self.legacy_cow is not None and cow_old and vma.locked and legacy:
@@ -621,6 +724,22 @@ class Faults:
         raise FaultRace(f"concurrent fault on {len(raced)} pages")
 
 
+def anon_ptes(mm: MmState, installs: list[tuple[int, int | None, int]], wp_reuse: list[Pte],
+              allocs: list[int] | None, expect: dict[int, Pte],
+              ) -> tuple[list[Pte], dict[int, Pte], set[int]]:
+    """An anonymous fault's new ptes (allocs None: page -k names the k-th page its program
+    allocates), what each must replace, and the vpns that map a new page."""
+    new_ptes = [
+        Pte(vpn, 0 if slot is None else (allocs[slot - 1] if allocs is not None else -slot),
+            0 if slot is None else mm.lv, bits)
+        for vpn, slot, bits in installs
+    ]
+    new_ptes += [Pte(p.vpn, p.idx, p.lv, p.bits | PTEBit.WRITE | PTEBit.DIRTY)
+                 for p in wp_reuse]
+    expect = {**expect, **{p.vpn: p for p in wp_reuse}}
+    return new_ptes, expect, {vpn for vpn, slot, _ in installs if slot is not None}
+
+
 async def keep_progress(swap: Swap, m: Machine, progs: Programs, stop: ProgramStopped,
                         spans: list[tuple[int, int]]) -> int:
     """How many of a stopped fault's page installs (their op spans, in order) ran.  The one
@@ -676,6 +795,9 @@ async def zap_range(
         if vpn % PTRS_PER_PMD:
             await split_huge_pmd(store, swap, m, mm, vma, vpn // PTRS_PER_PMD)
     removed = await pt_zap(store, mm.key, start, end)
+    # swap entries: zap_pte_range's free_swap_and_cache (mm/swapfile.py)
+    swapped = [p.idx for p in removed if p.is_swap]
+    removed = [p for p in removed if not p.is_swap]
     rmap = Programs.empty()
     puts = Programs.empty()
     for p in removed:
@@ -685,4 +807,5 @@ async def zap_range(
         puts.add(p.lv, ["P", p.idx])
     await rmap.execute(swap, m)
     await puts.execute(swap, m)
+    await free_swap_and_cache(store, swap, m, swapped)
     return len(removed)

@@ -34,6 +34,11 @@ class Pte:
         return bool(self.bits & PTEBit.SUBPAGE)
 
     @property
+    def is_swap(self) -> bool:
+        """A swap entry: not present, idx names the swap slot (mm/swapfile.py)."""
+        return not self.bits & PTEBit.PRESENT and bool(self.bits & PTEBit.SWAP)
+
+    @property
     def pmd(self) -> int:
         return self.vpn // PTRS_PER_PMD
 

@@ -17,6 +17,7 @@ from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, save
 from mmsvc.mm.page import PTRS_PER_PMD, PTEBit
 from mmsvc.mm.rmap import anon_vma_add
 from mmsvc.mm.swap import Swap
+from mmsvc.mm.swapfile import copy_swap_ptes
 from mmsvc.mm.types import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -333,6 +334,8 @@ class Mmap:
                 await self._i_mmap_link(m, child, cv)
             if vma.shared:
                 continue  # copy_page_range(): shared mappings fault again in the child
+            # copy_nonpresent_pte: swap entries shared, one more slot reference each
+            await copy_swap_ptes(self.store, m, parent.key, child.key, vma.start, vma.end)
             ptes = await pt_read(self.store, parent.key, vma.start, vma.end, walk=True)
             if not ptes:
                 continue

@@ -48,6 +48,9 @@ class PG(enum.IntFlag):
     # on another CPU when a munlock cleared PG_mlocked (cross-CPU batch residue, §8.3 rows
     # 11-12): Linux overcounts there too; the checker classifies such a page (X4)
     RESIDUE = 1 << 17
+    # PG_swapcache: in the swap cache (mm/swap_state.c), holding one reference; the slot is
+    # found through the swap area's reverse map (mm/swapfile.py), not in the record
+    SWAPCACHE = 1 << 20
 
 
 class LRU(enum.IntEnum):
@@ -79,6 +82,9 @@ class PTEBit(enum.IntFlag):
     MIGRATION = 16  # a migration entry (not present): idx/lv name the page being migrated
     PMD = 32  # a pmd mapping of a THP (pt_read reports it for each virtual page of the pmd)
     SUBPAGE = 64  # a pte mapping subpage (bits >> SUBPAGE_SHIFT) of THP head idx
+    # a swap entry (not present): idx is the swap slot (mm/swapfile.py).  Only meaningful
+    # with PRESENT clear: in a present SUBPAGE pte bit 7 is part of the subpage number.
+    SWAP = 128
 
 
 # A pte mapping a subpage of a THP keeps the subpage's number in the pte's high bits.

@@ -37,6 +37,7 @@ from mmsvc.mm.memory import Programs
 from mmsvc.mm.mm_struct import Pte, load_mm, pt_install
 from mmsvc.mm.page import PG, Page, PTEBit
 from mmsvc.mm.swap import Op, Swap
+from mmsvc.mm.swapfile import swap_info
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
 
@@ -92,6 +93,8 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
     # Batch entries (every CPU's: the dead one's were drained before).
     batch, lru_pending = await batch_entries(store, m)
     pins = await pin_refs(store, m)  # recorded GUP pins hold their references (mm/gup.py)
+    # the swap cache holds one reference per page (mm/swapfile.py)
+    swapcache = set((await swap_info(store, m)).cache.values()) if m.cfg.swap_pages else set()
 
     progs = Programs.empty()
     for ref, p in sorted(pages.items()):
@@ -107,8 +110,10 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
         if p.has(PG.PAGECACHE) and not in_cache:
             clear |= int(PG.PAGECACHE)
             fixed["pagecache_flag_dropped"] += 1
+        if p.has(PG.SWAPCACHE) and ref not in swapcache:
+            clear |= int(PG.SWAPCACHE)  # a swap-in or swap-out died before the cache held it
         expected = (mapcounts[ref] + pte_maps[ref] + int(in_cache) + batch[ref]
-                    + int(user and p.has(PG.ISOLATED)) + pins[ref])
+                    + int(user and p.has(PG.ISOLATED)) + pins[ref] + int(ref in swapcache))
         if (clear or p.mapcount != mapcounts[ref] or p.pte_mapcount != pte_maps[ref]
                 or p.refcount != expected):
             fixed["counts_set"] += 1

@@ -47,6 +47,19 @@ class ProgramResult:
     offlru: int = 0
     isolated: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)  # isolation failed: page not on an LRU
+    # the ptes a fused program + install call set (conflicting vpns; [-1]: fenced), or None
+    installed: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class InstallAfter:
+    """Ptes to set, and the mmap_lock to release, in the same call as a page program when it
+    runs to its end in one go (``mm_pages_install``; a single Redis only).  Entries are
+    pte_args() values whose idx -k names the k-th page the program allocates."""
+
+    mm_key: str
+    release: list[str | int]
+    entries: list[int]
 
 
 def _runs(order: Sequence[int]) -> list[tuple[int, int]]:
@@ -134,8 +147,11 @@ class Swap:
             **flush_tunables(m), "tok": tok,
         })
 
-    async def run(self, m: Machine, lv: int, ops: list[Op]) -> ProgramResult:
-        """Run a page program on lruvec lv from this CPU, flushing batches where needed."""
+    async def run(self, m: Machine, lv: int, ops: list[Op],
+                  install: InstallAfter | None = None) -> ProgramResult:
+        """Run a page program on lruvec lv from this CPU, flushing batches where needed.
+        With ``install``, the first store call also sets the ptes if the program completes in
+        it (``installed`` of the result); otherwise the caller installs them itself."""
         b = self.batches(m)
         out = ProgramResult()
         total = len(ops)
@@ -143,11 +159,12 @@ class Swap:
             try:
                 async with b.lock:
                     await self._load(m, b)
-                    _merge(out, await self._run_locked(m, b, lv, ops))
+                    _merge(out, await self._run_locked(m, b, lv, ops, install=install))
                     return out
             except NeedFrames as exc:
                 _merge(out, exc.done)
                 ops, need = exc.rest, exc.need
+                install = None  # what the program allocated so far is not in the entries
             # Outside the CPU's batch lock: take frames from the node, else reclaim directly.
             if await reserve_frames(self.store, m, lv, need):
                 continue
@@ -158,14 +175,24 @@ class Swap:
                               total - len(ops), out.allocs)
 
     async def _run_locked(self, m: Machine, b: CpuBatches, lv: int, ops: list[Op],
-                          tok: int = 0) -> ProgramResult:
+                          tok: int = 0, install: InstallAfter | None = None) -> ProgramResult:
         out = ProgramResult()
         while ops:
             mlb_local = all(x == lv for x in b.mlb)
             lab_local = all(x == lv for x in b.lab)
-            raw = await self.store.fcall(
-                "mm_pages", m.lv_key(lv), self._header(m, b, lv, tok), json.dumps(ops)
-            )
+            if install is not None:
+                reply = await self.store.fcall2(
+                    "mm_pages_install", m.lv_key(lv), install.mm_key,
+                    self._header(m, b, lv, tok), json.dumps(ops), *install.release,
+                    *install.entries)
+                raw = reply[0]
+                if len(reply) > 1:
+                    out.installed = [int(v) for v in reply[1]]
+                install = None  # only the first call: a program that stopped went on
+            else:
+                raw = await self.store.fcall(
+                    "mm_pages", m.lv_key(lv), self._header(m, b, lv, tok), json.dumps(ops)
+                )
             res = json.loads(raw)
             out.freed += res["freed"]
             out.flushes += res["flushes"]
@@ -289,6 +316,8 @@ def _merge(out: ProgramResult, more: ProgramResult) -> None:
     out.freed += more.freed
     out.flushes += more.flushes
     out.offlru += more.offlru
+    if more.installed is not None:
+        out.installed = more.installed
 
 
 def rebase_ops(ops: list[Op], allocs: list[int]) -> list[Op]:

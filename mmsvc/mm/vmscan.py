@@ -6,8 +6,10 @@ shrink_folio_list for each isolated page:
   with ``reclaim_locked_activate`` off the verdict is RECLAIM and try_to_unmap finds the
   VM_LOCKED vma instead, mlocks and fails (§5.3) - the same final state;
 * otherwise try_to_unmap; a clean regular-file page then leaves the page cache and is freed.
-Swap is not emulated yet: swap-backed pages (anon, tmpfs) are kept, as Linux keeps them when
-there is no swap space (it then does not even scan the anon lists).
+* an anonymous page, with swap space (``swap_pages``): add_to_swap, try_to_unmap puts a swap
+  entry in each pte, pageout writes it, and it leaves the swap cache and is freed
+  (mm/swapfile.py).  Without swap space (none, or all slots taken) anonymous pages are kept and
+  the anon lists are not even scanned, as Linux does; tmpfs pages are never swapped here.
 Access bits are not emulated: mapped pages count as unreferenced.
 """
 
@@ -22,6 +24,14 @@ from mmsvc.mm.mm_struct import Pte, pt_install, pt_read
 from mmsvc.mm.page import LRU, PG, Page
 from mmsvc.mm.rmap import Mapping, Rmap, mlock_filter, pte_unmap_ops
 from mmsvc.mm.swap import Op, Swap
+from mmsvc.mm.swapfile import (
+    delete_from_swap_cache,
+    get_swap_page,
+    nr_swap_pages,
+    swap_duplicate,
+    swap_pte,
+    swapcache_slot,
+)
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
 
@@ -43,9 +53,13 @@ class Vmscan:
         self.rmap = rmap
 
     async def shrink_lruvec(self, m: Machine, lv: int, nr: int) -> ShrinkStats:
-        """shrink_inactive_list on the file list (anon only with swap, not emulated yet)."""
+        """shrink_inactive_list on the inactive lists: anon first while swap space is left
+        (get_scan_count: can_reclaim_anon_pages), then file."""
         stats = ShrinkStats()
-        res = await self.swap.run(m, lv, [["S", int(LRU.INACTIVE_FILE), nr]])
+        scan: list[Op] = [["S", int(LRU.INACTIVE_FILE), nr]]
+        if m.cfg.swap_pages and await nr_swap_pages(self.store, m) > 0:
+            scan.insert(0, ["S", int(LRU.INACTIVE_ANON), nr])
+        res = await self.swap.run(m, lv, scan)
         await self.shrink_folio_list(m, lv, res.isolated, stats)
         return stats
 
@@ -109,9 +123,12 @@ class Vmscan:
                         await self.swap.run(m, lv, [["K", idx]])
                 stats.culled += 1
                 return ACTIVATE
+            slot = 0
             if page.has(PG.SWAPBACKED) and page.has(PG.ANON):
-                return KEEP  # add_to_swap fails (no swap space) before any unmap
-            mapped = await self._try_to_unmap(m, lv, idx, maps)
+                slot = await self._add_to_swap(m, lv, idx, page)
+                if not slot:
+                    return KEEP  # add_to_swap fails (no swap space) before any unmap
+            mapped = await self._try_to_unmap(m, lv, idx, maps, slot)
             if mapped < 0:
                 # reclaim_locked_activate off: PAGEREF_RECLAIM, and try_to_unmap_one met the
                 # VM_LOCKED vma, mlocked the page and failed (§5.3): kept, putback culls it
@@ -119,6 +136,8 @@ class Vmscan:
                 return KEEP
             if mapped:
                 return KEEP  # still mapped after try_to_unmap (a racing fault): keep it
+            if slot:
+                return RECLAIM if await self._swap_out(m, lv, idx, slot) else KEEP
             if page.has(PG.SWAPBACKED):
                 # shmem: unmapped first, then pageout finds no swap: redirtied, activated,
                 # still in the page cache (but no longer mapped)
@@ -133,9 +152,39 @@ class Vmscan:
             return KEEP if res.failed else RECLAIM
         return RECLAIM if await self._remove_from_cache(m, lv, idx, page) else KEEP
 
-    async def _try_to_unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping]) -> int:
+    async def _add_to_swap(self, m: Machine, lv: int, idx: int, page: Page) -> int:
+        """add_to_swap: a slot, and the page enters the swap cache (PG_swapcache and the
+        cache's reference); a page still in the swap cache keeps its slot.  0: no swap
+        space (none configured, or full), or a THP (not split for swap here)."""
+        if not m.cfg.swap_pages or page.has(PG.HEAD) or page.has(PG.TAIL):
+            return 0
+        if page.has(PG.SWAPCACHE):
+            return await swapcache_slot(self.store, m, lv, idx)
+        slot = await get_swap_page(self.store, m, lv, idx)
+        if slot:
+            await self.swap.run(m, lv, [["G", idx], ["F", idx, int(PG.SWAPCACHE), 0]])
+        return slot
+
+    async def _swap_out(self, m: Machine, lv: int, idx: int, slot: int) -> bool:
+        """pageout (swap_writepage, synchronous here), then __remove_mapping from the swap
+        cache: freeze at reclaim's isolation + the swap cache's references (a swap-in fault
+        that took one meanwhile keeps the page), the page leaves the swap cache - its slot
+        stays, the swap ptes name it - and the last references go."""
+        if (await self.swap.run(m, lv, [["R", idx, 2]])).failed:
+            return False
+        await delete_from_swap_cache(self.store, self.swap, m, slot, (lv, idx), written=True,
+                                     put=False)
+        await self.swap.run(m, lv, [
+            ["F", idx, 0, int(PG.SWAPCACHE | PG.ISOLATED | PG.LOCKED | PG.FROZEN)],
+            ["P", idx], ["P", idx]])
+        return True
+
+    async def _try_to_unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
+                            slot: int = 0) -> int:
         """try_to_unmap_one for each mapping: clear the pte if it still maps the page
         (page_vma_mapped_walk re-checks under the PTL), page_remove_rmap (+ munlock) and put.
+        With a swap slot the pte becomes its swap entry, one slot reference each
+        (swap_duplicate before set_pte_at).
         Returns the page's mapcount afterwards (page_mapped: a racing fault may map it), or
         -1 when the walk stopped at a VM_LOCKED vma (without TTU_IGNORE_MLOCK, §5.3): that
         happens only with ``reclaim_locked_activate`` off, else §5.2 kept the page first."""
@@ -148,9 +197,13 @@ class Vmscan:
                 if ops:
                     await self.swap.run(m, lv, ops)
                 return -1
-            raced = await pt_install(self.store, mp.mm_key, [Pte(mp.pte.vpn, 0, 0, 0)],
-                                     {mp.pte.vpn: mp.pte})
+            if slot:
+                await swap_duplicate(self.store, m, slot)
+            new = swap_pte(mp.pte.vpn, slot) if slot else Pte(mp.pte.vpn, 0, 0, 0)
+            raced = await pt_install(self.store, mp.mm_key, [new], {mp.pte.vpn: mp.pte})
             if raced:
+                if slot:
+                    await swap_duplicate(self.store, m, slot, -1)
                 continue  # zapped (or remapped) meanwhile by someone else
             ops += [*pte_unmap_ops(m, mp.vma, mp.pte), ["P", idx]]
         if ops:

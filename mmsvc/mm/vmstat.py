@@ -8,6 +8,7 @@ from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
 from mmsvc.mm.mm_struct import MmState, Pte, pt_read
 from mmsvc.mm.page import LRU, LRU_NAMES, PG, VMSTAT_EVENTS, Page, PTEBit
+from mmsvc.mm.swapfile import nr_swap_pages, swap_info
 from mmsvc.mm.types import PageInfo, ProcStatus, SmapsEntry
 from mmsvc.mm.vma import VM, Vma, vm_flag_names
 from mmsvc.store import keys
@@ -40,6 +41,9 @@ async def vmstat(store: RedisStore, m: Machine) -> dict[str, int]:
         out["nr_unevictable"] += meta.get(f"n{LRU.UNEVICTABLE}", 0)
     for lru in (LRU.INACTIVE_ANON, LRU.ACTIVE_ANON, LRU.INACTIVE_FILE, LRU.ACTIVE_FILE):
         out[f"nr_{LRU_NAMES[lru]}"] = sum(meta.get(f"n{int(lru)}", 0) for meta in metas.values())
+    if m.cfg.swap_pages:  # pages written to / read from swap (mm/swapfile.py)
+        info = await swap_info(store, m)
+        out["pswpin"], out["pswpout"] = info.pswpin, info.pswpout
     return out
 
 
@@ -64,6 +68,8 @@ async def meminfo(store: RedisStore, m: Machine) -> dict[str, int]:
         "Inactive(file)": total(f"n{int(LRU.INACTIVE_FILE)}"),
         "Unevictable": total(f"n{int(LRU.UNEVICTABLE)}"),
         "Mlocked": total("nr_mlock"),
+        "SwapTotal": m.cfg.swap_pages * 4,
+        "SwapFree": (await nr_swap_pages(store, m) if m.cfg.swap_pages else 0) * 4,
     }
 
 

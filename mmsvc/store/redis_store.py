@@ -33,7 +33,8 @@ from mmsvc.store.cluster import cluster_client, is_cluster_url
 FUNCTION_NOT_FOUND = "Function not found"
 
 # Library functions registered with the 'no-writes' flag: no request id, nothing recorded.
-READ_ONLY_FUNCTIONS = frozenset({"pc_peek", "mm_records", "pt_read", "mm_dump", "cpu_live"})
+READ_ONLY_FUNCTIONS = frozenset({"pc_peek", "mm_records", "pt_read", "mm_dump", "cpu_live",
+                                 "pt_swap_read"})
 _REQUEST_IDS = (f"{uuid.uuid4().hex[:10]}.{n:x}" for n in itertools.count())
 STORE_RETRIES = 40
 STORE_RETRY_ERRORS: list[type[Exception]] = [ConnectionError, TimeoutError, BusyLoadingError]
@@ -157,6 +158,16 @@ class RedisStore:
         # safe.
         await self.load_library()
         return await self.client.fcall(name, 1, key, *args)
+
+    async def fcall2(self, name: str, key: str, key2: str, *args: Any) -> Any:
+        """A writing function over two keys of different slots: only on a single Redis (see
+        :attr:`is_cluster`), where one call may touch any key."""
+        if self.cluster is not None:
+            raise RuntimeError(f"{name}: two-slot calls need a single Redis, not a cluster")
+        if self.before_write is not None:
+            await self.before_write()
+        args = (next(_REQUEST_IDS), *args)
+        return await self.client.fcall(name, 2, key, key2, *args)
 
     async def scan_keys(self, match: str, count: int = 1000) -> AsyncIterator[bytes]:
         """Every key matching ``match``; on a cluster, of every primary (SCAN is per node)."""

@@ -62,7 +62,7 @@ local function walk_target(idx, index, mapping)
   return has(p, PG_ANON) or (mapping >= 0 and p.mapping == mapping)
 end
 
-register_once('mm_pages', function(keys, args)
+local function mm_pages_body(keys, args)
   begin(keys[1])
   ILK = nil; INSIDE = false
   local h = cjson.decode(args[1])
@@ -396,7 +396,8 @@ register_once('mm_pages', function(keys, args)
   end
   return result({done = done, reason = reason, alloc = allocs, mlb_n = mlb_n, lab_n = lab_n,
                  seq = seq, isolated = isolated, failed = failed})
-end)
+end
+register_once('mm_pages', mm_pages_body)
 
 -- mm_flush(T; which, cpu, count, tok): flush this lruvec's run of `count` entries of cpu's
 -- batch.  tok = 0: take the lruvec lock inline if it is free; otherwise the caller holds it
@@ -533,7 +534,8 @@ register_once('pt_markers', function(keys, args)
   return out
 end)
 
--- pt_zap(M; v0, v1) -> flat {vpn, idx, lv, bits} of the present ptes removed from [v0, v1).
+-- pt_zap(M; v0, v1) -> flat {vpn, idx, lv, bits} of the present ptes and swap entries removed
+-- from [v0, v1).
 -- Only existing page tables are visited (zap_pmd_range skips empty pmds).
 register_once('pt_zap', function(keys, args)
   local M, v0, v1 = keys[1], tonumber(args[1]), tonumber(args[2])
@@ -568,7 +570,8 @@ register_once('pt_zap', function(keys, args)
       local b = math.min(v1, base + PTRS_PER_PMD) - base
       for i = a, b - 1 do
         local idx, lv, bits = struct.unpack(PTE_FMT, s, i * PTE_SIZE + 1)
-        if band(bits, PTE_PRESENT) ~= 0 then
+        -- a swap entry goes too, reported for its slot reference (mm/swapfile.py)
+        if band(bits, PTE_PRESENT) ~= 0 or band(bits, PTE_SWAP) ~= 0 then
           out[#out + 1] = base + i; out[#out + 1] = idx; out[#out + 1] = lv; out[#out + 1] = bits
           redis.call('SETRANGE', key, i * PTE_SIZE, zero)
         end
@@ -635,4 +638,30 @@ register_once('pmd_split', function(keys, args)
   redis.call('SET', M .. ':pt:' .. pmd, table.concat(parts))
   redis.call('DEL', hkey)
   return {idx, lv, bits}
+end)
+
+-- mm_pages_install(T, M; hdr, ops, tok, contended, bounce, wait_us, hold_us, lease_ms, entries...):
+-- the last two steps of a fault in one round trip, where one store holds both slots (not on a
+-- Redis Cluster): the page program of one lruvec (mm_pages), then, if it ran to its end, the
+-- ptes installed and mmap_lock released (pt_install_unlock).  An entry's idx -k names the k-th
+-- page the program allocated.  Returns {program result} when the program stopped early
+-- (nothing installed: the caller goes on as after mm_pages), else {program result, conflicts}
+-- ({-1}: fenced).
+register_once('mm_pages_install', function(keys, args)
+  local raw = mm_pages_body({keys[1]}, {args[1], args[2]})
+  local res = cjson.decode(raw)
+  if res.reason ~= nil then return {raw} end  -- no reason: every op ran
+  local allocs = res.alloc
+  if type(allocs) ~= 'table' then allocs = {} end
+  local M = keys[2]
+  if not lk_holds(M .. ':mmap_lock', tonumber(args[3])) then return {raw, {-1}} end
+  for i = 9, #args, 7 do
+    local idx = tonumber(args[i + 1])
+    if idx < 0 then args[i + 1] = allocs[-idx] end
+  end
+  local conflicts = pt_install_impl(M, args, 9)
+  if #conflicts == 0 then
+    lk_release_impl(M .. ':mmap_lock', {args[3], args[4], args[5], args[6], args[7], args[8]})
+  end
+  return {raw, conflicts}
 end)
