@@ -34,6 +34,14 @@ class Held:
     stats: str | None = None  # statistics kept for a family of locks (page locks)
 
 
+def granted(key: str, handed: str) -> tuple[str, str]:
+    """The token and bounce a releaser handed a waiter; "gone": the machine was deleted."""
+    if handed == "gone":
+        raise KernelError("ESRCH", f"the machine was deleted while waiting for {key}")
+    tok, bounce = handed.split("|")
+    return tok, bounce
+
+
 class Locks:
     """Acquire/release locks of the store on behalf of one CPU (worker)."""
 
@@ -63,7 +71,7 @@ class Locks:
         if popped is None:
             await self.store.fcall("lk_cancel", key, wid, self.lease_ms)
             raise KernelError("EAGAIN", f"timed out waiting for lock {key}")
-        tok, bounce = text(popped[1]).split("|")
+        tok, bounce = granted(key, text(popped[1]))
         now = time.perf_counter()
         return Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now, stats)
 
@@ -88,7 +96,7 @@ class Locks:
         if popped is None:
             await self.store.fcall("lk_cancel", key, wid, self.lease_ms)
             raise KernelError("EAGAIN", f"timed out waiting for lock {key}")
-        tok, bounce = text(popped[1]).split("|")
+        tok, bounce = granted(key, text(popped[1]))
         now = time.perf_counter()
         held = Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now)
         pipe = self.store.client.pipeline(transaction=False)

@@ -163,16 +163,16 @@ async def delete_machine(store: RedisStore, mid: str) -> None:
         raise esrch(f"no machine {mid!r}")
     await store.client.srem(keys.MACHINES, mid)
     # Every key of the machine starts with "{m<mid>" (machine tag or a derived tag); on a
-    # cluster they are spread over every primary, which scan_keys visits.  UNLINK takes them
-    # in batches (a cluster client splits a batch by slot) instead of a round trip per key.
-    batch: list[bytes] = []
-    async for key in store.scan_keys(f"{{m{mid}[:}}]*"):
-        batch.append(key)
-        if len(batch) >= 500:
-            await store.client.unlink(*batch)
-            batch.clear()
-    if batch:
-        await store.client.unlink(*batch)
+    # cluster they are spread over every primary, which scan_keys visits.
+    found = [key async for key in store.scan_keys(f"{{m{mid}[:}}]*")]
+    # Calls queued for one of its locks are woken first ("gone": ESRCH), or they would wait
+    # for a token nobody will hand them.
+    for key in found:
+        if key.endswith(b":q"):
+            await store.fcall("lk_gone", key[:-2].decode())
+    # UNLINK in batches (a cluster client splits a batch by slot), not a round trip per key.
+    for i in range(0, len(found), 500):
+        await store.client.unlink(*found[i:i + 500])
 
 
 async def create_file(store: RedisStore, m: Machine, spec: FileSpec) -> FileInfo:

@@ -45,15 +45,6 @@ class KnownBug:
 
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
-        key="delete-strands-lock-waiters",
-        summary="DeleteMachine unlinks the keys of a machine whose calls wait for a lock "
-                "(mmap_lock): the waiters are never handed a token nor told, and hang past "
-                "their deadline (mmsvc/mm/machine.py delete_machine, mmsvc/locks.py)",
-        regression="tests/fuzz/test_regressions.py::test_delete_machine_under_waiting_calls",
-        category="hang",
-        detail="(its machine was deleted while it ran)",
-    ),
-    KnownBug(
         key="a6-mapcount-race",
         summary="A6 violations (mapcount N != N-1 ptes, refcount one too high) on the 2-node "
                 "THP machine with swap and mlock batches of 4: a page keeps a mapping whose "

@@ -168,6 +168,21 @@ register_once('lk_acquire', function(keys, args)
   return {0}
 end)
 
+-- lk_gone(L): the machine of lock L is being deleted: every queued waiter is woken with
+-- "gone" instead of a token (it fails its syscall with ESRCH rather than waiting for a
+-- token that would never come), and the queue is emptied.
+register_once('lk_gone', function(keys, args)
+  local L = keys[1]
+  local q = redis.call('LRANGE', L .. ':q', 0, -1)
+  for _, e in ipairs(q) do
+    local w = L .. ':w:' .. string.match(e, '^([^|]+)')
+    redis.call('RPUSH', w, 'gone')
+    redis.call('PEXPIRE', w, 60000)
+  end
+  redis.call('DEL', L .. ':q')
+  return #q
+end)
+
 -- lk_cancel(L; wid): a waiter gives up (timeout); a token already handed over is released.
 register_once('lk_cancel', function(keys, args)
   local L, wid, lease_ms = keys[1], args[1], tonumber(args[2])
