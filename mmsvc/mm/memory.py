@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
+from mmsvc.locks import Held
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import FileInfo, Machine, new_id, refresh_files
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap, pte_args
@@ -26,7 +27,7 @@ from mmsvc.mm.rmap import (
     page_remove_rmap_ops,
     pte_unmap_ops,
 )
-from mmsvc.mm.swap import InstallAfter, Op, OutOfFrames, Swap, rebase_ops
+from mmsvc.mm.swap import FastFault, InstallAfter, Op, OutOfFrames, Swap, rebase_ops
 from mmsvc.mm.swapfile import (
     add_to_swap_cache,
     free_swap_and_cache,
@@ -349,8 +350,7 @@ class Faults:
             if cur is not None:
                 expect[vpn] = cur
             new_count += 1
-            progs.add(mm.lv, ["A", ANON_FLAGS, vma.anon_vma, vma.linear_index(vpn), 0],
-                      *new_anon_ops(m, vma, -new_count))
+            add_new_anon_page(progs, m, mm, vma, vpn, new_count)
             if cur is not None and not cur.bits & PTEBit.ZERO:
                 # wp_page_copy: the new page first, then the old page loses this mapping
                 # (§3.4.2 COW caller) and its reference, before the next page's fault
@@ -389,6 +389,49 @@ class Faults:
             return new_count
         await self._map_anon_pages(m, mm, vma, installs, wp_reuse, allocs, expect, cow_old)
         return new_count
+
+    async def fault_fast(self, m: Machine, mm: MmState, vma: Vma, vpn: int,
+                         lease_ms: int) -> bool:
+        """A write fault on one page of private anonymous memory, as the worker last saw the
+        address space (``mm``, no lock held): built as do_anonymous_page would on an empty pte,
+        then sent with the checks that make it right (the VMA unchanged, the pte still none,
+        mmap_lock free) as one call (``fault_fast``).  False: a check failed and nothing was
+        done - the caller faults the usual way.  One page only, so that an allocation
+        failure can only be the program's first op (nothing to keep or undo)."""
+        progs = Programs.empty()
+        add_new_anon_page(progs, m, mm, vma, vpn, 1)
+        bits = int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)
+        new = [Pte(vpn, -1, mm.lv, bits)]
+        fast = FastFault(mm.key, "r", vma.id, vma.to_json(), pte_args(new, {}), lease_ms)
+        lv, ops = progs.runs[0]
+        try:
+            res = await self.swap.run(m, lv, ops, fast)
+        except BaseException:
+            if fast.taken and not fast.released:  # the lock it took goes with the error
+                await self.swap.locks.release(self._fast_held(mm, fast))
+            raise
+        if res.fast == "miss":
+            return False
+        if res.fast == "done":
+            return True
+        # 'held': the program went on in later calls; set the pte and release the lock here
+        mm.held = self._fast_held(mm, fast)
+        mm.unlock_on_install = True
+        fast.released = True
+        try:
+            await self._install(m, mm, vma, [Pte(vpn, res.allocs[0], mm.lv, bits)], {},
+                                {vpn}, last=True)
+        finally:
+            if mm.held is not None:  # raced: still held
+                await self.swap.locks.release(mm.held)
+                mm.held = None
+        return True
+
+    @staticmethod
+    def _fast_held(mm: MmState, fast: FastFault) -> Held:
+        tok, bounce = fast.taken[0]
+        return Held(f"{mm.key}:mmap_lock", fast.mode, tok, False, bounce, 0.0,
+                    time.perf_counter())
 
     def _install_after(self, m: Machine, mm: MmState, progs: Programs, new: list[Pte],
                        expect: dict[int, Pte], fresh: set[int]) -> InstallAfter | None:
@@ -722,6 +765,14 @@ class Faults:
                 undo.add(p.lv, *page_remove_rmap_ops(m, vma, p.idx), ["P", p.idx])
         await undo.execute(self.swap, m)
         raise FaultRace(f"concurrent fault on {len(raced)} pages")
+
+
+def add_new_anon_page(progs: Programs, m: Machine, mm: MmState, vma: Vma, vpn: int,
+                      slot: int) -> None:
+    """do_anonymous_page / wp_page_copy: a new anonymous page (the program's slot-th
+    allocation), page_add_new_anon_rmap + lru_cache_add_inactive_or_unevictable."""
+    progs.add(mm.lv, ["A", ANON_FLAGS, vma.anon_vma, vma.linear_index(vpn), 0],
+              *new_anon_ops(m, vma, -slot))
 
 
 def anon_ptes(mm: MmState, installs: list[tuple[int, int | None, int]], wp_reuse: list[Pte],

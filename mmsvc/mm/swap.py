@@ -22,7 +22,7 @@ from mmsvc.logging import get_logger
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine, reserve_frames
 from mmsvc.mm.types import MlockBatchScope, MlockCountInitCull, MlockCountInitLruAdd
-from mmsvc.store.redis_store import RedisStore
+from mmsvc.store.redis_store import RedisStore, text
 
 Op = list[Any]  # a page-program op, see mm_pages in lua/memory.lua
 log = get_logger("mmsvc.swap")
@@ -49,6 +49,26 @@ class ProgramResult:
     failed: list[int] = field(default_factory=list)  # isolation failed: page not on an LRU
     # the ptes a fused program + install call set (conflicting vpns; [-1]: fenced), or None
     installed: list[int] | None = None
+    # a fault_fast call: 'miss' (nothing done), 'held' or 'done', and the mmap_lock it took
+    fast: str | None = None
+    fast_lock: tuple[int, int] = (0, 0)  # token, bounce
+
+
+@dataclass
+class FastFault:
+    """A whole fault in the program's first call (``fault_fast``): mmap_lock taken for
+    ``mode`` if the VMA (``vma_id`` stored as ``vma_json``) and the ptes are still as the
+    worker saw them, then the program, then ``entries`` set and the lock released."""
+
+    mm_key: str
+    mode: str
+    vma_id: int
+    vma_json: str
+    entries: list[int]
+    lease_ms: int
+    # the mmap_lock the call took (token, bounce), once it returned 'held' or 'done'
+    taken: list[tuple[int, int]] = field(default_factory=list)
+    released: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,7 +168,7 @@ class Swap:
         })
 
     async def run(self, m: Machine, lv: int, ops: list[Op],
-                  install: InstallAfter | None = None) -> ProgramResult:
+                  install: InstallAfter | FastFault | None = None) -> ProgramResult:
         """Run a page program on lruvec lv from this CPU, flushing batches where needed.
         With ``install``, the first store call also sets the ptes if the program completes in
         it (``installed`` of the result); otherwise the caller installs them itself."""
@@ -175,12 +195,27 @@ class Swap:
                               total - len(ops), out.allocs)
 
     async def _run_locked(self, m: Machine, b: CpuBatches, lv: int, ops: list[Op],
-                          tok: int = 0, install: InstallAfter | None = None) -> ProgramResult:
+                          tok: int = 0, install: InstallAfter | FastFault | None = None,
+                          ) -> ProgramResult:
         out = ProgramResult()
         while ops:
             mlb_local = all(x == lv for x in b.mlb)
             lab_local = all(x == lv for x in b.lab)
-            if install is not None:
+            if isinstance(install, FastFault):
+                fast = install
+                install = None
+                reply = await self.store.fcall2(
+                    "fault_fast", fast.mm_key, m.lv_key(lv), fast.mode, self.cpu,
+                    fast.lease_ms, fast.vma_id, fast.vma_json, self._header(m, b, lv, tok),
+                    json.dumps(ops), *fast.entries)
+                out.fast = text(reply[0])
+                if out.fast == "miss":
+                    return out  # nothing was done
+                out.fast_lock = (int(reply[1]), int(reply[2]))
+                fast.taken.append(out.fast_lock)
+                fast.released = out.fast == "done"
+                raw = reply[3]
+            elif install is not None:
                 reply = await self.store.fcall2(
                     "mm_pages_install", m.lv_key(lv), install.mm_key,
                     self._header(m, b, lv, tok), json.dumps(ops), *install.release,
@@ -318,6 +353,8 @@ def _merge(out: ProgramResult, more: ProgramResult) -> None:
     out.offlru += more.offlru
     if more.installed is not None:
         out.installed = more.installed
+    if more.fast is not None:
+        out.fast, out.fast_lock = more.fast, more.fast_lock
 
 
 def rebase_ops(ops: list[Op], allocs: list[int]) -> list[Op]:

@@ -63,6 +63,7 @@ from mmsvc.mm.types import (
     ProcStatus,
     SmapsEntry,
 )
+from mmsvc.mm.vma import VM
 from mmsvc.mm.vmscan import ShrinkStats, Vmscan
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
@@ -109,6 +110,8 @@ class Kernel:
         self.truncator = Truncate(store, self.swap, self.locks, self.rmap)
         self.gup = Gup(store, self.swap, self.faults)
         self.shms = Shm(store, self.swap, self.locks, self.mmaps)
+        # the address spaces this CPU last faulted in, for fault_fast (checked by the store)
+        self._seen: dict[tuple[str, int], MmState] = {}
         self.swap.direct_reclaim = self._direct_reclaim
         self._machines: dict[str, Machine] = {}
 
@@ -396,6 +399,8 @@ class Kernel:
         start, end = touched_range(addr, length)
         if end - start > MAX_RANGE_PAGES:
             raise einval(too_many_pages(end - start, "fault in"))
+        if write and end - start == 1 and await self._fault_fast(machine, pid, start):
+            return 1
         async with self._mm(machine, pid, "r", prefetch=(start, end)) as (m, mm):
             if not mm.covered(start, end):
                 raise KernelError("EFAULT", "SIGSEGV: address not mapped")
@@ -405,7 +410,30 @@ class Kernel:
             for vma in vmas:
                 done += await self.faults.fault_range(m, mm, vma, max(start, vma.start),
                                                       min(end, vma.end), write)
+            self._remember(m, mm)
             return done
+
+    def _remember(self, m: Machine, mm: MmState) -> None:
+        if len(self._seen) > 4096:
+            self._seen.clear()
+        self._seen[(m.mid, mm.pid)] = mm
+
+    async def _fault_fast(self, machine: str, pid: int, vpn: int) -> bool:
+        """One round trip for the common fault: a write to a new page of private anonymous
+        memory (do_anonymous_page) of an address space this CPU has faulted in before; the
+        store checks that the VMA and the pte are still what this CPU saw (Faults.fault_fast).
+        Only on a single Redis, with the rework protocol and without THP."""
+        m = await self.machine(machine)
+        seen = self._seen.get((m.mid, pid))
+        if (seen is None or self.store.is_cluster or m.cfg.thp
+                or str(m.cfg.protocol) == "legacy"):
+            return False
+        vma = seen.find(vpn)
+        if (vma is None or not vma.is_anon or vma.shared or not vma.anon_vma
+                or not vma.flags & VM.WRITE):
+            return False
+        mm = MmState(seen.pid, seen.key, dict(seen.info), list(seen.vmas))
+        return await self.faults.fault_fast(m, mm, vma, vpn, self.locks.lease_ms)
 
     async def migrate(self, machine: str, pid: int, addr: int, length: int,
                       node: int) -> MigrateResult:

@@ -665,3 +665,40 @@ register_once('mm_pages_install', function(keys, args)
   end
   return {raw, conflicts}
 end)
+
+-- fault_fast(M, T; mode, cpu, lease_ms, vma_id, vma_json, hdr, ops, entries... (args[8] on)): a whole
+-- fault in one round trip, where one store holds both slots: the worker built the fault from
+-- the address space as it last saw it; here, before anything is written, the VMA must still
+-- be that one (its stored JSON), the process alive, every pte of the entries still none, and
+-- mmap_lock free for `mode` - otherwise {'miss'} and nothing happened (the worker faults the
+-- usual way).  Then mmap_lock is taken, the program runs (mm_pages) and, if it ran to its end,
+-- the ptes are set and the lock released: {'done', tok, bounce, result}.  A program that
+-- stopped early returns {'held', tok, bounce, result}: the worker holds the lock and goes on
+-- as after mm_pages.  Entries are pt_install's (idx -k: the k-th page allocated).
+register_once('fault_fast', function(keys, args)
+  local M, T = keys[1], keys[2]
+  if redis.call('HGET', M .. ':info', 'alive') ~= '1' then return {'miss'} end
+  if redis.call('HGET', M .. ':vma', args[4]) ~= args[5] then return {'miss'} end
+  for i = 8, #args, 7 do
+    local idx, lv, bits = pt_load(M, tonumber(args[i]))
+    if idx ~= 0 or lv ~= 0 or bits ~= 0 then return {'miss'} end
+  end
+  local L = M .. ':mmap_lock'
+  local now = now_ms()
+  lk_purge(L, now)
+  if not lk_free_for(L, args[1]) then return {'miss'} end
+  local lease_ms = tonumber(args[3])
+  local tok, bounce = lk_grant(L, args[1], tonumber(args[2]), lease_ms, now)
+  local raw = mm_pages_body({T}, {args[6], args[7]})
+  local res = cjson.decode(raw)
+  if res.reason ~= nil then return {'held', tok, bounce, raw} end
+  local allocs = res.alloc
+  if type(allocs) ~= 'table' then allocs = {} end
+  for i = 8, #args, 7 do
+    local idx = tonumber(args[i + 1])
+    if idx < 0 then args[i + 1] = allocs[-idx] end
+  end
+  pt_install_impl(M, args, 8)  -- no conflict: the ptes were none and the lock is ours
+  lk_release_impl(L, {tok, 0, bounce, '0', '0', lease_ms})
+  return {'done', tok, bounce, raw}
+end)
