@@ -113,6 +113,7 @@ MUTATING = frozenset({
     "CreateFile", "CreateProcess", "Fork", "Exit", "Setrlimit", "DropCapability", "Mmap",
     "Munmap", "Mprotect", "Madvise", "Mlock", "Munlock", "Mlockall", "Munlockall", "Fault",
     "Migrate", "Isolate", "Putback", "Reclaim", "Truncate", "PunchHole", "Pin", "Unpin",
+    "KsmMerge", "UffdCopy",
 })
 #: Rejections after which Linux may legitimately have done part of the work, as (errno, piece
 #: of the message; "" for any): the VMA walks stop at a hole (ENOMEM) or at an unsuitable VMA
@@ -130,6 +131,9 @@ PARTIAL_OK: dict[str, tuple[tuple[str, str], ...]] = {
     # GUP faults the range in before it pins: a fault that fails part-way keeps the pages
     # faulted before it (as Fault does), and nothing is pinned
     "Pin": (("ENOMEM", ""), ("EFAULT", "SIGBUS"), ("EAGAIN", "")),
+    # UFFDIO_COPY copies page by page: the pages before the first one it cannot fill stay
+    "UffdCopy": (("EEXIST", "pages copied"), ("EFAULT", "pages copied"),
+                 ("ENOMEM", "pages copied")),
 }
 
 

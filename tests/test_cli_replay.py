@@ -446,3 +446,44 @@ def test_replay_real_kernel_embedded(
     assert snap["procs"]["p1"]["VmLck_kb"] == 32
     assert snap["procs"]["p0"]["VmLck_kb"] == 0
     assert set(snap["files"]) == {"f1"}
+
+
+@pytest.mark.asyncio
+async def test_replay_set_machine_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--set KEY=VALUE`` (repeatable) reaches the replayed machine through gRPC, on top of
+    --profile and --batch-size; an unknown key or value is a CLI error (exit 2)."""
+    from mmsvc.mm.types import FinalClearance, MigrationDrain
+
+    k = ModelKernel()
+    server = await build_server(lambda: k, "127.0.0.1:0", None, access_log=False)
+    await server.start()
+    try:
+        path = tmp_path / "t.json"
+        path.write_text(json.dumps(EXAMPLE))
+        target = f"127.0.0.1:{server.port}"
+        rc = await asyncio.to_thread(main, [
+            "replay", str(path), "--target", target, "--profile", "linux-6.18",
+            "--set", "vm_io_guard=off", "--set", "migration_drain=off",
+            "--set", "final_clearance=mapcount_zero", "--set", "lru_add_batch_len=7",
+            "--set", "stat_refresh_drains_all=on"])
+        assert rc == 0
+        capsys.readouterr()
+        cfg = k.machines["m1"]
+        assert (cfg.vm_io_guard, cfg.migration_drain, cfg.final_clearance) == (
+            False, MigrationDrain.OFF, FinalClearance.MAPCOUNT_ZERO)
+        assert cfg.stat_refresh_drains_all is True
+        # the profile's settings stay, a --set overrides the batch length it chose
+        assert (cfg.populate_drain, cfg.mlock_batch_len, cfg.lru_add_batch_len) == (True, 31, 7)
+        for bad, why in [("vm_io_guard=maybe", "expected on or off"),
+                         ("migration_drain=sometimes", "after_each_locked_unmap"),
+                         ("no_such_setting=1", "KEY one of"),
+                         ("mlock_batch_len=many", "expected an integer"),
+                         ("vm_io_guard", "KEY=VALUE")]:
+            with pytest.raises(SystemExit) as exit_:
+                main(["replay", str(path), "--target", target, "--set", bad])
+            assert exit_.value.code == 2
+            assert why in capsys.readouterr().err
+    finally:
+        await server.stop(None)

@@ -302,6 +302,8 @@ def machine_ops(pid: int, addr: int) -> dict[str, Callable[[AsyncMmsvcClient, st
         "ShmCreate": lambda k, m: k.shm_create(m, pid, 1),
         "ShmAttach": lambda k, m: k.shm_attach(m, pid, 1),
         "ShmCtl": lambda k, m: k.shm_ctl(m, pid, 1, "SHM_LOCK"),
+        "KsmMerge": lambda k, m: k.ksm_merge(m, pid, addr, pid, addr + PAGE),
+        "UffdCopy": lambda k, m: k.uffd_copy(m, pid, addr, PAGE),
         "Reclaim": lambda k, m: k.reclaim(m, None, None, 32),
         "Drain": lambda k, m: k.drain(m, True),
         "Vmstat": lambda k, m: k.vmstat(m),

@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 
-from mmsvc.mm.kernel import MigrateResult, PinResult, ReclaimResult
+from mmsvc.mm.kernel import KsmMergeResult, MigrateResult, PinResult, ReclaimResult
 from mmsvc.mm.types import (
     Advice,
     CheckReport,
@@ -230,6 +230,20 @@ def pin(machine: str, pid: int, addr: int, length: int, write: bool) -> Call[Pin
 def unpin(machine: str, pid: int, pin_id: int) -> Call[int]:
     return Call("Unpin", pb.UnpinRequest(machine=machine, pid=pid, pin_id=pin_id),
                 lambda r: int(r.pages))
+
+
+def ksm_merge(machine: str, pid: int, addr: int, other_pid: int,
+              other_addr: int) -> Call[KsmMergeResult]:
+    return Call(
+        "KsmMerge", pb.KsmMergeRequest(machine=machine, pid=pid, addr=addr,
+                                       other_pid=other_pid, other_addr=other_addr),
+        lambda r: KsmMergeResult(int(r.kpfn), bool(r.new_ksm_page)),
+    )
+
+
+def uffd_copy(machine: str, pid: int, addr: int, length: int) -> Call[int]:
+    return Call("UffdCopy", pb.UffdCopyRequest(machine=machine, pid=pid, addr=addr,
+                                               length=length), lambda r: int(r.pages))
 
 
 def munlock(machine: str, pid: int, addr: int, length: int) -> Call[None]:

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from mmsvc.mm.kernel import MigrateResult, PinResult, ReclaimResult
+from mmsvc.mm.kernel import KsmMergeResult, MigrateResult, PinResult, ReclaimResult
 from mmsvc.mm.types import (
     Advice,
     CheckReport,
@@ -199,6 +199,16 @@ class AsyncMmsvcClient:
     async def unpin(self, machine: str, pid: int, pin_id: int) -> int:
         """unpin_user_pages: returns the pages unpinned."""
         return await self._run(c.unpin(machine, pid, pin_id))
+
+    async def ksm_merge(self, machine: str, pid: int, addr: int, other_pid: int,
+                        other_addr: int) -> KsmMergeResult:
+        """KSM merge: the page at (other_pid, other_addr) is replaced by the (KSM) page at
+        (pid, addr)."""
+        return await self._run(c.ksm_merge(machine, pid, addr, other_pid, other_addr))
+
+    async def uffd_copy(self, machine: str, pid: int, addr: int, length: int) -> int:
+        """UFFDIO_COPY of new pages into a missing range; returns the pages copied."""
+        return await self._run(c.uffd_copy(machine, pid, addr, length))
 
     async def munlock(self, machine: str, pid: int, addr: int, length: int) -> None:
         await self._run(c.munlock(machine, pid, addr, length))

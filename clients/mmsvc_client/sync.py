@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from mmsvc.mm.kernel import MigrateResult, PinResult, ReclaimResult
+from mmsvc.mm.kernel import KsmMergeResult, MigrateResult, PinResult, ReclaimResult
 from mmsvc.mm.types import (
     Advice,
     CheckReport,
@@ -202,6 +202,16 @@ class MmsvcClient:
     def unpin(self, machine: str, pid: int, pin_id: int) -> int:
         """unpin_user_pages: returns the pages unpinned."""
         return self._run(c.unpin(machine, pid, pin_id))
+
+    def ksm_merge(self, machine: str, pid: int, addr: int, other_pid: int,
+                  other_addr: int) -> KsmMergeResult:
+        """KSM merge: the page at (other_pid, other_addr) is replaced by the (KSM) page at
+        (pid, addr)."""
+        return self._run(c.ksm_merge(machine, pid, addr, other_pid, other_addr))
+
+    def uffd_copy(self, machine: str, pid: int, addr: int, length: int) -> int:
+        """UFFDIO_COPY of new pages into a missing range; returns the pages copied."""
+        return self._run(c.uffd_copy(machine, pid, addr, length))
 
     def munlock(self, machine: str, pid: int, addr: int, length: int) -> None:
         self._run(c.munlock(machine, pid, addr, length))

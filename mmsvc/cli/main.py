@@ -7,6 +7,7 @@
     mmsvc stat   --target HOST:PORT --machine M [--all] [--wide]
     mmsvc check  --target HOST:PORT --machine M [--drain]
     mmsvc replay TRACE.json [TRACE.json ...] [--target HOST:PORT] [--batch-size N]
+                 [--profile seed|linux-6.18] [--set KEY=VALUE ...]
     mmsvc demo   [--target HOST:PORT] [--procs N] [--batch-size N]
     mmsvc ping   --target HOST:PORT
 
@@ -168,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
              "not drain) or Linux 6.18 (batches of 31, populate drains); default %(default)s",
     )
     replay.add_argument(
+        "--set", dest="settings", type=_machine_setting, action="append", default=[],
+        metavar="KEY=VALUE",
+        help="a machine setting of the replayed machine (a MachineConfig field, e.g. "
+             "vm_io_guard=off, migration_drain=off, final_clearance=mapcount_zero), applied "
+             "on top of --profile and --batch-size; repeatable",
+    )
+    replay.add_argument(
         "--redis", default=None, metavar="URL",
         help="page store for the in-process server (default: embedded redis-server)",
     )
@@ -199,6 +207,16 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be >= 1")
     return value
+
+
+def _machine_setting(text: str) -> tuple[str, object]:
+    """replay --set KEY=VALUE: a MachineConfig field, parsed against its type."""
+    from mmsvc.cli.replay import parse_setting
+
+    try:
+        return parse_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _nonnegative_int(text: str) -> int:
@@ -354,7 +372,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         async with _client(args) as client:
             linux = args.profile == "linux-6.18"
             batch = args.batch_size or (31 if linux else 15)
-            return await replay_traces(client, traces, batch, populate_drain=linux)
+            return await replay_traces(client, traces, batch, populate_drain=linux,
+                                       settings=dict(args.settings))
 
     try:
         doc = asyncio.run(run())

@@ -20,6 +20,8 @@ Conventions the format leaves open (also in docs/api.md):
 from __future__ import annotations
 
 import copy
+import dataclasses
+import enum
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -226,8 +228,10 @@ class Replayer:
     """Executes one scenario against ``target``."""
 
     def __init__(self, target: Target, trace: Mapping[str, Any], batch_size: int,
-                 populate_drain: bool = False) -> None:
+                 populate_drain: bool = False,
+                 settings: Mapping[str, object] | None = None) -> None:
         self.populate_drain = populate_drain
+        self.settings = dict(settings or {})
         self.k = target
         self.trace = trace
         self.batch_size = batch_size
@@ -245,6 +249,8 @@ class Replayer:
             name=f"replay:{name}"[:256],
             populate_drain=self.populate_drain,
         )
+        # --set: machine settings on top of the profile and the batch size (§10.1 tunables)
+        cfg = dataclasses.replace(cfg, **self.settings)  # type: ignore[arg-type]
         self.machine = await self.k.create_machine(cfg)
         try:
             await self._setup()
@@ -531,9 +537,12 @@ async def replay_trace(
     batch_size: int = DEFAULT_BATCH_SIZE,
     keep_machine: bool = False,
     populate_drain: bool = False,
+    settings: Mapping[str, object] | None = None,
 ) -> dict[str, Any]:
-    """Run one scenario on a fresh machine and return its result document."""
-    return await Replayer(target, trace, batch_size, populate_drain).run(keep_machine)
+    """Run one scenario on a fresh machine and return its result document.  ``settings``:
+    MachineConfig fields (see :func:`parse_setting`) applied on top of the others."""
+    return await Replayer(target, trace, batch_size, populate_drain,
+                          settings).run(keep_machine)
 
 
 async def replay_traces(
@@ -541,13 +550,54 @@ async def replay_traces(
     traces: Sequence[Mapping[str, Any]],
     batch_size: int = DEFAULT_BATCH_SIZE,
     populate_drain: bool = False,
+    settings: Mapping[str, object] | None = None,
 ) -> dict[str, Any]:
     """One document for one trace, ``{"results": [...]}`` for several."""
-    results = [await replay_trace(target, t, batch_size, populate_drain=populate_drain)
+    results = [await replay_trace(target, t, batch_size, populate_drain=populate_drain,
+                                  settings=settings)
                for t in traces]
     if len(results) == 1:
         return results[0]
     return {"results": results}
+
+
+_BOOLS = {"on": True, "true": True, "1": True, "yes": True,
+          "off": False, "false": False, "0": False, "no": False}
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(MachineConfig)}
+
+
+def parse_setting(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` for ``replay --set``: KEY a MachineConfig field (docs/api.md "Machine
+    configuration"), VALUE parsed against its type - on/off for switches, an enum's value
+    (``mapcount_zero``, ``rmap_walk_level``), an integer, or comma-separated memcgs.
+    ValueError with the accepted values otherwise."""
+    key, sep, raw = item.partition("=")
+    key, raw = key.strip(), raw.strip()
+    f = _CONFIG_FIELDS.get(key)
+    if not sep or f is None:
+        known = ", ".join(_CONFIG_FIELDS)
+        raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {known}")
+    default = getattr(MachineConfig(), key)
+    if isinstance(default, bool):
+        if raw.lower() not in _BOOLS:
+            raise ValueError(f"{key}={raw!r}: expected on or off")
+        return key, _BOOLS[raw.lower()]
+    if isinstance(default, enum.Enum):
+        values = {str(v.value): v for v in type(default)}
+        if raw not in values:
+            raise ValueError(f"{key}={raw!r}: expected one of {', '.join(values)}")
+        return key, values[raw]
+    if isinstance(default, int):
+        try:
+            return key, int(raw, 0)
+        except ValueError:
+            raise ValueError(f"{key}={raw!r}: expected an integer") from None
+    if isinstance(default, tuple):
+        names = tuple(x.strip() for x in raw.split(",") if x.strip())
+        if not names:
+            raise ValueError(f"{key}={raw!r}: expected comma-separated names")
+        return key, names
+    return key, raw
 
 
 def load_trace(path: str) -> dict[str, Any]:

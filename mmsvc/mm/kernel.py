@@ -43,6 +43,12 @@ class PinResult:
     pages: int  # pages pinned (the zero page has no struct page here and is not pinned)
 
 
+@dataclass(frozen=True)
+class KsmMergeResult:
+    kpfn: int  # the KSM page both addresses now map (pfn as views show it: lv << 32 | idx)
+    new_ksm_page: bool  # the first page became a KSM page by this merge
+
+
 class KernelAPI:
     """Interface of :class:`mmsvc.mm.syscalls.Kernel` (documented here for the server layer)."""
 
@@ -92,6 +98,10 @@ class KernelAPI:
         self, machine: str, pid: int, addr: int, length: int, write: bool
     ) -> PinResult: ...
     async def unpin(self, machine: str, pid: int, pin_id: int) -> int: ...
+    async def ksm_merge(
+        self, machine: str, pid: int, addr: int, other_pid: int, other_addr: int
+    ) -> KsmMergeResult: ...
+    async def uffd_copy(self, machine: str, pid: int, addr: int, length: int) -> int: ...
     async def isolate(self, machine: str, pid: int, addr: int, length: int) -> int: ...
     async def putback(self, machine: str, pid: int, addr: int, length: int) -> int: ...
     async def drain(self, machine: str, all_cpus: bool) -> None: ...

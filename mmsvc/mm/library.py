@@ -1,7 +1,8 @@
 """The Redis function library: the emulated kernel's per-page code, run next to the data.
 
 One Lua file per kernel counterpart (``lua/page.lua`` = struct page and the LRU lists,
-``lua/swap.lua`` = mm/swap.c, ``lua/mlock.lua`` = mm/mlock.c, ``lua/shm.lua`` = ipc/shm.c and
+``lua/swap.lua`` = mm/swap.c, ``lua/mlock.lua`` = mm/mlock.c,
+``lua/huge_memory.lua`` = split_huge_page's struct page side, ``lua/shm.lua`` = ipc/shm.c and
 SHM_LOCK's page work, ``lua/memory.lua`` = the page side
 of mm/memory.c and mm/rmap.c, ``lua/locks.lua`` = the instrumented locks).  They are
 concatenated, after constants rendered from :mod:`mmsvc.mm.page`, into one Redis Functions
@@ -17,8 +18,8 @@ from importlib import resources
 from mmsvc.mm.page import lua_header
 
 LIBRARY_NAME = "mmsvc"
-_ORDER = ("page.lua", "locks.lua", "swap.lua", "mlock.lua", "shm.lua", "memory.lua", "filemap.lua",
-          "swapfile.lua")
+_ORDER = ("page.lua", "locks.lua", "swap.lua", "mlock.lua", "shm.lua", "huge_memory.lua",
+          "memory.lua", "filemap.lua", "swapfile.lua")
 
 
 @cache

@@ -341,8 +341,9 @@ class Faults:
                 continue
             if cur is not None and not cur.bits & PTEBit.ZERO:
                 page = records[vpn]
+                # a KSM page is never reused: do_wp_page copies it (mm/ksm.py, COW break)
                 if (page.mapcount == 1 and page.refcount == 1 and page.has(PG.ANON)
-                        and not cur.is_subpage):
+                        and not page.has(PG.KSM) and not cur.is_subpage):
                     wp_reuse.append(cur)  # do_wp_page: reuse the only reference
                     reuse_at.append(begin)
                     continue

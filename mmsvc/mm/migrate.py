@@ -27,7 +27,8 @@ from mmsvc.store.redis_store import RedisStore
 
 MIGRATE_PASSES = 3  # migrate_pages retries a page that failed to freeze
 COPIED_FLAGS = int(PG.ANON | PG.SWAPBACKED | PG.PAGECACHE | PG.ACTIVE | PG.UNEVICTABLE
-                   | PG.DIRTY | PG.UNEVICTABLE_MAPPING | PG.REFERENCED)
+                   | PG.DIRTY | PG.UNEVICTABLE_MAPPING | PG.REFERENCED
+                   | PG.KSM)  # ksm_migrate_page: the stable node (mapping) moves along
 
 
 @dataclass

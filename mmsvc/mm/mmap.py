@@ -302,7 +302,8 @@ class Mmap:
 
     async def _wrprotect(self, mm: MmState, start: int, end: int) -> None:
         ptes = await pt_read(self.store, mm.key, start, end, walk=True)
-        new = [Pte(p.vpn, p.idx, p.lv, p.bits & ~PTEBit.WRITE) for p in ptes.values()
+        # ~int(): an IntFlag's ~ drops undefined bits - a subpage pte's number (§3.9)
+        new = [Pte(p.vpn, p.idx, p.lv, p.bits & ~int(PTEBit.WRITE)) for p in ptes.values()
                if p.bits & PTEBit.WRITE]
         await pt_install(self.store, mm.key, new, ptes)
 
@@ -341,7 +342,7 @@ class Mmap:
                 continue
             progs = Programs.empty()
             small = {v: p for v, p in ptes.items() if not p.is_pmd}
-            cow = [Pte(p.vpn, p.idx, p.lv, p.bits & ~PTEBit.WRITE) for p in small.values()]
+            cow = [Pte(p.vpn, p.idx, p.lv, p.bits & ~int(PTEBit.WRITE)) for p in small.values()]
             for p in small.values():
                 if not p.bits & PTEBit.ZERO:
                     # page_dup_rmap: no mlock work (§1.7.4); a THP subpage: a pte mapping

@@ -51,6 +51,9 @@ class PG(enum.IntFlag):
     # PG_swapcache: in the swap cache (mm/swap_state.c), holding one reference; the slot is
     # found through the swap area's reverse map (mm/swapfile.py), not in the record
     SWAPCACHE = 1 << 20
+    # PageKsm (mm/ksm.c): an anonymous page shared by merging; ``mapping`` is its stable node
+    # (the id of its record in ``{m<id>}:ksm``), whose rmap items name every mapping (ksm.py)
+    KSM = 1 << 21
 
 
 class LRU(enum.IntEnum):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mmsvc.locks import Locks
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_read
 from mmsvc.mm.page import PG, Page, PTEBit
+from mmsvc.mm.types import FinalClearance, MunlockHookPosition
 from mmsvc.mm.vma import VM, VM_SPECIAL, Vma
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
@@ -32,6 +33,8 @@ class Mapping:
 
 
 def rmap_lock_key(m: Machine, page: Page) -> str:
+    if page.has(PG.KSM):  # rmap_walk_ksm: the stable node's rmap items (mm/ksm.py)
+        return f"{stable_node_key(m, page.mapping)}:lock"
     if page.has(PG.ANON):
         return f"{keys.anon_vma(m.mid, page.mapping)}:lock"
     return f"{keys.file(m.mid, page.mapping)}:i_mmap_rwsem"
@@ -40,6 +43,28 @@ def rmap_lock_key(m: Machine, page: Page) -> str:
 async def anon_vma_add(store: RedisStore, m: Machine, avid: int, pid: int) -> None:
     """anon_vma_prepare / anon_vma_fork: pid's VMAs may map pages of this anon_vma."""
     await store.client.sadd(f"{keys.anon_vma(m.mid, avid)}:pids", pid)
+
+
+def stable_node_key(m: Machine, nid: int) -> str:
+    """A KSM page's stable node (mm/ksm.c): a set of rmap items ``anon_vma|index``, one per
+    mapping merged into the page (its anon_vma and linear index there, as rmap_item's
+    anon_vma and address), so that fork children sharing that anon_vma are found too."""
+    return f"{keys.machine(m.mid)}:ksm:{nid}"
+
+
+async def stable_node_items(store: RedisStore, m: Machine, nid: int) -> list[tuple[int, int]]:
+    raw = await store.client.smembers(stable_node_key(m, nid))
+    items = (text(r).split("|") for r in raw)
+    return sorted((int(av), int(ix)) for av, ix in items)
+
+
+async def _rmap_targets(store: RedisStore, m: Machine, page: Page) -> list[Page]:
+    """What an rmap walk looks for: the page itself, or for a KSM page (rmap_walk_ksm) one
+    anonymous "page" per rmap item of its stable node."""
+    if not page.has(PG.KSM):
+        return [page]
+    return [replace(page, flags=page.flags & ~int(PG.KSM), mapping=av, index=ix)
+            for av, ix in await stable_node_items(store, m, page.mapping)]
 
 
 async def _candidate_pids(store: RedisStore, m: Machine, page: Page) -> list[int]:
@@ -78,18 +103,22 @@ class Rmap:
     async def mappings(self, m: Machine, lv: int, idx: int, page: Page) -> list[Mapping]:
         """Every pte mapping (lv, idx); the caller holds the rmap lock."""
         out: list[Mapping] = []
-        for pid in await _candidate_pids(self.store, m, page):
-            try:
-                mm: MmState = await load_mm(self.store, m, pid)
-            except Exception:  # an exited process: nothing of it maps the page
-                continue
-            for vma in mm.vmas:
-                vpn = _covers(vma, page)
-                if vpn is None:
+        seen: set[tuple[int, int]] = set()
+        for target in await _rmap_targets(self.store, m, page):
+            for pid in await _candidate_pids(self.store, m, target):
+                try:
+                    mm: MmState = await load_mm(self.store, m, pid)
+                except Exception:  # an exited process: nothing of it maps the page
                     continue
-                pte = (await pt_read(self.store, mm.key, vpn, vpn + 1)).get(vpn)
-                if pte and not pte.bits & PTEBit.ZERO and (pte.lv, pte.idx) == (lv, idx):
-                    out.append(Mapping(pid, mm.key, vma, pte))
+                for vma in mm.vmas:
+                    vpn = _covers(vma, target)
+                    if vpn is None or (pid, vpn) in seen:
+                        continue
+                    pte = (await pt_read(self.store, mm.key, vpn, vpn + 1)).get(vpn)
+                    # a stale rmap item (its pte was COWed, zapped or swapped) maps nothing
+                    if pte and not pte.bits & PTEBit.ZERO and (pte.lv, pte.idx) == (lv, idx):
+                        seen.add((pid, vpn))
+                        out.append(Mapping(pid, mm.key, vma, pte))
         return out
 
 
@@ -113,8 +142,13 @@ def munlock_filter(vma: Vma) -> bool:
     return bool(vma.flags & VM.LOCKED)
 
 
-def new_anon_locked(vma: Vma) -> bool:
-    """§2.9: VM_LOCKED and none of VM_SPECIAL -> mlock_new_page, else lru_cache_add."""
+def new_anon_locked(m: Machine, vma: Vma) -> bool:
+    """§2.9: VM_LOCKED and none of VM_SPECIAL -> mlock_new_page, else lru_cache_add.  With
+    ``new_anon_checks_vm_special`` off (§10.2.8: Hugh's "overcautious" check dropped),
+    VM_LOCKED alone decides: a vma that gained VM_MIXEDMAP after mmap (vm_insert_page sets it
+    lazily) then mlocks its new anonymous pages."""
+    if not m.cfg.new_anon_checks_vm_special:
+        return bool(vma.flags & VM.LOCKED)
     return bool(vma.flags & VM.LOCKED) and not vma.flags & VM_SPECIAL
 
 
@@ -130,9 +164,18 @@ def page_remove_rmap_ops(m: Machine, vma: Vma, ref: int) -> list[list[int | str]
     (legacy) clear_page_mlock when the mapcount reached zero (§9.8)."""
     if _legacy(m):
         return [["U", ref], ["Q", ref]]
-    if munlock_filter(vma):
-        return [["U", ref], ["K", ref]]
-    return [["U", ref]]
+    remove: list[list[int | str]] = [["U", ref]]
+    if m.cfg.final_clearance == FinalClearance.MAPCOUNT_ZERO:
+        # §6.2, §10.1 final_clearance: clear_page_mlock as the last mapping goes, not at the
+        # final free; with the hook at the end it beats the batched munlock to PG_mlocked.
+        remove.append(["Q", ref])
+    if not munlock_filter(vma):
+        return remove
+    # §3.4.1 munlock_hook_position: "end or beginning? unimportant" [04/13] - but a munlock
+    # run at once (batch length 1, mass_only) sees the mapping still counted at the start.
+    if m.cfg.munlock_hook_position == MunlockHookPosition.START:
+        return [["K", ref], *remove]
+    return [*remove, ["K", ref]]
 
 
 def pte_unmap_ops(m: Machine, vma: Vma, pte: Pte) -> list[list[int | str]]:
@@ -146,7 +189,7 @@ def pte_unmap_ops(m: Machine, vma: Vma, pte: Pte) -> list[list[int | str]]:
 def new_anon_ops(m: Machine, vma: Vma, ref: int) -> list[list[int | str]]:
     """A new anonymous page: page_add_new_anon_rmap, then lru_cache_add_inactive_or_unevictable
     (rework: mlock_new_page, §2.9); legacy: PG_mlocked set now, culled by lru-add (§9.3.3)."""
-    if not new_anon_locked(vma):
+    if not new_anon_locked(m, vma):
         return [["M", ref], ["C", ref]]
     if _legacy(m):
         return [["M", ref], ["X", ref], ["C", ref]]

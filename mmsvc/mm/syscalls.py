@@ -19,12 +19,14 @@ from mmsvc.mm.checker import check_machine
 from mmsvc.mm.cpu_hotplug import CpuHotplug, cpu_lease_ms
 from mmsvc.mm.errors import KernelError, einval
 from mmsvc.mm.gup import Gup
-from mmsvc.mm.kernel import MigrateResult, PinResult, ReclaimResult
+from mmsvc.mm.kernel import KsmMergeResult, MigrateResult, PinResult, ReclaimResult
+from mmsvc.mm.ksm import Ksm, merge_target
 from mmsvc.mm.legacy import Legacy
 from mmsvc.mm.lockstat import lock_stat
 from mmsvc.mm.machine import Machine, release_reserve
 from mmsvc.mm.madvise import Madvise
 from mmsvc.mm.memory import (
+    FaultRace,
     Faults,
     Programs,
     ProgramStopped,
@@ -63,6 +65,7 @@ from mmsvc.mm.types import (
     ProcStatus,
     SmapsEntry,
 )
+from mmsvc.mm.userfaultfd import Userfaultfd
 from mmsvc.mm.vma import VM
 from mmsvc.mm.vmscan import ShrinkStats, Vmscan
 from mmsvc.store import keys
@@ -110,6 +113,8 @@ class Kernel:
         self.truncator = Truncate(store, self.swap, self.locks, self.rmap)
         self.gup = Gup(store, self.swap, self.faults)
         self.shms = Shm(store, self.swap, self.locks, self.mmaps)
+        self.ksm = Ksm(store, self.swap)
+        self.uffd = Userfaultfd(store, self.swap, self.faults)
         # the address spaces this CPU last faulted in, for fault_fast (checked by the store)
         self._seen: dict[tuple[str, int], MmState] = {}
         self.swap.direct_reclaim = self._direct_reclaim
@@ -433,7 +438,10 @@ class Kernel:
                 or not vma.flags & VM.WRITE):
             return False
         mm = MmState(seen.pid, seen.key, dict(seen.info), list(seen.vmas))
-        return await self.faults.fault_fast(m, mm, vma, vpn, self.locks.lease_ms)
+        try:
+            return await self.faults.fault_fast(m, mm, vma, vpn, self.locks.lease_ms)
+        except FaultRace:
+            return False  # lost the pte to another fault (undone): fault the usual way
 
     async def migrate(self, machine: str, pid: int, addr: int, length: int,
                       node: int) -> MigrateResult:
@@ -543,6 +551,37 @@ class Kernel:
             raise KernelError("ESRCH", f"no process {pid} on machine {m.mid}")
         return await self.gup.unpin(m, pid, pin_id)
 
+    async def ksm_merge(self, machine: str, pid: int, addr: int, other_pid: int,
+                        other_addr: int) -> KsmMergeResult:
+        """ksmd found the page at (other_pid, other_addr) identical to the one at (pid,
+        addr): the first becomes (or is) the KSM page, the second is replaced by it (ksm.py)."""
+        for a in (addr, other_addr):
+            if a < 0 or a % 4096:
+                raise einval("address not page aligned")
+        m = await self.machine(machine)
+        # ksmd's scan starts with lru_add_drain_all(): batch entries hold page references,
+        # which write_protect_page's refcount check would take for a GUP pin
+        await self.swap.lru_add_drain(m)
+        await self.drain_all(m)
+        async with contextlib.AsyncExitStack() as stack:
+            mms: dict[int, MmState] = {}
+            for p in sorted({pid, other_pid}):  # both mmap_locks for read, in pid order
+                m, mms[p] = await stack.enter_async_context(self._mm(machine, p, "r"))
+            first = await merge_target(self.store, m, mms[pid], addr // 4096)
+            second = await merge_target(self.store, m, mms[other_pid], other_addr // 4096)
+            return await self.ksm.merge(m, first, second)
+
+    async def uffd_copy(self, machine: str, pid: int, addr: int, length: int) -> int:
+        """UFFDIO_COPY of new pages into [addr, addr+length) (userfaultfd.py); returns the
+        pages copied."""
+        if addr < 0 or addr % 4096 or length <= 0 or length % 4096:
+            raise einval("UFFDIO_COPY needs a page-aligned address and length > 0")
+        start, end = addr // 4096, (addr + length) // 4096
+        if end - start > MAX_RANGE_PAGES:
+            raise einval(too_many_pages(end - start, "copy"))
+        async with self._mm(machine, pid, "r") as (m, mm):
+            return await self.uffd.copy(m, mm, start, end)
+
     async def isolate(self, machine: str, pid: int, addr: int, length: int) -> int:
         """Take the range's pages off their LRU, as compaction or NUMA balancing does
         (isolate_lru_page, §2.1.1; spec Appendix B).  Returns how many were isolated."""
@@ -587,7 +626,14 @@ class Kernel:
 
     # ---------------------------------------------------------------------- views -------
     async def vmstat(self, machine: str) -> dict[str, int]:
-        return await views.vmstat(self.store, await self.machine(machine))
+        m = await self.machine(machine)
+        if m.cfg.stat_refresh_drains_all:
+            # §2.7, §10.1 stat_refresh_drains_all: Hugh's dropped stat_refresh change
+            # [Hugh->Babka 11/13] - lru_add_drain_all() first, so batched entries on any CPU
+            # are counted (nr_unevictable exact) when vmstat is read.
+            await self.swap.lru_add_drain(m)
+            await self.drain_all(m)
+        return await views.vmstat(self.store, m)
 
     async def meminfo(self, machine: str) -> dict[str, int]:
         return await views.meminfo(self.store, await self.machine(machine))

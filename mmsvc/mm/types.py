@@ -65,6 +65,20 @@ class MlockBatchScope(enum.StrEnum):
     MASS_ONLY = "mass_only"  # only the mlock/munlock range walk; synchronous elsewhere
 
 
+class FinalClearance(enum.StrEnum):
+    """When PG_mlocked left on a page is cleared (§6, §10.1 ``final_clearance``, [05/13])."""
+
+    REFCOUNT_ZERO = "refcount_zero"  # 05/13: at the final free (__page_cache_release)
+    MAPCOUNT_ZERO = "mapcount_zero"  # before 05/13: clear_page_mlock when the last map goes
+
+
+class MunlockHookPosition(enum.StrEnum):
+    """Where page_remove_rmap calls munlock_vma_page (§3.4.1, ``munlock_hook_position``)."""
+
+    END = "end"  # 04/13: "end was easier for assertions in testing"
+    START = "start"  # before the mapcount is lowered
+
+
 class Advice(enum.IntEnum):
     """madvise(2) advice values, numbered as in Linux."""
 
@@ -103,6 +117,10 @@ class MachineConfig:
     reclaim_locked_activate: bool = True  # §5.2.3; off: PAGEREF_RECLAIM, §5.3 decides
     migration_newpage_lru_first: bool = True  # §4.2.4; off: pre-08 order, count not rebuilt
     mlock_batch_scope: MlockBatchScope = MlockBatchScope.PER_CPU_ALL  # §10.1
+    final_clearance: FinalClearance = FinalClearance.REFCOUNT_ZERO  # §6
+    munlock_hook_position: MunlockHookPosition = MunlockHookPosition.END  # §3.4.1
+    stat_refresh_drains_all: bool = False  # [Hugh->Babka 11/13]: vmstat drains every CPU first
+    new_anon_checks_vm_special: bool = True  # §2.9; off: VM_LOCKED alone -> mlock_new_page
 
 
 @dataclass(frozen=True)
@@ -166,6 +184,7 @@ class PageInfo:
     vma_onfault: bool = False
     locked: bool = False  # PG_locked
     batch_residue: bool = False  # PG_RESIDUE: known exception X4
+    ksm: bool = False  # PageKsm (kpageflags KPF_KSM): a page merged by KSM (mm/ksm.py)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ shrink_folio_list for each isolated page:
   entry in each pte, pageout writes it, and it leaves the swap cache and is freed
   (mm/swapfile.py).  Without swap space (none, or all slots taken) anonymous pages are kept and
   the anon lists are not even scanned, as Linux does; tmpfs pages are never swapped here.
+* an anonymous THP mapped only by ptes is split first (S18, §5.2.5: mm/huge_memory.py): its
+  subpages, small pages now, go through this list like the others - the head at once, the
+  tails after it.  A THP with a pmd mapping is kept (TTU_SPLIT_HUGE_PMD is not emulated).
 Access bits are not emulated: mapped pages count as unreferenced.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from mmsvc.mm.huge_memory import HugeMemory
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs, read_pages
 from mmsvc.mm.mm_struct import Pte, pt_install, pt_read
@@ -51,6 +55,7 @@ class Vmscan:
         self.store = store
         self.swap = swap
         self.rmap = rmap
+        self.huge = HugeMemory(store, swap)
 
     async def shrink_lruvec(self, m: Machine, lv: int, nr: int) -> ShrinkStats:
         """shrink_inactive_list on the inactive lists: anon first while swap space is left
@@ -65,21 +70,29 @@ class Vmscan:
 
     async def shrink_folio_list(self, m: Machine, lv: int, isolated: list[int],
                                 stats: ShrinkStats) -> None:
+        putback: Programs = Programs.empty()
+        while isolated:
+            # a THP split on the way appends its tails to the list (split_huge_page_to_list
+            # with reclaim's list): they are scanned after the pages before them
+            tails: list[int] = []
+            await self._shrink_list(m, lv, isolated, stats, putback, tails)
+            isolated = tails
+        await putback.execute(self.swap, m)
+
+    async def _shrink_list(self, m: Machine, lv: int, isolated: list[int], stats: ShrinkStats,
+                           putback: Programs, tails: list[int]) -> None:
         stats.scanned += len(isolated)
-        if not isolated:
-            return
         # folio_trylock each page first: a page locked by someone else (a fault mapping it,
         # a migration) is kept.  Everything below looks at the page under its lock, so a
         # fault's mlock of it is either complete (PG_mlocked seen: culled, nothing repaired)
         # or not started (the fault finds the page locked and retries).
         busy = set((await self.swap.run(m, lv, [["O", i] for i in isolated])).failed)
         pages = await read_pages(self.store, m, [(lv, i) for i in isolated])
-        putback: Programs = Programs.empty()
         for idx, page in zip(isolated, pages, strict=True):
             if idx in busy:
                 verdict = KEEP
             else:
-                verdict = await self._shrink_one(m, lv, idx, page, stats)
+                verdict = await self._shrink_one(m, lv, idx, page, stats, tails)
             stats.verdicts[verdict] += 1
             if verdict == RECLAIM:
                 stats.reclaimed += 1
@@ -89,20 +102,22 @@ class Vmscan:
             # putback: lru-add re-decides evictability; an mlocked page is culled (§5.1.2)
             putback.add(lv, ["B", idx, 1 if verdict == ACTIVATE and not self._locked(page)
                              else 0])
-        await putback.execute(self.swap, m)
 
     @staticmethod
     def _locked(page: Page) -> bool:
         return page.has(PG.MLOCKED) or page.has(PG.UNEVICTABLE_MAPPING)
 
     async def _shrink_one(self, m: Machine, lv: int, idx: int, page: Page,
-                          stats: ShrinkStats) -> str:
+                          stats: ShrinkStats, tails: list[int]) -> str:
         if self._locked(page):
             stats.culled += 1
             return ACTIVATE  # "activate_locked": not evictable
         async with self.rmap.locked(m, page):
             maps = await self.rmap.mappings(m, lv, idx, page)
-            locked = [mp for mp in maps if mp.vma.locked]
+            # §5.2.2: a pte mapping of a THP in a VM_LOCKED vma is treated as unlocked; only
+            # a pmd mapping reports VM_LOCKED (the rework's page_referenced_one, S18)
+            locked = [mp for mp in maps if mp.vma.locked
+                      and (not mp.pte.is_subpage or str(m.cfg.protocol) == "legacy")]
             if locked and str(m.cfg.protocol) == "legacy":
                 # §9.7: page_referenced_one reports VM_LOCKED -> PAGEREF_RECLAIM; then
                 # try_to_unmap_one mlocks the page (locked by reclaim) and fails the unmap.
@@ -123,6 +138,17 @@ class Vmscan:
                         await self.swap.run(m, lv, [["K", idx]])
                 stats.culled += 1
                 return ACTIVATE
+            if page.has(PG.HEAD):
+                split = await self._split(m, lv, idx, page, tails)
+                if split is None:
+                    return ACTIVATE  # cannot split (pmd-mapped, pinned): activate_locked
+                page, maps = split
+                if self._locked(page):
+                    # the remap mlocked it (a VM_LOCKED vma, S18).  Linux goes on to
+                    # add_to_swap and try_to_unmap, which meets VM_LOCKED and fails, and
+                    # activate_locked frees the slot again (PageMlocked): the same verdict
+                    stats.culled += 1
+                    return ACTIVATE
             slot = 0
             if page.has(PG.SWAPBACKED) and page.has(PG.ANON):
                 slot = await self._add_to_swap(m, lv, idx, page)
@@ -151,6 +177,20 @@ class Vmscan:
                 ["P", idx]])
             return KEEP if res.failed else RECLAIM
         return RECLAIM if await self._remove_from_cache(m, lv, idx, page) else KEEP
+
+    async def _split(self, m: Machine, lv: int, idx: int, page: Page,
+                     tails: list[int]) -> tuple[Page, list[Mapping]] | None:
+        """shrink_folio_list's "split pages without a PMD map right away" (5.17, anon THPs,
+        only when swap is possible - the anon lists are scanned only then): the head as the
+        small page it became, with its mappings, or None (not split)."""
+        if not page.has(PG.ANON) or not m.cfg.swap_pages:
+            return None
+        split = await self.huge.split_huge_page(m, lv, idx)
+        if split is None:
+            return None
+        tails += split
+        page = (await read_pages(self.store, m, [(lv, idx)]))[0]
+        return page, await self.rmap.mappings(m, lv, idx, page)
 
     async def _add_to_swap(self, m: Machine, lv: int, idx: int, page: Page) -> int:
         """add_to_swap: a slot, and the page enters the swap cache (PG_swapcache and the

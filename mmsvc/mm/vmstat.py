@@ -109,6 +109,7 @@ def describe_page(m: Machine, addr: int, lv: int, idx: int, page: Page, vma_pres
         mlock_count=page.mlock_count, refcount=page.refcount, mapcount=page.mapcount,
         node=node, memcg=memcg, vma_locked=vma_locked, vma_onfault=vma_onfault,
         locked=page.has(PG.LOCKED), batch_residue=page.has(PG.RESIDUE),
+        ksm=page.has(PG.KSM),
     )
 
 

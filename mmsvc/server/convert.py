@@ -12,12 +12,14 @@ from mmsvc.mm.kernel import MigrateResult, ReclaimResult
 from mmsvc.mm.types import (
     CheckReport,
     FileSpec,
+    FinalClearance,
     LockStatRow,
     MachineConfig,
     MigrationDrain,
     MlockBatchScope,
     MlockCountInitCull,
     MlockCountInitLruAdd,
+    MunlockHookPosition,
     PageInfo,
     ProcessSpec,
     ProcStatus,
@@ -56,6 +58,16 @@ TUNABLES_FROM_PB: dict[str, dict[int, object]] = {
         tpb.MLOCK_BATCH_SCOPE_PER_CPU_ALL: MlockBatchScope.PER_CPU_ALL,
         tpb.MLOCK_BATCH_SCOPE_MASS_ONLY: MlockBatchScope.MASS_ONLY,
     },
+    "final_clearance": {
+        tpb.FINAL_CLEARANCE_REFCOUNT_ZERO: FinalClearance.REFCOUNT_ZERO,
+        tpb.FINAL_CLEARANCE_MAPCOUNT_ZERO: FinalClearance.MAPCOUNT_ZERO,
+    },
+    "munlock_hook_position": {
+        tpb.MUNLOCK_HOOK_POSITION_END: MunlockHookPosition.END,
+        tpb.MUNLOCK_HOOK_POSITION_START: MunlockHookPosition.START,
+    },
+    "stat_refresh_drains_all": _SWITCH,
+    "new_anon_checks_vm_special": _SWITCH,
 }
 
 
@@ -244,6 +256,7 @@ def page_info_to_pb(p: PageInfo) -> tpb.PageInfo:
         vma_onfault=p.vma_onfault,
         locked=p.locked,
         batch_residue=p.batch_residue,
+        ksm=p.ksm,
     )
 
 
@@ -268,6 +281,7 @@ def page_info_from_pb(m: tpb.PageInfo) -> PageInfo:
         vma_onfault=m.vma_onfault,
         locked=m.locked,
         batch_residue=m.batch_residue,
+        ksm=m.ksm,
     )
 
 

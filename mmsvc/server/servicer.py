@@ -425,6 +425,29 @@ class MmServicer(pb_grpc.MmServiceServicer):
         pages = await self.kernel.unpin(request.machine, request.pid, request.pin_id)
         return pb.UnpinResponse(pages=pages)
 
+    # -- KSM and userfaultfd (mm/ksm.py, mm/userfaultfd.py) ---------------------------------
+
+    @rpc
+    async def KsmMerge(self, request: pb.KsmMergeRequest, context: Ctx) -> pb.KsmMergeResponse:
+        v.machine_id(request.machine)
+        v.pid(request.pid)
+        v.pid(request.other_pid, "other_pid")
+        v.page_aligned(request.addr, "addr")
+        v.page_aligned(request.other_addr, "other_addr")
+        res = await self.kernel.ksm_merge(request.machine, request.pid, request.addr,
+                                          request.other_pid, request.other_addr)
+        return pb.KsmMergeResponse(kpfn=res.kpfn, new_ksm_page=res.new_ksm_page)
+
+    @rpc
+    async def UffdCopy(self, request: pb.UffdCopyRequest, context: Ctx) -> pb.UffdCopyResponse:
+        v.machine_id(request.machine)
+        v.pid(request.pid)
+        v.byte_range(request.addr, request.length, align_addr=True, allow_zero=False)
+        v.page_aligned(request.length, "length")
+        pages = await self.kernel.uffd_copy(request.machine, request.pid, request.addr,
+                                            request.length)
+        return pb.UffdCopyResponse(pages=pages)
+
     @rpc
     async def Munlock(self, request: pb.MunlockRequest, context: Ctx) -> pb.MunlockResponse:
         v.machine_id(request.machine)

@@ -9,24 +9,30 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.migrate import MigrateStats
+from mmsvc.mm.mm_struct import load_mm
 from mmsvc.mm.page import PG
 from mmsvc.mm.types import (
     MCL_FUTURE,
     MCL_ONFAULT,
+    MLOCK_ONFAULT,
     FileSpec,
+    FinalClearance,
     MachineConfig,
     MigrationDrain,
     MlockBatchScope,
     MlockCountInitCull,
     MlockCountInitLruAdd,
+    MunlockHookPosition,
     PageInfo,
 )
+from mmsvc.mm.vma import VM
 from mmsvc.store.embedded import EmbeddedRedis
 from tests.protocol.world import World, sub
 
@@ -387,6 +393,10 @@ def test_mlock_batch_scope_mass_only_still_batches_the_walk(run: Any) -> None:
     {"mlock_batch_scope": "global"},
     {"mlock_count_init_cull": "2"},
     {"vm_io_guard": "off"},
+    {"final_clearance": "never"},
+    {"munlock_hook_position": "middle"},
+    {"stat_refresh_drains_all": 1},
+    {"new_anon_checks_vm_special": "no"},
 ])
 def test_unknown_tunable_values_are_einval(protocol_redis: EmbeddedRedis,
                                            bad: dict[str, object]) -> None:
@@ -413,11 +423,16 @@ def test_tunables_survive_the_store_and_the_proto(protocol_redis: EmbeddedRedis)
                         mlock_count_init_lru_add=MlockCountInitLruAdd.BOOL_MLOCKED,
                         mlock_count_init_cull=MlockCountInitCull.ONE,
                         reclaim_locked_activate=False, migration_newpage_lru_first=False,
-                        mlock_batch_scope=MlockBatchScope.MASS_ONLY)
+                        mlock_batch_scope=MlockBatchScope.MASS_ONLY,
+                        final_clearance=FinalClearance.MAPCOUNT_ZERO,
+                        munlock_hook_position=MunlockHookPosition.START,
+                        stat_refresh_drains_all=True, new_anon_checks_vm_special=False)
     assert convert.machine_config_from_pb(convert.machine_config_to_pb(cfg)) == cfg
     assert convert.machine_config_from_pb(tpb.MachineConfig()) == MachineConfig()
     with pytest.raises(validate.ValidationError):
         validate.machine_tunables(tpb.MachineConfig(migration_drain=7))  # type: ignore[arg-type]
+    with pytest.raises(validate.ValidationError):
+        validate.machine_tunables(tpb.MachineConfig(final_clearance=3))  # type: ignore[arg-type]
 
     async def stored() -> None:
         world = await World.create(protocol_redis.url, **vars(cfg))
@@ -427,3 +442,106 @@ def test_tunables_survive_the_store_and_the_proto(protocol_redis: EmbeddedRedis)
             await world.close()
 
     asyncio.run(stored())
+
+
+# ---------------------------------------------------- final_clearance, munlock_hook_position ------
+
+async def munmap_mlocked(w: World, pages: int = 4) -> dict[str, int]:
+    """mlock present anon pages, drain, munmap, drain: the counters the munmap moved."""
+    p = await w.proc()
+    await w.mmap(p, "m", pages)
+    await w.touch(p, "m")
+    await w.mlock(p, "m")
+    await w.drain()
+    before = await w.delta()
+    assert sub(before, nr_mlock=pages, nr_unev=pages) == {"nr_mlock": pages, "nr_unev": pages}
+    await w.munmap(p, "m")
+    await w.drain()
+    after = await w.delta()
+    return {k: after[k] - before[k] for k in ("munlocked", "stranded", "cleared", "rescued",
+                                             "nr_mlock", "nr_unev")}
+
+
+@pytest.mark.parametrize("clearance,munlocked,cleared", [
+    (FinalClearance.REFCOUNT_ZERO, 4, 0),  # §6.3: munmap counts munlocked, never cleared
+    (FinalClearance.MAPCOUNT_ZERO, 0, 4),  # §6.2: clear_page_mlock beats the batched munlock
+])
+def test_final_clearance(run: Any, clearance: FinalClearance, munlocked: int,
+                         cleared: int) -> None:
+    """§6.2: with the munlock batched at the end of page_remove_rmap, PG_mlocked is still set
+    when the mapcount reaches 0, so a mapcount-zero clearance takes over the munlocking and
+    ruins the `cleared` integrity signal [05/13]; the balance identity (§7.3) holds either way."""
+
+    async def s(w: World) -> None:
+        d = await munmap_mlocked(w)
+        assert sub(d, munlocked=munlocked, cleared=cleared, stranded=0, nr_mlock=-4,
+                   nr_unev=-4) == {"munlocked": munlocked, "cleared": cleared, "stranded": 0,
+                                   "nr_mlock": -4, "nr_unev": -4}
+
+    run(s, final_clearance=clearance)
+
+
+@pytest.mark.parametrize("position,munlocked,cleared", [
+    (MunlockHookPosition.END, 0, 4),  # mapcount 0 first: clear_page_mlock clears PG_mlocked
+    (MunlockHookPosition.START, 4, 0),  # munlock runs while the mapping is still counted
+])
+def test_munlock_hook_position_with_synchronous_munlock(
+        run: Any, position: MunlockHookPosition, munlocked: int, cleared: int) -> None:
+    """§3.4.1: with batch length 1 the munlock runs inside page_remove_rmap.  At the start it
+    sees the mapping still counted (mapcount 1) and munlocks; at the end the mapcount is
+    already 0, so a mapcount-zero clearance (§6.2, clear_page_mlock) got there first."""
+
+    async def s(w: World) -> None:
+        d = await munmap_mlocked(w)
+        assert sub(d, munlocked=munlocked, cleared=cleared) == {"munlocked": munlocked,
+                                                               "cleared": cleared}
+
+    run(s, munlock_hook_position=position, final_clearance=FinalClearance.MAPCOUNT_ZERO,
+        mlock_batch_len=1)
+
+
+# --------------------------------------------------------------- stat_refresh_drains_all ------
+
+@pytest.mark.parametrize("drains,unev", [(False, 0), (True, 4)])
+def test_stat_refresh_drains_all(run: Any, drains: bool, unev: int) -> None:
+    """S2 on CPU 1, vmstat read on CPU 0: the NEW_PAGE entries wait in CPU 1's batch (nr_mlock
+    already 4, nr_unevictable 0) unless reading vmstat drains every CPU first [Hugh->Babka
+    11/13]."""
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await w.mmap(p, "m", 4)
+        await w.mlock(p, "m", cpu=1)
+        assert sub(await w.delta(), nr_mlock=4, nr_unev=unev, culled=unev) == {
+            "nr_mlock": 4, "nr_unev": unev, "culled": unev}
+
+    run(s, stat_refresh_drains_all=drains)
+
+
+# ------------------------------------------------------------ new_anon_checks_vm_special ------
+
+@pytest.mark.parametrize("checks,mlocked", [(True, False), (False, True)])
+def test_new_anon_checks_vm_special(run: Any, checks: bool, mlocked: bool) -> None:
+    """§2.9: a VM_LOCKED vma that gained VM_MIXEDMAP after mmap (a driver's vm_insert_page
+    sets it lazily, past mmap_region's VM_SPECIAL check) faults a new anonymous page: the
+    rework's lru_cache_add_inactive_or_unevictable declines to mlock it; without the
+    VM_SPECIAL check (§10.2.8, "overcautious" [04/13]) VM_LOCKED alone decides."""
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await w.mmap(p, "m", 1)
+        await w.mlock(p, "m", flags=MLOCK_ONFAULT)  # VM_LOCKED, nothing populated
+        m = await w.kernel.machine(w.mid)
+        mm = await load_mm(w.store, m, p)
+        vma = mm.vmas[0]
+        assert vma.flags & VM.LOCKED
+        special = replace(vma, flags=vma.flags | VM.MIXEDMAP)
+        await w.store.client.hset(f"{mm.key}:vma", str(vma.id), special.to_json())
+        await w.touch(p, "m")
+        await w.drain()
+        page = (await w.pages(p, "m"))[0]
+        assert (page.mlocked, page.unevictable) == (mlocked, mlocked)
+        assert (await w.delta())["mlocked"] == int(mlocked)
+        await w.munmap(p, "m")  # page_remove_rmap of a VM_LOCKED vma munlocks either way
+
+    run(s, new_anon_checks_vm_special=checks)

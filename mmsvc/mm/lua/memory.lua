@@ -330,15 +330,18 @@ local function mm_pages_body(keys, args)
       local p = pg(ix(op[2]))
       if not has(p, PG_MLOCKED) then ev('unevictable_pgs_munlocked', nr_pages(p)) end
     elseif c == 'Q' then
-      -- legacy clear_page_mlock (§9.8) when the last mapping went (page_remove_rmap).
+      -- clear_page_mlock (§9.8) when the last mapping went (page_remove_rmap): legacy, and
+      -- the rework with final_clearance = mapcount_zero (§6.2).  The lruvec lock is taken
+      -- before anything changes, so a retry after 'lru_locked' finds the page as it was.
       local idx = ix(op[2])
       local p = pg(idx)
-      if p.mapcount == 0 and test_clear(p, PG_MLOCKED) then
+      if p.mapcount == 0 and has(p, PG_MLOCKED) then
+        if has(p, PG_LRU) and not held then held = ilock_enter(T .. ':lock', cpu) end
+        if has(p, PG_LRU) and not held then reason = 'lru_locked'; done = k - 1; break end
+        clr(p, PG_MLOCKED)
         dirty(idx)
         meta_add('nr_mlock', -nr_pages(p)); ev('unevictable_pgs_cleared', nr_pages(p))
         if has(p, PG_LRU) then
-          if not held then held = ilock_enter(T .. ':lock', cpu) end
-          if not held then reason = 'lru_locked'; done = k - 1; break end
           clr(p, PG_LRU)
           list_del(idx, p, page_lru(p))
           lab_add(idx)
@@ -363,6 +366,19 @@ local function mm_pages_body(keys, args)
         clr(p, PG_UNEVICTABLE_MAPPING); dirty(idx)
         check_move_unevictable_page(idx, p)
       end
+    elseif c == 'ksm' then
+      -- {"ksm", idx, mapping, on}: mm/ksm.c set_page_stable_node: on = 1, the anonymous page
+      -- becomes a KSM page whose mapping is its stable node (mmsvc/mm/ksm.py), dirty as ksmd
+      -- marks it; on = 0 undoes that (a merge that failed half-way: its anon_vma back)
+      local idx = ix(op[2])
+      local p = pg(idx)
+      if op[4] == 1 then set(p, bor(PG_KSM, PG_DIRTY)) else clr(p, PG_KSM) end
+      p.mapping = op[3]; dirty(idx)
+    elseif c == 'split' then
+      -- {"split", head}: __split_huge_page (lua/huge_memory.lua); the tails' records are
+      -- reported in `alloc` in subpage order 1 .. nr-1 (no frames taken: the THP's own)
+      local tails = split_huge_page_records(ix(op[2]))
+      for i = 1, #tails do allocs[#allocs + 1] = tails[i] end
     elseif c == 'F' then
       local p = pg(ix(op[2])); set(p, op[3]); clr(p, op[4]); dirty(ix(op[2]))
     elseif (c == 'L' or c == 'K') and op[3] ~= nil and not walk_target(ix(op[2]), op[3], op[4]) then

@@ -2164,3 +2164,123 @@ class UnpinResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnpinResponse: _TypeAlias = UnpinResponse  # noqa: Y015
+
+@_typing.final
+class KsmMergeRequest(_message.Message):
+    """KsmMerge input: the page at (pid, addr) is merged with the one at (other_pid, other_addr)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    OTHER_PID_FIELD_NUMBER: _builtins.int
+    OTHER_ADDR_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """Machine id."""
+    pid: _builtins.int
+    """Process mapping the first page (it becomes the KSM page unless it is one already)."""
+    addr: _builtins.int
+    """Page-aligned address of the first page."""
+    other_pid: _builtins.int
+    """Process mapping the second page (replaced by the KSM page)."""
+    other_addr: _builtins.int
+    """Page-aligned address of the second page."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        addr: _builtins.int = ...,
+        other_pid: _builtins.int = ...,
+        other_addr: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "machine", b"machine", "other_addr", b"other_addr", "other_pid", b"other_pid", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KsmMergeRequest: _TypeAlias = KsmMergeRequest  # noqa: Y015
+
+@_typing.final
+class KsmMergeResponse(_message.Message):
+    """KsmMerge output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KPFN_FIELD_NUMBER: _builtins.int
+    NEW_KSM_PAGE_FIELD_NUMBER: _builtins.int
+    kpfn: _builtins.int
+    """Page frame of the KSM page both addresses now map (as PageInfo.pfn)."""
+    new_ksm_page: _builtins.bool
+    """The first page became a KSM page by this merge."""
+    def __init__(
+        self,
+        *,
+        kpfn: _builtins.int = ...,
+        new_ksm_page: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kpfn", b"kpfn", "new_ksm_page", b"new_ksm_page"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KsmMergeResponse: _TypeAlias = KsmMergeResponse  # noqa: Y015
+
+@_typing.final
+class UffdCopyRequest(_message.Message):
+    """UffdCopy input: UFFDIO_COPY into [addr, addr + length) of the process."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """Machine id."""
+    pid: _builtins.int
+    """Process id."""
+    addr: _builtins.int
+    """Page-aligned destination address."""
+    length: _builtins.int
+    """Length in bytes (> 0, page aligned), within one mapping."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        addr: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "length", b"length", "machine", b"machine", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UffdCopyRequest: _TypeAlias = UffdCopyRequest  # noqa: Y015
+
+@_typing.final
+class UffdCopyResponse(_message.Message):
+    """UffdCopy output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGES_FIELD_NUMBER: _builtins.int
+    pages: _builtins.int
+    """Pages copied."""
+    def __init__(
+        self,
+        *,
+        pages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pages", b"pages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UffdCopyResponse: _TypeAlias = UffdCopyResponse  # noqa: Y015

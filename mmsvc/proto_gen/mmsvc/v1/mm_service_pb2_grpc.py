@@ -185,6 +185,16 @@ class MmServiceStub:
                 request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.UnpinRequest.SerializeToString,
                 response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.UnpinResponse.FromString,
                 _registered_method=True)
+        self.KsmMerge = channel.unary_unary(
+                '/mmsvc.v1.MmService/KsmMerge',
+                request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.KsmMergeRequest.SerializeToString,
+                response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.KsmMergeResponse.FromString,
+                _registered_method=True)
+        self.UffdCopy = channel.unary_unary(
+                '/mmsvc.v1.MmService/UffdCopy',
+                request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.UffdCopyRequest.SerializeToString,
+                response_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.UffdCopyResponse.FromString,
+                _registered_method=True)
         self.Reclaim = channel.unary_unary(
                 '/mmsvc.v1.MmService/Reclaim',
                 request_serializer=mmsvc_dot_v1_dot_mm__service__pb2.ReclaimRequest.SerializeToString,
@@ -455,6 +465,24 @@ class MmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KsmMerge(self, request, context):
+        """KSM merge (ksmd found two private anonymous pages identical): the first becomes (or is)
+        the KSM page, the second is replaced by it; in VM_LOCKED vmas the KSM page is mlocked by
+        the rmap add and the old page munlocked and freed (spec S28).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UffdCopy(self, request, context):
+        """userfaultfd UFFDIO_COPY of new pages into a missing range of an anonymous or shmem
+        mapping (registration implied); stops with ALREADY_EXISTS at the first present page
+        (spec S29).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Reclaim(self, request, context):
         """Memory pressure: scans up to nr_pages LRU pages (shrink_lruvec).
         """
@@ -677,6 +705,16 @@ def add_MmServiceServicer_to_server(servicer, server):
                     servicer.Unpin,
                     request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.UnpinRequest.FromString,
                     response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.UnpinResponse.SerializeToString,
+            ),
+            'KsmMerge': grpc.unary_unary_rpc_method_handler(
+                    servicer.KsmMerge,
+                    request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.KsmMergeRequest.FromString,
+                    response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.KsmMergeResponse.SerializeToString,
+            ),
+            'UffdCopy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UffdCopy,
+                    request_deserializer=mmsvc_dot_v1_dot_mm__service__pb2.UffdCopyRequest.FromString,
+                    response_serializer=mmsvc_dot_v1_dot_mm__service__pb2.UffdCopyResponse.SerializeToString,
             ),
             'Reclaim': grpc.unary_unary_rpc_method_handler(
                     servicer.Reclaim,
@@ -1540,6 +1578,60 @@ class MmService:
             '/mmsvc.v1.MmService/Unpin',
             mmsvc_dot_v1_dot_mm__service__pb2.UnpinRequest.SerializeToString,
             mmsvc_dot_v1_dot_mm__service__pb2.UnpinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KsmMerge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsvc.v1.MmService/KsmMerge',
+            mmsvc_dot_v1_dot_mm__service__pb2.KsmMergeRequest.SerializeToString,
+            mmsvc_dot_v1_dot_mm__service__pb2.KsmMergeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UffdCopy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsvc.v1.MmService/UffdCopy',
+            mmsvc_dot_v1_dot_mm__service__pb2.UffdCopyRequest.SerializeToString,
+            mmsvc_dot_v1_dot_mm__service__pb2.UffdCopyResponse.FromString,
             options,
             channel_credentials,
             insecure,

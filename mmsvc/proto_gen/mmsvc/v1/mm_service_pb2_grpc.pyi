@@ -111,6 +111,16 @@ class MmServiceStub:
     """
     Unpin: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.UnpinRequest, _mm_service_pb2.UnpinResponse]
     """unpin_user_pages of a pin: the last reference frees a page (with the final clearance)."""
+    KsmMerge: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.KsmMergeRequest, _mm_service_pb2.KsmMergeResponse]
+    """KSM merge (ksmd found two private anonymous pages identical): the first becomes (or is)
+    the KSM page, the second is replaced by it; in VM_LOCKED vmas the KSM page is mlocked by
+    the rmap add and the old page munlocked and freed (spec S28).
+    """
+    UffdCopy: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.UffdCopyRequest, _mm_service_pb2.UffdCopyResponse]
+    """userfaultfd UFFDIO_COPY of new pages into a missing range of an anonymous or shmem
+    mapping (registration implied); stops with ALREADY_EXISTS at the first present page
+    (spec S29).
+    """
     Reclaim: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.ReclaimRequest, _mm_service_pb2.ReclaimResponse]
     """Memory pressure: scans up to nr_pages LRU pages (shrink_lruvec)."""
     Drain: _grpc.UnaryUnaryMultiCallable[_mm_service_pb2.DrainRequest, _mm_service_pb2.DrainResponse]
@@ -205,6 +215,16 @@ class MmServiceAsyncStub(MmServiceStub):
     """
     Unpin: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.UnpinRequest, _mm_service_pb2.UnpinResponse]  # type: ignore[assignment]
     """unpin_user_pages of a pin: the last reference frees a page (with the final clearance)."""
+    KsmMerge: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.KsmMergeRequest, _mm_service_pb2.KsmMergeResponse]  # type: ignore[assignment]
+    """KSM merge (ksmd found two private anonymous pages identical): the first becomes (or is)
+    the KSM page, the second is replaced by it; in VM_LOCKED vmas the KSM page is mlocked by
+    the rmap add and the old page munlocked and freed (spec S28).
+    """
+    UffdCopy: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.UffdCopyRequest, _mm_service_pb2.UffdCopyResponse]  # type: ignore[assignment]
+    """userfaultfd UFFDIO_COPY of new pages into a missing range of an anonymous or shmem
+    mapping (registration implied); stops with ALREADY_EXISTS at the first present page
+    (spec S29).
+    """
     Reclaim: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.ReclaimRequest, _mm_service_pb2.ReclaimResponse]  # type: ignore[assignment]
     """Memory pressure: scans up to nr_pages LRU pages (shrink_lruvec)."""
     Drain: _aio.UnaryUnaryMultiCallable[_mm_service_pb2.DrainRequest, _mm_service_pb2.DrainResponse]  # type: ignore[assignment]
@@ -476,6 +496,28 @@ class MmServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mm_service_pb2.UnpinResponse, _abc.Awaitable[_mm_service_pb2.UnpinResponse]]:
         """unpin_user_pages of a pin: the last reference frees a page (with the final clearance)."""
+
+    @_abc_1.abstractmethod
+    def KsmMerge(
+        self,
+        request: _mm_service_pb2.KsmMergeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mm_service_pb2.KsmMergeResponse, _abc.Awaitable[_mm_service_pb2.KsmMergeResponse]]:
+        """KSM merge (ksmd found two private anonymous pages identical): the first becomes (or is)
+        the KSM page, the second is replaced by it; in VM_LOCKED vmas the KSM page is mlocked by
+        the rmap add and the old page munlocked and freed (spec S28).
+        """
+
+    @_abc_1.abstractmethod
+    def UffdCopy(
+        self,
+        request: _mm_service_pb2.UffdCopyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mm_service_pb2.UffdCopyResponse, _abc.Awaitable[_mm_service_pb2.UffdCopyResponse]]:
+        """userfaultfd UFFDIO_COPY of new pages into a missing range of an anonymous or shmem
+        mapping (registration implied); stops with ALREADY_EXISTS at the first present page
+        (spec S29).
+        """
 
     @_abc_1.abstractmethod
     def Reclaim(

@@ -257,6 +257,54 @@ MLOCK_BATCH_SCOPE_MASS_ONLY: MlockBatchScope.ValueType  # 2
 """Only the mlock/munlock range walk batches; everything else is synchronous."""
 Global___MlockBatchScope: _TypeAlias = MlockBatchScope  # noqa: Y015
 
+class _FinalClearance:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FinalClearanceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinalClearance.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FINAL_CLEARANCE_UNSPECIFIED: _FinalClearance.ValueType  # 0
+    """Server default (refcount_zero)."""
+    FINAL_CLEARANCE_REFCOUNT_ZERO: _FinalClearance.ValueType  # 1
+    """At the final free, refcount zero (patch 05/13): counted as unevictable_pgs_cleared."""
+    FINAL_CLEARANCE_MAPCOUNT_ZERO: _FinalClearance.ValueType  # 2
+    """When the last mapping goes, mapcount zero (clear_page_mlock, before 05/13)."""
+
+class FinalClearance(_FinalClearance, metaclass=_FinalClearanceEnumTypeWrapper):
+    """When PG_mlocked left on a page is cleared (spec §6, §10.1 `final_clearance`, [05/13])."""
+
+FINAL_CLEARANCE_UNSPECIFIED: FinalClearance.ValueType  # 0
+"""Server default (refcount_zero)."""
+FINAL_CLEARANCE_REFCOUNT_ZERO: FinalClearance.ValueType  # 1
+"""At the final free, refcount zero (patch 05/13): counted as unevictable_pgs_cleared."""
+FINAL_CLEARANCE_MAPCOUNT_ZERO: FinalClearance.ValueType  # 2
+"""When the last mapping goes, mapcount zero (clear_page_mlock, before 05/13)."""
+Global___FinalClearance: _TypeAlias = FinalClearance  # noqa: Y015
+
+class _MunlockHookPosition:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MunlockHookPositionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MunlockHookPosition.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MUNLOCK_HOOK_POSITION_UNSPECIFIED: _MunlockHookPosition.ValueType  # 0
+    """Server default (end)."""
+    MUNLOCK_HOOK_POSITION_END: _MunlockHookPosition.ValueType  # 1
+    """After the mapcount is lowered (patch 04/13)."""
+    MUNLOCK_HOOK_POSITION_START: _MunlockHookPosition.ValueType  # 2
+    """Before the mapcount is lowered."""
+
+class MunlockHookPosition(_MunlockHookPosition, metaclass=_MunlockHookPositionEnumTypeWrapper):
+    """Where page_remove_rmap calls munlock_vma_page (spec §3.4.1 `munlock_hook_position`)."""
+
+MUNLOCK_HOOK_POSITION_UNSPECIFIED: MunlockHookPosition.ValueType  # 0
+"""Server default (end)."""
+MUNLOCK_HOOK_POSITION_END: MunlockHookPosition.ValueType  # 1
+"""After the mapcount is lowered (patch 04/13)."""
+MUNLOCK_HOOK_POSITION_START: MunlockHookPosition.ValueType  # 2
+"""Before the mapcount is lowered."""
+Global___MunlockHookPosition: _TypeAlias = MunlockHookPosition  # noqa: Y015
+
 class _FileKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -308,6 +356,10 @@ class MachineConfig(_message.Message):
     RECLAIM_LOCKED_ACTIVATE_FIELD_NUMBER: _builtins.int
     MIGRATION_NEWPAGE_LRU_FIRST_FIELD_NUMBER: _builtins.int
     MLOCK_BATCH_SCOPE_FIELD_NUMBER: _builtins.int
+    FINAL_CLEARANCE_FIELD_NUMBER: _builtins.int
+    MUNLOCK_HOOK_POSITION_FIELD_NUMBER: _builtins.int
+    STAT_REFRESH_DRAINS_ALL_FIELD_NUMBER: _builtins.int
+    NEW_ANON_CHECKS_VM_SPECIAL_FIELD_NUMBER: _builtins.int
     nodes: _builtins.int
     """NUMA nodes (default 1)."""
     frames_per_node: _builtins.int
@@ -352,6 +404,16 @@ class MachineConfig(_message.Message):
     """
     mlock_batch_scope: Global___MlockBatchScope.ValueType
     """Which callers use the mlock batch (default per_cpu_all)."""
+    final_clearance: Global___FinalClearance.ValueType
+    """When PG_mlocked left on a page is cleared (§6; default refcount_zero)."""
+    munlock_hook_position: Global___MunlockHookPosition.ValueType
+    """Where page_remove_rmap calls munlock_vma_page (§3.4.1; default end)."""
+    stat_refresh_drains_all: Global___Switch.ValueType
+    """Reading vmstat first drains every CPU's batches, lru_add_drain_all (default off)."""
+    new_anon_checks_vm_special: Global___Switch.ValueType
+    """A new anonymous page is mlocked only if its vma has none of VM_SPECIAL (§2.9; default
+    on); off: VM_LOCKED alone decides.
+    """
     @_builtins.property
     def memcgs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Memory cgroups (default ["root"])."""
@@ -378,10 +440,14 @@ class MachineConfig(_message.Message):
         reclaim_locked_activate: Global___Switch.ValueType = ...,
         migration_newpage_lru_first: Global___Switch.ValueType = ...,
         mlock_batch_scope: Global___MlockBatchScope.ValueType = ...,
+        final_clearance: Global___FinalClearance.ValueType = ...,
+        munlock_hook_position: Global___MunlockHookPosition.ValueType = ...,
+        stat_refresh_drains_all: Global___Switch.ValueType = ...,
+        new_anon_checks_vm_special: Global___Switch.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fault_around_pages", b"fault_around_pages", "frames_per_node", b"frames_per_node", "hpage_pmd_nr", b"hpage_pmd_nr", "lru_add_batch_len", b"lru_add_batch_len", "memcgs", b"memcgs", "migration_drain", b"migration_drain", "migration_newpage_lru_first", b"migration_newpage_lru_first", "mlock_batch_len", b"mlock_batch_len", "mlock_batch_scope", b"mlock_batch_scope", "mlock_count_init_cull", b"mlock_count_init_cull", "mlock_count_init_lru_add", b"mlock_count_init_lru_add", "name", b"name", "nodes", b"nodes", "populate_drain", b"populate_drain", "protocol", b"protocol", "reclaim_locked_activate", b"reclaim_locked_activate", "swap_pages", b"swap_pages", "thp", b"thp", "vm_io_guard", b"vm_io_guard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fault_around_pages", b"fault_around_pages", "final_clearance", b"final_clearance", "frames_per_node", b"frames_per_node", "hpage_pmd_nr", b"hpage_pmd_nr", "lru_add_batch_len", b"lru_add_batch_len", "memcgs", b"memcgs", "migration_drain", b"migration_drain", "migration_newpage_lru_first", b"migration_newpage_lru_first", "mlock_batch_len", b"mlock_batch_len", "mlock_batch_scope", b"mlock_batch_scope", "mlock_count_init_cull", b"mlock_count_init_cull", "mlock_count_init_lru_add", b"mlock_count_init_lru_add", "munlock_hook_position", b"munlock_hook_position", "name", b"name", "new_anon_checks_vm_special", b"new_anon_checks_vm_special", "nodes", b"nodes", "populate_drain", b"populate_drain", "protocol", b"protocol", "reclaim_locked_activate", b"reclaim_locked_activate", "stat_refresh_drains_all", b"stat_refresh_drains_all", "swap_pages", b"swap_pages", "thp", b"thp", "vm_io_guard", b"vm_io_guard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -412,6 +478,7 @@ class PageInfo(_message.Message):
     VMA_ONFAULT_FIELD_NUMBER: _builtins.int
     LOCKED_FIELD_NUMBER: _builtins.int
     BATCH_RESIDUE_FIELD_NUMBER: _builtins.int
+    KSM_FIELD_NUMBER: _builtins.int
     addr: _builtins.int
     """Virtual address of the page (for file pages: byte offset in the file)."""
     vma_present: _builtins.bool
@@ -452,6 +519,8 @@ class PageInfo(_message.Message):
     """Emulator marker: mlock_count was raised by an mlock batch entry left on another CPU when
     a munlock cleared PG_mlocked (cross-CPU batch residue, known exception X4).
     """
+    ksm: _builtins.bool
+    """PageKsm (kpageflags KPF_KSM): an anonymous page shared by KSM merging."""
     def __init__(
         self,
         *,
@@ -474,10 +543,11 @@ class PageInfo(_message.Message):
         vma_onfault: _builtins.bool = ...,
         locked: _builtins.bool = ...,
         batch_residue: _builtins.bool = ...,
+        ksm: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "addr", b"addr", "batch_residue", b"batch_residue", "kind", b"kind", "locked", b"locked", "lru", b"lru", "lru_list", b"lru_list", "mapcount", b"mapcount", "memcg", b"memcg", "mlock_count", b"mlock_count", "mlocked", b"mlocked", "node", b"node", "pfn", b"pfn", "present", b"present", "refcount", b"refcount", "unevictable", b"unevictable", "vma_locked", b"vma_locked", "vma_onfault", b"vma_onfault", "vma_present", b"vma_present"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "addr", b"addr", "batch_residue", b"batch_residue", "kind", b"kind", "ksm", b"ksm", "locked", b"locked", "lru", b"lru", "lru_list", b"lru_list", "mapcount", b"mapcount", "memcg", b"memcg", "mlock_count", b"mlock_count", "mlocked", b"mlocked", "node", b"node", "pfn", b"pfn", "present", b"present", "refcount", b"refcount", "unevictable", b"unevictable", "vma_locked", b"vma_locked", "vma_onfault", b"vma_onfault", "vma_present", b"vma_present"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

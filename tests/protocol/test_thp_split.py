@@ -1,0 +1,128 @@
+"""split_huge_page in reclaim (spec S18, §3.9, §5.2.5, §2.10): a pte-mapped anonymous THP in a
+VM_LOCKED vma is counted nowhere until reclaim splits it; the remap through migration entries
+then mlocks each subpage, and reclaim's putback culls them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmsvc.mm.types import MAP_LOCKED
+from tests.protocol.test_thp import HPAGE, THP, thp_map
+from tests.protocol.world import P, World, sub
+
+SWAP = {**THP, "swap_pages": 1024}
+FREE_KB = 8192 * 4
+
+
+async def pte_mapped_locked_thp(w: World) -> int:
+    """S19's start: a THP faulted in a VM_LOCKED vma, then one 4 KiB subrange mprotected (vma
+    split -> pmd split -> munlock(compound)): pte-mapped in VM_LOCKED vmas, counted nowhere."""
+    p = await w.proc()
+    addr = await thp_map(w, p, "m", 1, MAP_LOCKED)
+    await w.kernel.mprotect(w.mid, p, addr + 8 * P, P, 1)
+    d = await w.delta()
+    assert sub(d, mlocked=512, munlocked=512, nr_mlock=0, nr_unev=0) == {
+        "mlocked": 512, "munlocked": 512, "nr_mlock": 0, "nr_unev": 0}
+    return p
+
+
+def test_s18_walk_and_pte_unmap_skip_then_reclaim_splits_and_mlocks_subpages(run: Any) -> None:
+    async def s(w: World) -> None:
+        p = await pte_mapped_locked_thp(w)
+        base = await w.delta()
+        # the mlock walk skips a pte-mapped THP (Δmlocked 0), in either direction
+        await w.munlock(p, "m")
+        await w.mlock(p, "m")
+        await w.drain()
+        # its pte removal in a VM_LOCKED vma never counts: munmap one subpage
+        addr, _ = w.rng(p, "m")
+        await w.kernel.munmap(w.mid, p, addr + 100 * P, P)
+        await w.drain()
+        d = await w.delta()
+        assert sub(d, mlocked=base["mlocked"], munlocked=base["munlocked"], nr_mlock=0) == {
+            "mlocked": base["mlocked"], "munlocked": base["munlocked"], "nr_mlock": 0}
+        pages = await w.pages(p, "m")
+        head_pfn = pages[0].pfn
+        assert all(pg.pfn == head_pfn and not pg.mlocked for i, pg in enumerate(pages)
+                   if i != 100)
+        assert (await w.kernel.check(w.mid, True)).ok
+
+        # reclaim treats those ptes as unlocked and splits the THP; each restored pte of a
+        # small page in a VM_LOCKED vma mlocks it; putback culls it (mlock_count 0)
+        res = await w.kernel.reclaim(w.mid, None, None, 32)
+        await w.drain()
+        d = await w.delta()
+        assert sub(d, mlocked=d["mlocked"], culled=d["culled"]) == sub(
+            d, mlocked=base["mlocked"] + 511, culled=base["culled"] + 511)
+        assert sub(d, nr_mlock=511, nr_unev=511, munlocked=base["munlocked"]) == {
+            "nr_mlock": 511, "nr_unev": 511, "munlocked": base["munlocked"]}
+        # scanned: the THP's 512 pages; reclaimed: subpage 100, unmapped (munmap above), on
+        # reclaim's list after the split like every tail: written to swap and freed
+        assert (res.scanned, res.reclaimed, res.culled) == (512, 1, 511)
+        pages = await w.pages(p, "m")
+        mapped = [pg for i, pg in enumerate(pages) if i != 100]
+        assert len({pg.pfn for pg in mapped}) == 511  # 511 small pages now
+        assert all(pg.mlocked and pg.unevictable and pg.mapcount == 1 and pg.refcount == 1
+                   and pg.mlock_count == 0 for pg in mapped)
+        assert not pages[100].present
+        report = await w.kernel.check(w.mid, True)
+        assert report.ok, report.violations
+        # subpage 100 was freed; the other 511 frames are the small pages'
+        assert (await w.kernel.meminfo(w.mid))["MemFree"] == FREE_KB - 511 * 4
+
+        # small pages now (§3.9): munmap munlocks each, exit frees everything
+        await w.kernel.munmap(w.mid, p, addr, 50 * P)
+        await w.drain()
+        d2 = await w.delta()
+        assert sub(d2, munlocked=d["munlocked"] + 50, nr_mlock=461) == {
+            "munlocked": d["munlocked"] + 50, "nr_mlock": 461}
+        await w.kernel.exit(w.mid, p)
+        await w.drain()
+        d3 = await w.delta()
+        assert sub(d3, nr_mlock=0, nr_unev=0, cleared=0) == {
+            "nr_mlock": 0, "nr_unev": 0, "cleared": 0}
+        assert (await w.kernel.meminfo(w.mid))["MemFree"] == FREE_KB
+        assert (await w.kernel.check(w.mid, True)).ok
+
+    run(s, **SWAP)
+
+
+def test_split_subpages_of_an_unlocked_thp_are_swapped_out(run: Any) -> None:
+    async def s(w: World) -> None:
+        p = await w.proc()
+        addr = await thp_map(w, p, "m", 1)
+        await w.touch(p, "m", 0, 1)
+        await w.kernel.mprotect(w.mid, p, addr + 8 * P, P, 1)  # pmd split: pte-mapped
+        res = await w.kernel.reclaim(w.mid, None, None, 32)
+        # split, then each subpage follows small-page reclaim: swapped out and freed
+        assert (res.scanned, res.reclaimed) == (HPAGE, HPAGE)
+        assert not any(pg.present for pg in await w.pages(p, "m"))
+        assert (await w.kernel.meminfo(w.mid))["MemFree"] == FREE_KB
+        assert (await w.kernel.check(w.mid, True)).ok
+        await w.touch(p, "m", 3, 4)  # swap-in of one subpage: a small page
+        assert (await w.pages(p, "m"))[3].present
+        await w.kernel.exit(w.mid, p)
+        await w.drain()  # the swapped-in page's lru_add entry
+        assert (await w.kernel.meminfo(w.mid))["MemFree"] == FREE_KB
+        assert (await w.kernel.check(w.mid, True)).ok
+
+    run(s, **SWAP)
+
+
+def test_reclaim_keeps_a_pmd_mapped_thp_and_splits_a_pte_mapped_one(run: Any) -> None:
+    async def s(w: World) -> None:
+        p = await w.proc()
+        addr = await thp_map(w, p, "m", 2)
+        await w.touch(p, "m", 0, 1)
+        await w.touch(p, "m", HPAGE, HPAGE + 1)
+        await w.kernel.mprotect(w.mid, p, addr + (HPAGE + 8) * P, P, 1)  # second THP: ptes
+        res = await w.kernel.reclaim(w.mid, None, None, 32)
+        # the pmd-mapped THP is kept whole (TTU_SPLIT_HUGE_PMD not emulated), the other
+        # one is split and its subpages swapped out
+        assert res.reclaimed == HPAGE
+        pages = await w.pages(p, "m")
+        assert all(pg.present and pg.pfn == pages[0].pfn for pg in pages[:HPAGE])
+        assert pages[0].mapcount == 1 and not any(pg.present for pg in pages[HPAGE:])
+        assert (await w.kernel.check(w.mid, True)).ok
+
+    run(s, **SWAP)
