@@ -67,12 +67,21 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
     ),
     KnownBug(
         key="swap-refcount-underflow",
-        summary="INTERNAL 'refcount underflow' from mm_pages in Madvise on the THP machine "
-                "with swap (MADV_PAGEOUT now swaps anonymous pages out: mmsvc/mm/swapfile.py, "
-                "vmscan.py); seen once",
+        summary="INTERNAL 'refcount underflow' from mm_pages in Madvise or Fault on the THP "
+                "machine with swap (a swap-in racing MADV_PAGEOUT/reclaim: mmsvc/mm/swapfile.py, "
+                "memory.py do_swap_page, vmscan.py); seen in 3 of some 8 runs",
         regression="",
         category="INTERNAL",
         log_signature="refcount underflow",
+    ),
+    KnownBug(
+        key="swap-cache-leak",
+        summary="the same race's page left with PG_swapcache outside the swap cache and one "
+                "reference too many (checker S2 + A6 on the THP machine with swap)",
+        regression="",
+        category="check",
+        method="Check",
+        detail="PG_swapcache but not in the swap cache",
     ),
     KnownBug(
         key="a6-mapcount-race",
