@@ -66,6 +66,15 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         detail="page store unavailable",
     ),
     KnownBug(
+        key="process-stall-check",
+        summary="the Check (drain_all) of a machine with a stalled process (see process-stall) "
+                "gives up: ABORTED the machine never became quiescent",
+        regression="",
+        category="check",
+        method="Check",
+        detail="never became quiescent",
+    ),
+    KnownBug(
         key="swap-refcount-underflow",
         summary="INTERNAL 'refcount underflow' from mm_pages in Madvise or Fault on the THP "
                 "machine with swap (a swap-in racing MADV_PAGEOUT/reclaim: mmsvc/mm/swapfile.py, "
