@@ -747,6 +747,9 @@ class MachineState:
     gone: bool = False
     names: int = 0
     probing: bool = False  # a probe has (or waits for) the machine to itself
+    # a call on it ran past its deadline: the server may still be running it (kernel calls
+    # are shielded from cancellation), so probes, which need the machine quiet, skip it
+    hung: bool = False
     gone_at: float = 0.0  # when the fuzzer saw it deleted
 
     def live(self) -> list[Proc]:
@@ -1565,6 +1568,8 @@ class Fuzzer:
             ms = r.machine
             deleted = ms is not None and ms.gone and ms.gone_at >= t0 - 1.0
             note = " (its machine was deleted while it ran)" if deleted else ""
+            if ms is not None:
+                ms.hung = True
             rep.fail("hang", method, f"{describe(r)} ran past {self.cfg.call_timeout}s{note}")
         elif code == grpc.StatusCode.UNAVAILABLE:
             rep.fail("unavailable", method, f"{describe(r)} -> {details}")
@@ -1613,7 +1618,7 @@ class Fuzzer:
 
     async def refresh_some(self) -> None:
         """Re-read one process's mappings (mprotect, MAP_FIXED, raw calls... move them)."""
-        pool = [m for m in self.world.stable if not m.gone and m.live()]
+        pool = [m for m in self.world.stable if not m.gone and not m.hung and m.live()]
         if not pool:
             return
         ms = self.rng.choice(pool)
@@ -1641,7 +1646,7 @@ class Fuzzer:
     # -- probes: nothing half-applied -------------------------------------------------------
 
     async def probe(self) -> None:
-        pool = [m for m in self.world.stable if not m.gone and m.live()]
+        pool = [m for m in self.world.stable if not m.gone and not m.hung and m.live()]
         if not pool:
             return
         ms = self.rng.choice(pool)
@@ -1649,7 +1654,8 @@ class Fuzzer:
         ms.probing = True  # new calls go to the other machines meanwhile
         try:
             async with ms.lock.exclusive():
-                await self._probe(ms, call)
+                if not ms.hung:  # a call that hung while we waited may still be running
+                    await self._probe(ms, call)
         finally:
             ms.probing = False
 

@@ -8,16 +8,19 @@ previous holder was another CPU, in /proc/lock_stat's columns).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mmsvc.mm.errors import KernelError
 from mmsvc.store.redis_store import RedisStore, text
 
 DEFAULT_LEASE_MS = 30_000
+_RENEWING: set[asyncio.Task[None]] = set()  # renewals in flight (tasks need a reference)
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Held:
     wait_us: float
     granted_at: float
     stats: str | None = None  # statistics kept for a family of locks (page locks)
+    renewal: asyncio.TimerHandle | None = field(default=None, repr=False, compare=False)
 
 
 def granted(key: str, handed: str) -> tuple[str, str]:
@@ -43,20 +47,57 @@ def granted(key: str, handed: str) -> tuple[str, str]:
 
 
 class Locks:
-    """Acquire/release locks of the store on behalf of one CPU (worker)."""
+    """Acquire/release locks of the store on behalf of one CPU (worker).
+
+    Every lock granted here is leased: a holder that keeps it for a third of the lease has it
+    renewed (``lk_renew``) as long as this worker runs, so only a dead or stopped holder loses
+    a lock to lease expiry - a live one that merely waits long (a convoy on a busy machine)
+    keeps it, and nobody else is let in under it."""
 
     def __init__(self, store: RedisStore, cpu: int, lease_ms: int = DEFAULT_LEASE_MS) -> None:
         self.store = store
         self.cpu = cpu
         self.lease_ms = lease_ms
+        self.renewals = 0
+
+    def track(self, held: Held) -> Held:
+        """Renew held's lease every third of a lease until it is released."""
+        loop = asyncio.get_running_loop()
+        held.renewal = loop.call_later(self.lease_ms / 3000, self._renew_later, held)
+        return held
+
+    def _renew_later(self, held: Held) -> None:
+        task = asyncio.get_running_loop().create_task(self._renew(held))
+        _RENEWING.add(task)
+        task.add_done_callback(_RENEWING.discard)
+
+    async def _renew(self, held: Held) -> None:
+        if held.renewal is None:
+            return  # released meanwhile
+        try:
+            still = int(await self.store.fcall("lk_renew", held.key, held.token, self.lease_ms))
+        except Exception:
+            still = 1  # the store is away: try again later, the lease may still hold
+        if still and held.renewal is not None:
+            self.renewals += 1
+            held.renewal = asyncio.get_running_loop().call_later(
+                self.lease_ms / 3000, self._renew_later, held)
+        else:
+            held.renewal = None  # released by a function of the store, or lost
+
+    @staticmethod
+    def untrack(held: Held) -> None:
+        if held.renewal is not None:
+            held.renewal.cancel()
+            held.renewal = None
 
     async def try_acquire(self, key: str, mode: str = "w", stats: str | None = None) -> Held | None:
         """trylock: the lock now, or None (nothing queued)."""
         res = await self.store.fcall("lk_acquire", key, mode, self.cpu, "-", self.lease_ms,
                                      "try", stats or key)
         if int(res[0]) == 1:
-            return Held(key, mode, int(res[1]), False, int(res[2]), 0.0, time.perf_counter(),
-                        stats)
+            return self.track(Held(key, mode, int(res[1]), False, int(res[2]), 0.0,
+                                   time.perf_counter(), stats))
         return None
 
     async def acquire(self, key: str, mode: str = "w", stats: str | None = None) -> Held:
@@ -64,16 +105,29 @@ class Locks:
         t0 = time.perf_counter()
         res = await self.store.fcall("lk_acquire", key, mode, self.cpu, wid, self.lease_ms)
         if int(res[0]) == 1:
-            return Held(key, mode, int(res[1]), False, int(res[2]), 0.0, time.perf_counter(),
-                        stats)
-        # Queued: the releaser hands us the token on our private list.
-        popped = await self.store.client.blpop([f"{key}:w:{wid}"], timeout=self.lease_ms / 1000)
+            return self.track(Held(key, mode, int(res[1]), False, int(res[2]), 0.0,
+                                   time.perf_counter(), stats))
+        tok, bounce = await self._wait(key, wid)
+        now = time.perf_counter()
+        return self.track(Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now,
+                               stats))
+
+    async def _wait(self, key: str, wid: str) -> tuple[str, str]:
+        """Wait, queued as wid, for the token a releaser hands us on our private list.
+
+        A wait that ends without the token - timed out, or failed (a dropped connection, an
+        exhausted connection pool) - leaves the queue: a waiter left behind would be granted
+        the lock and hold it, unseen, until its lease ran out."""
+        try:
+            popped = await self.store.wait_list(f"{key}:w:{wid}", self.lease_ms / 1000)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.store.fcall("lk_cancel", key, wid, self.lease_ms)
+            raise
         if popped is None:
             await self.store.fcall("lk_cancel", key, wid, self.lease_ms)
             raise KernelError("EAGAIN", f"timed out waiting for lock {key}")
-        tok, bounce = granted(key, text(popped[1]))
-        now = time.perf_counter()
-        return Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now, stats)
+        return granted(key, text(popped[1]))
 
     async def enter_mm(
         self, mm_key: str, mode: str, prefetch: tuple[int, int] | None = None
@@ -89,25 +143,27 @@ class Locks:
             return None
         key = f"{mm_key}:mmap_lock"
         if int(res[0]) == 1:
-            held = Held(key, mode, int(res[1]), False, int(res[2]), 0.0, time.perf_counter())
+            held = self.track(Held(key, mode, int(res[1]), False, int(res[2]), 0.0,
+                                   time.perf_counter()))
             ptes = [int(x) for x in res[5]] if prefetch else None
             return held, list(res[3]), list(res[4]), ptes
-        popped = await self.store.client.blpop([f"{key}:w:{wid}"], timeout=self.lease_ms / 1000)
-        if popped is None:
-            await self.store.fcall("lk_cancel", key, wid, self.lease_ms)
-            raise KernelError("EAGAIN", f"timed out waiting for lock {key}")
-        tok, bounce = granted(key, text(popped[1]))
+        tok, bounce = await self._wait(key, wid)
         now = time.perf_counter()
-        held = Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now)
-        pipe = self.store.client.pipeline(transaction=False)
-        pipe.hgetall(f"{mm_key}:info")
-        pipe.hgetall(f"{mm_key}:vma")
-        info, vmas = await pipe.execute()
+        held = self.track(Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now))
+        try:
+            pipe = self.store.client.pipeline(transaction=False)
+            pipe.hgetall(f"{mm_key}:info")
+            pipe.hgetall(f"{mm_key}:vma")
+            info, vmas = await pipe.execute()
+            ptes = None
+            if prefetch:
+                ptes = [int(x) for x in await self.store.fcall("pt_read", mm_key, *prefetch)]
+        except BaseException:
+            with contextlib.suppress(Exception):  # the caller never saw the lock: give it back
+                await self.release(held)
+            raise
         flat_info = [x for kv in info.items() for x in kv]
         flat_vmas = [x for kv in vmas.items() for x in kv]
-        ptes = None
-        if prefetch:
-            ptes = [int(x) for x in await self.store.fcall("pt_read", mm_key, *prefetch)]
         return held, flat_info, flat_vmas, ptes
 
     def release_args(self, held: Held) -> list[str | int]:
@@ -117,6 +173,7 @@ class Locks:
                 f"{hold_us:.3f}", self.lease_ms]
 
     async def release(self, held: Held) -> None:
+        self.untrack(held)
         hold_us = (time.perf_counter() - held.granted_at) * 1e6
         await self.store.fcall(
             "lk_release", held.key, held.token, int(held.contended), held.bounce,

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from mmsvc.locks import Locks
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
-from mmsvc.mm.mm_struct import MmState, Pte, pt_walk
+from mmsvc.mm.mm_struct import MmState, Pte, pt_read, pt_walk
 from mmsvc.mm.page import PG, Page, PTEBit
-from mmsvc.mm.rmap import Rmap
+from mmsvc.mm.rmap import Mapping, Rmap
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.vma import Vma
 from mmsvc.store.redis_store import RedisStore
@@ -83,7 +83,9 @@ class Legacy:
                     continue  # "vmscan will handle it later"
                 try:
                     await self.swap.lru_add_drain(m)
-                    await self.swap.run(m, p.lv, [["Y", p.idx]])
+                    # the page's identity, re-checked where the page is: follow_page's
+                    # reference under the PTL; a page freed or reused since is skipped
+                    await self.swap.run(m, p.lv, [["Y", p.idx, *identity(vma, vpn)]])
                 finally:
                     await self.locks.release(held)
 
@@ -94,24 +96,28 @@ class Legacy:
         return {h: pg.mapcount + pg.pte_mapcount for h, pg in zip(heads, pages, strict=True)}
 
     # ----------------------------------------------------------- §9.4 munlock a range ---
-    async def munlock_range(self, m: Machine, mm: MmState, start: int, end: int) -> None:
-        """munlock_vma_pages_range: the vma's VM_LOCKED is already cleared (§9.4.1)."""
+    async def munlock_range(self, m: Machine, mm: MmState, vma: Vma, start: int,
+                            end: int) -> None:
+        """munlock_vma_pages_range of [start, end) in vma: its VM_LOCKED is already cleared
+        (§9.4.1).  follow_page takes each page with a reference under the PTL; here the
+        walk read the ptes first, so each page op carries the page's identity (``W``/``Y``
+        with index and mapping): a page freed or reused since is skipped."""
         self.costs.lookups += end - start  # one follow_page per address, populated or not
         async for ptes in pt_walk(self.store, mm.key, start, end, WALK_CHUNK):
             # §9.4.3: a THP head gets the single-page munlock; tails (and pte-mapped
             # subpages) are skipped
             for p in sorted(ptes.values(), key=lambda p: p.vpn):
                 if p.is_pmd and p.vpn % 512 == 0:
-                    await self.munlock_page(m, p.lv, p.idx)
+                    await self.munlock_page(m, p.lv, p.idx, identity(vma, p.vpn))
             small = [ptes[v] for v in sorted(ptes) if not ptes[v].is_pmd
                      and not ptes[v].is_subpage]
             for batch in _pagevecs(small):
-                await self._munlock_pagevec(m, batch)
+                await self._munlock_pagevec(m, vma, batch)
 
-    async def _munlock_pagevec(self, m: Machine, batch: list[Pte]) -> None:
+    async def _munlock_pagevec(self, m: Machine, vma: Vma, batch: list[Pte]) -> None:
         lv = batch[0].lv
         # Phase 1, under the lruvec lock: clear PG_mlocked, isolate (or count and release).
-        res = await self.swap.run(m, lv, [["W", p.idx] for p in batch])
+        res = await self.swap.run(m, lv, [["W", p.idx, *identity(vma, p.vpn)] for p in batch])
         pages = await read_pages(self.store, m, [(lv, i) for i in res.isolated])
         # Phase 2: each isolated page under its (sleeping) page lock.
         for idx, page in zip(res.isolated, pages, strict=True):
@@ -136,14 +142,15 @@ class Legacy:
             for mp in await self.rmap.mappings(m, lv, idx, page):
                 self.costs.vma_visits += 1
                 if mp.vma.locked:
-                    await self.swap.run(m, lv, [["Y", idx]])
-                    return True
+                    return await mlock_under_ptl(self.store, self.swap, m, lv, idx, mp)
         return False
 
-    async def munlock_page(self, m: Machine, lv: int, idx: int) -> None:
-        """Legacy single-page munlock_vma_page (COW of a page in a VM_LOCKED vma, §9.7)."""
+    async def munlock_page(self, m: Machine, lv: int, idx: int,
+                           ident: tuple[int, int] | None = None) -> None:
+        """Legacy single-page munlock_vma_page (THP heads of the munlock walk, with the
+        identity the walk read; COW of a page in a VM_LOCKED vma, §9.7)."""
         async with self.page_locked(m, lv, idx):
-            res = await self.swap.run(m, lv, [["W", idx]])
+            res = await self.swap.run(m, lv, [["W", idx, *(ident or ())]])
             for i in res.isolated:
                 page = (await read_pages(self.store, m, [(lv, i)]))[0]
                 if page.mapcount > 1:
@@ -154,7 +161,42 @@ class Legacy:
         for lv, idx in old:
             page = (await read_pages(self.store, m, [(lv, idx)]))[0]
             if page.flags & PG.INUSE and page.has(PG.MLOCKED):
-                await self.munlock_page(m, lv, idx)
+                # the fault dropped its own mapping of the old page: another unmap may free
+                # it before the munlock, which then skips it (the identity read here)
+                ident = (page.index, -1 if page.has(PG.ANON) else page.mapping)
+                await self.munlock_page(m, lv, idx, ident)
+
+
+async def mlock_under_ptl(store: RedisStore, swap: Swap, m: Machine, lv: int, idx: int,
+                          mp: Mapping) -> bool:
+    """Legacy mlock_vma_page of a page the rmap walk found mapped by a VM_LOCKED vma
+    (page_mlock §9.5.2, try_to_unmap_one §9.7: the page is locked and isolated by the caller;
+    remove_migration_pte §9.3.5: the new page, locked).
+
+    Linux rechecks VM_LOCKED and the pte under the PTL and mlocks before it unlocks it, so a
+    munlock of that vma (VM_LOCKED cleared first, §9.4.1, then each pte visited under the same
+    PTL) either comes before the recheck or after the mlock - and then clears PG_mlocked again.
+    Here the walk read the vma and pte earlier: if the vma lost VM_LOCKED or the pte its page
+    since, that munlock may already have passed this page, so the mlock is undone as its
+    phase 1 would have done it after us (test-and-clear, isolation fails: stranded or
+    munlocked).  Returns whether the page stays mlocked."""
+    await swap.run(m, lv, [["Y", idx]])
+    vmas = [Vma.from_json(raw) for raw in (await store.client.hgetall(f"{mp.mm_key}:vma"))
+            .values()]
+    vma = next((v for v in vmas if v.start <= mp.pte.vpn < v.end), None)
+    pte = (await pt_read(store, mp.mm_key, mp.pte.vpn, mp.pte.vpn + 1)).get(mp.pte.vpn)
+    if vma is not None and vma.locked and pte is not None and (pte.lv, pte.idx) == (lv, idx):
+        return True
+    res = await swap.run(m, lv, [["W", idx]])
+    if res.isolated:  # it was on an LRU (a migration's new page): phase 1 took it off
+        await swap.run(m, lv, [["B", i, 0] for i in res.isolated])
+    return False
+
+
+def identity(vma: Vma, vpn: int) -> tuple[int, int]:
+    """What a page mapped at vpn in vma must be (index, file; -1: anonymous vma) for a page
+    op of a walk that read the pte earlier (walk_target in lua/memory.lua)."""
+    return vma.linear_index(vpn), vma.file if vma.file else -1
 
 
 def _pagevecs(ptes: list[Pte]) -> list[list[Pte]]:

@@ -173,6 +173,12 @@ async def delete_machine(store: RedisStore, mid: str) -> None:
     # UNLINK in batches (a cluster client splits a batch by slot), not a round trip per key.
     for i in range(0, len(found), 500):
         await store.client.unlink(*found[i:i + 500])
+    # A waiter already handed its token (L:w:<wid>) may not have popped it yet: the unlink
+    # took it away, so it is told "gone" instead of waiting a whole lease for it.
+    for key in found:
+        if b":w:" in key:
+            await store.client.rpush(key, "gone")
+            await store.client.pexpire(key, 60_000)
 
 
 async def create_file(store: RedisStore, m: Machine, spec: FileSpec) -> FileInfo:

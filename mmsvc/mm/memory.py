@@ -14,8 +14,9 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import NoReturn
 
-from mmsvc.locks import Held
+from mmsvc.locks import Held, Locks
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import FileInfo, Machine, new_id, refresh_files
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap, pte_args
@@ -240,8 +241,9 @@ class Faults:
             new = Programs([(lv, [["A", flags, root, vma.linear_index(vpn), 0], ["G", -1]])])
             idx = (await new.execute(self.swap, m))[0]
             if await add_to_swap_cache(self.store, m, slot, lv, idx) != (lv, idx):
-                await self.swap.run(m, lv, [["F", idx, 0, int(PG.SWAPCACHE)], ["P", idx],
-                                            ["P", idx]])
+                # the new page's only reference is the one it took for the swap cache (an
+                # allocation holds none: lru_cache_add takes the page's first): it is freed
+                await self.swap.run(m, lv, [["F", idx, 0, int(PG.SWAPCACHE)], ["P", idx]])
                 raise FaultRace("swap entry read in or freed by someone else")
             # mapped (+ mlock_vma_page), then lru_cache_add takes the allocation's reference
             ops = [*page_add_rmap_ops(m, vma, idx), ["C", idx]]
@@ -416,7 +418,7 @@ class Faults:
         if res.fast == "done":
             return True
         # 'held': the program went on in later calls; set the pte and release the lock here
-        mm.held = self._fast_held(mm, fast)
+        mm.held = self.swap.locks.track(self._fast_held(mm, fast))
         mm.unlock_on_install = True
         fast.released = True
         try:
@@ -432,7 +434,7 @@ class Faults:
     def _fast_held(mm: MmState, fast: FastFault) -> Held:
         tok, bounce = fast.taken[0]
         return Held(f"{mm.key}:mmap_lock", fast.mode, tok, False, bounce, 0.0,
-                    time.perf_counter())
+                    time.perf_counter())  # tracked by the caller while it holds it
 
     def _install_after(self, m: Machine, mm: MmState, progs: Programs, new: list[Pte],
                        expect: dict[int, Pte], fresh: set[int]) -> InstallAfter | None:
@@ -448,18 +450,14 @@ class Faults:
     async def _after_fused_install(self, m: Machine, mm: MmState, vma: Vma, new: list[Pte],
                                    fresh: set[int], raced: list[int]) -> None:
         """What _install does after pt_install_unlock, for a fused program + install."""
-        if raced == [-1]:
-            mm.held = None  # evicted: nothing to release
-            raise KernelError("EAGAIN", "mmap_lock lease expired (fenced): nothing mapped")
-        if not raced:
-            mm.held = None  # released by the install
+        if raced == [-1] or not raced:
+            if mm.held is not None:
+                Locks.untrack(mm.held)
+            mm.held = None  # released by the install, or evicted: nothing to release
+            if raced == [-1]:
+                raise KernelError("EAGAIN", "mmap_lock lease expired (fenced): nothing mapped")
             return
-        undo = Programs.empty()
-        for p in new:
-            if p.vpn in raced and p.vpn in fresh and not p.bits & PTEBit.ZERO:
-                undo.add(p.lv, *page_remove_rmap_ops(m, vma, p.idx), ["P", p.idx])
-        await undo.execute(self.swap, m)
-        raise FaultRace(f"concurrent fault on {len(raced)} pages")
+        await self._back_off(m, vma, new, fresh, raced)
 
     async def _map_anon_pages(
         self, m: Machine, mm: MmState, vma: Vma, installs: list[tuple[int, int | None, int]],
@@ -753,13 +751,21 @@ class Faults:
                 "pt_install_unlock", mm.key, *self.swap.locks.release_args(held),
                 *pte_args(new, expect))]
             if raced == [-1]:
+                Locks.untrack(held)
                 raise KernelError("EAGAIN", "mmap_lock lease expired (fenced): nothing mapped")
             if raced:
                 mm.held = held  # ... unless it raced: then it is still held (a retry follows)
+            else:
+                Locks.untrack(held)
         else:
             raced = await pt_install(self.store, mm.key, new, expect)
-        if not raced:
-            return
+        if raced:
+            await self._back_off(m, vma, new, mapped, raced)
+
+    async def _back_off(self, m: Machine, vma: Vma, new: list[Pte], mapped: set[int],
+                        raced: list[int]) -> NoReturn:
+        """A fault that lost the pte race (pte_same() failed) drops the mappings it had
+        prepared for the ptes it did not set, and retries."""
         undo = Programs.empty()
         for p in new:
             if p.vpn in raced and p.vpn in mapped and not p.bits & PTEBit.ZERO:

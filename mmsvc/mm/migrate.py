@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mmsvc.mm.errors import KernelError
+from mmsvc.mm.legacy import mlock_under_ptl
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
 from mmsvc.mm.mm_struct import Pte, load_mm, pt_install
@@ -79,7 +80,9 @@ class Migrate:
                     # the retry's restore and unmap drain this CPU (with rmap_walk_level too:
                     # residue a moved task left on another CPU still fails it, S14)
                     await self.swap.lru_add_drain(m)
-            await self._restore(m, lv, idx, maps, (lv, idx), mode)
+            page = (await read_pages(self.store, m, [(lv, idx)]))[0]
+            await self._restore(m, lv, idx, maps, (lv, idx), mode,
+                                mlocked=page.has(PG.MLOCKED))
         await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)], ["B", idx, 0]])
         stats.failed += 1
 
@@ -110,10 +113,15 @@ class Migrate:
         return done
 
     async def _restore(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
-                       new: tuple[int, int], mode: MigrationDrain) -> None:
+                       new: tuple[int, int], mode: MigrationDrain, *,
+                       mlocked: bool = False) -> None:
         """remove_migration_ptes: map (new or old) page again; VM_LOCKED: mlock + drain.
         The vma's flags are read now, not at unmap time: an mlock may have stored VM_LOCKED
-        (with VM_IO, §3.6) meanwhile, which is what the VM_IO guard is for (S23)."""
+        (with VM_IO, §3.6) meanwhile, which is what the VM_IO guard is for (S23).
+        A failed migration's old page that is still PG_mlocked (``mlocked``) and goes back
+        into a vma that is not VM_LOCKED is marked: if a munlock of that vma walked past its
+        migration entry, nothing will clear the flag before the page is freed (§8.3 row 14,
+        the checker's X3)."""
         nlv, nidx = new
         for mp in maps:
             mp = replace(mp, vma=await self._vma_now(m, mp))
@@ -123,9 +131,14 @@ class Migrate:
             if raced:
                 continue  # the mapping was zapped meanwhile
             ops = page_add_rmap_ops(m, mp.vma, nidx)  # counts the mapping again (§4.2.4)
-            if str(m.cfg.protocol) == "legacy" and mp.vma.locked:
-                ops.append(["Y", nidx])  # legacy remove_migration_pte mlocks explicitly (§9.3.5)
+            if mlocked and not mp.vma.locked:
+                ops.append(["F", nidx, int(PG.RESTORED_MLOCKED), 0])
             await self.swap.run(m, nlv, ops)
+            if str(m.cfg.protocol) == "legacy" and mp.vma.locked:
+                # legacy remove_migration_pte mlocks explicitly (§9.3.5), under the PTL that
+                # a munlock walk of the vma also takes: rechecked after the mlock
+                restored_mp = replace(mp, pte=restored)
+                await mlock_under_ptl(self.store, self.swap, m, nlv, nidx, restored_mp)
             if mode == MigrationDrain.AFTER_EACH_LOCKED_UNMAP and mp.vma.locked:
                 await self.swap.lru_add_drain(m)  # §4.2.3
         if mode == MigrationDrain.RMAP_WALK_LEVEL:

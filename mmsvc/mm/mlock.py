@@ -82,7 +82,7 @@ class Mlock:
             mm.update_vma(target)
             if oldflags & VM.LOCKED and not newflags & VM.LOCKED:
                 await save(self.store, mm)
-                await self.legacy.munlock_range(m, mm, target.start, target.end)
+                await self.legacy.munlock_range(m, mm, target, target.start, target.end)
         elif newflags & VM.LOCKED and oldflags & VM.LOCKED:
             # §3.5.4: "No work to do, and mlocking twice would be wrong".
             target = replace(target, flags=newflags)

@@ -91,7 +91,7 @@ class Mmap:
                 vma = replace(vma, flags=vma.flags & ~VM_LOCKED_MASK)
                 mm.update_vma(vma)
                 await save(self.store, mm)
-                await self.legacy.munlock_range(m, mm, vma.start, vma.end)
+                await self.legacy.munlock_range(m, mm, vma, vma.start, vma.end)
             out.append(vma)
         return out
 

@@ -48,6 +48,12 @@ class PG(enum.IntFlag):
     # on another CPU when a munlock cleared PG_mlocked (cross-CPU batch residue, §8.3 rows
     # 11-12): Linux overcounts there too; the checker classifies such a page (X4)
     RESIDUE = 1 << 17
+    # emulator marker: PG_mlocked survived a failed migration's restore into a vma that is not
+    # VM_LOCKED - the munlock-vs-unmap race of §8.3 row 14, where a munlock walk finds a
+    # migration entry instead of the pte and the restore does not mlock: Linux keeps
+    # PG_mlocked with no locked mapping there too; the checker classifies such a page (X3).
+    # Cleared with PG_mlocked.
+    RESTORED_MLOCKED = 1 << 18
     # PG_swapcache: in the swap cache (mm/swap_state.c), holding one reference; the slot is
     # found through the swap area's reverse map (mm/swapfile.py), not in the record
     SWAPCACHE = 1 << 20

@@ -128,8 +128,9 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
             fixed["lru_added"] += 1
         M = locked[ref]
         x1 = pins[ref] and not mapcounts[ref] and not pte_maps[ref] and not in_cache
+        x3 = M == 0 and p.has(PG.RESTORED_MLOCKED)  # Linux keeps it mlocked too (§8.3 row 14)
         if (not p.has(PG.RESIDUE) and not p.has(PG.UNEVICTABLE_MAPPING) and p.has(PG.MLOCKED)
-                and not x1):  # X1: a pinned page keeps PG_mlocked until unpinned (§8.5)
+                and not x1 and not x3):  # X1: a pinned page keeps PG_mlocked until unpinned
             count = p.mlock_count if p.mlock_count >= 0 else 1
             extra = max(count - M, 1 if M == 0 else 0)
             ops += [["K", idx] for _ in range(extra)]  # the munlock that never ran

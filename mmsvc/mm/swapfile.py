@@ -13,7 +13,9 @@ store side is ``lua/swapfile.lua`` under the machine's tag (``{m<id>}:swap*``):
   it into a new one (pswpin) and maps it with page_add_anon_rmap (§3.2.1);
 * the last swap pte of a slot going (swap-in, zap) frees the slot; a page still in the swap
   cache for it leaves the cache then (free_swap_and_cache / try_to_free_swap; this emulator
-  frees swap as eagerly as Linux does when swap is full, ``vm_swap_full()``).
+  frees swap as eagerly as Linux does when swap is full, ``vm_swap_full()``) - unless reclaim
+  (or migration) holds the page locked or frozen: then the page and its slot stay cached and
+  their owner frees them.
 """
 
 from __future__ import annotations
@@ -107,16 +109,33 @@ async def add_to_swap_cache(store: RedisStore, m: Machine, slot: int, lv: int,
     return _parse(raw) if text(raw) else None
 
 
-async def delete_from_swap_cache(store: RedisStore, swap: Swap, m: Machine, slot: int,
-                                 ref: PageRef, *, written: bool = False,
-                                 put: bool = True) -> bool:
-    """The page leaves the swap cache (its slot goes free if no swap pte names it); put: its
-    PG_swapcache and the cache's reference go too (reclaim does that itself, frozen)."""
-    if not int(await store.fcall("swap_cache_del", swap_key(m), slot, _ref(*ref),
-                                 1 if written else 0)):
-        return False  # someone else removed it
-    if put:
-        await swap.run(m, ref[0], [["F", ref[1], 0, int(PG.SWAPCACHE)], ["P", ref[1]]])
+async def delete_from_swap_cache(store: RedisStore, m: Machine, slot: int, ref: PageRef, *,
+                                 written: bool = False) -> bool:
+    """The page leaves the swap cache (its slot goes free if no swap pte names it); False when
+    it was not slot's cached page.  Its PG_swapcache and the cache's reference are the
+    caller's to drop (reclaim does that itself, on the frozen page)."""
+    return bool(int(await store.fcall("swap_cache_del", swap_key(m), slot, _ref(*ref),
+                                      1 if written else 0)))
+
+
+async def try_to_free_swap(store: RedisStore, swap: Swap, m: Machine, slot: int,
+                           ref: PageRef) -> bool:
+    """free_swap_and_cache's folio_free_swap for a slot no swap pte names any more: the page
+    leaves the swap cache - only with a reference (folio_try_get fails on a page reclaim froze
+    to free it) and its lock (folio_trylock fails while reclaim or migration works on it).
+    Otherwise the page stays cached, the slot with it, and its owner frees both
+    (__remove_mapping, or a later reclaim): deleting it under reclaim would put the frozen
+    page's references twice."""
+    lv, idx = ref
+    if (await swap.run(m, lv, [["pin", idx, 1]])).failed:
+        return False
+    if (await swap.run(m, lv, [["O", idx]])).failed:
+        await swap.run(m, lv, [["P", idx]])
+        return False
+    if not await delete_from_swap_cache(store, m, slot, ref):
+        await swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)], ["P", idx]])  # reused meanwhile
+        return False
+    await swap.run(m, lv, [["F", idx, 0, int(PG.SWAPCACHE | PG.LOCKED)], ["P", idx], ["P", idx]])
     return True
 
 
@@ -128,7 +147,7 @@ async def free_swap_and_cache(store: RedisStore, swap: Swap, m: Machine,
         return
     flat = await store.fcall("swap_free", swap_key(m), *slots)
     for i in range(0, len(flat), 2):
-        await delete_from_swap_cache(store, swap, m, int(flat[i]), _parse(flat[i + 1]))
+        await try_to_free_swap(store, swap, m, int(flat[i]), _parse(flat[i + 1]))
 
 
 async def copy_swap_ptes(store: RedisStore, m: Machine, parent_key: str, child_key: str,

@@ -91,7 +91,7 @@ def touched_range(addr: int, length: int) -> tuple[int, int]:
     return aligned_range(start << 12, (end - start) << 12)
 
 
-QUIESCE_SECONDS = 30.0  # Check(drain_all): how long to wait for every process to be idle
+QUIESCE_TRY_SECONDS = 2.0  # Check(drain_all): all-or-none tries before queueing in pid order
 
 
 class Kernel:
@@ -611,8 +611,9 @@ class Kernel:
             for (lv, idx), page in zip(refs, pages, strict=True):
                 # only pages this API isolated: others belong to reclaim or migration
                 if page.flags & PG.INUSE and page.has(PG.USER_ISOLATED):
-                    await self.swap.run(m, lv, [["B", idx, 0]])
-                    done += 1
+                    # re-checked in the store: a racing Putback may have put it back since
+                    res = await self.swap.run(m, lv, [["B", idx, 0, 1]])
+                    done += not res.failed
             return done
 
     async def drain(self, machine: str, all_cpus: bool) -> None:
@@ -710,13 +711,16 @@ class Kernel:
                 await self.locks.release(h)
 
     async def _quiesce(self, m: Machine, pids: list[int]) -> list[Held]:
-        """Every process's mmap_lock for write, all at once or none: a lock that is busy
-        makes this give back the ones it took and try again a little later, so that the
-        syscalls of the processes already taken are not held up behind a Check waiting for
-        the others (a convoy the fuzzer saw stall a machine for minutes)."""
-        deadline = time.monotonic() + QUIESCE_SECONDS
+        """Every process's mmap_lock for write.  First all at once or none, for up to
+        QUIESCE_TRY_SECONDS: a busy lock makes this give back the ones it took and try again
+        a little later, so the syscalls of the processes already taken are not held up
+        behind a Check waiting for the others.  On a machine too busy for that to succeed
+        (every lock taken at every try), the locks are then queued for, one after another in
+        pid order - the order every caller that takes several mmap_locks uses (KSM merge),
+        so this cannot deadlock; each wait is bounded by the holder's lease (EAGAIN)."""
+        deadline = time.monotonic() + QUIESCE_TRY_SECONDS
         attempt = 0
-        while True:
+        while time.monotonic() < deadline:
             held: list[Held] = []
             for pid in pids:
                 h = await self.locks.try_acquire(f"{keys.mm(m.mid, pid)}:mmap_lock", "w")
@@ -728,6 +732,13 @@ class Kernel:
             for h in reversed(held):
                 await self.locks.release(h)
             attempt += 1
-            if time.monotonic() > deadline:
-                raise KernelError("EAGAIN", "the machine never became quiescent (busy)")
             await asyncio.sleep(min(0.005 * attempt, 0.1))
+        held = []
+        try:
+            for pid in sorted(pids):
+                held.append(await self.locks.acquire(f"{keys.mm(m.mid, pid)}:mmap_lock", "w"))
+        except BaseException:
+            for h in reversed(held):
+                await self.locks.release(h)
+            raise
+        return held

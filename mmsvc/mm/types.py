@@ -121,6 +121,7 @@ class MachineConfig:
     munlock_hook_position: MunlockHookPosition = MunlockHookPosition.END  # §3.4.1
     stat_refresh_drains_all: bool = False  # [Hugh->Babka 11/13]: vmstat drains every CPU first
     new_anon_checks_vm_special: bool = True  # §2.9; off: VM_LOCKED alone -> mlock_new_page
+    thp_pte_holds_in_locked_vma: bool = False  # §5.2.2 [open]: on, pte maps hold a THP (S18)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from mmsvc.mm.huge_memory import HugeMemory
+from mmsvc.mm.legacy import mlock_under_ptl
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs, read_pages
 from mmsvc.mm.mm_struct import Pte, pt_install, pt_read
@@ -115,18 +116,23 @@ class Vmscan:
         async with self.rmap.locked(m, page):
             maps = await self.rmap.mappings(m, lv, idx, page)
             # §5.2.2: a pte mapping of a THP in a VM_LOCKED vma is treated as unlocked; only
-            # a pmd mapping reports VM_LOCKED (the rework's page_referenced_one, S18)
-            locked = [mp for mp in maps if mp.vma.locked
-                      and (not mp.pte.is_subpage or str(m.cfg.protocol) == "legacy")]
+            # a pmd mapping reports VM_LOCKED (the rework's page_referenced_one, S18) - unless
+            # thp_pte_holds_in_locked_vma (the [open] alternative: a pte map holds the THP)
+            holds = str(m.cfg.protocol) == "legacy" or m.cfg.thp_pte_holds_in_locked_vma
+            locked = [mp for mp in maps if mp.vma.locked and (not mp.pte.is_subpage or holds)]
             if locked and str(m.cfg.protocol) == "legacy":
                 # §9.7: page_referenced_one reports VM_LOCKED -> PAGEREF_RECLAIM; then
                 # try_to_unmap_one mlocks the page (locked by reclaim) and fails the unmap.
-                await self.swap.run(m, lv, [["Y", idx]])
+                await mlock_under_ptl(self.store, self.swap, m, lv, idx, locked[0])
                 stats.culled += 1
                 return KEEP
             if locked and m.cfg.reclaim_locked_activate:
-                # §5.2.1 page_referenced_one: "restore the mlock which got missed".
-                mp = locked[0]
+                # §5.2.1 page_referenced_one: "restore the mlock which got missed" - not
+                # through a pte mapping of a THP (never mlocked, §3.9): then the THP is only
+                # held, activated unsplit and unmlocked (thp_pte_holds_in_locked_vma)
+                mp = next((x for x in locked if not x.pte.is_subpage), None)
+                if mp is None:
+                    return ACTIVATE
                 if mlock_filter(mp.vma):
                     await self.swap.run(m, lv, [["L", idx]])
                     # Linux does this under the PTL, so a zap of that pte comes after it and
@@ -212,8 +218,7 @@ class Vmscan:
         stays, the swap ptes name it - and the last references go."""
         if (await self.swap.run(m, lv, [["R", idx, 2]])).failed:
             return False
-        await delete_from_swap_cache(self.store, self.swap, m, slot, (lv, idx), written=True,
-                                     put=False)
+        await delete_from_swap_cache(self.store, m, slot, (lv, idx), written=True)
         await self.swap.run(m, lv, [
             ["F", idx, 0, int(PG.SWAPCACHE | PG.ISOLATED | PG.LOCKED | PG.FROZEN)],
             ["P", idx], ["P", idx]])

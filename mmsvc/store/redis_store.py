@@ -37,6 +37,7 @@ READ_ONLY_FUNCTIONS = frozenset({"pc_peek", "mm_records", "pt_read", "mm_dump", 
                                  "pt_swap_read"})
 _REQUEST_IDS = (f"{uuid.uuid4().hex[:10]}.{n:x}" for n in itertools.count())
 STORE_RETRIES = 40
+POOL_WAIT_SECONDS = 30.0
 STORE_RETRY_ERRORS: list[type[Exception]] = [ConnectionError, TimeoutError, BusyLoadingError]
 
 
@@ -66,11 +67,15 @@ class RedisStore:
     """The page store.  Functions of the library are called with :meth:`fcall`."""
 
     def __init__(self, client: aioredis.Redis, url: str,
-                 cluster: RedisCluster | None = None) -> None:
+                 cluster: RedisCluster | None = None, waits: aioredis.Redis | None = None) -> None:
         # On a cluster ``client`` is the RedisCluster itself.  It is typed as a Redis because
         # the kernel uses only commands both clients share with the same signatures (single
         # key or single slot commands, non-transactional pipelines, MULTI on one slot).
         self.client = client
+        # Lock waiters block in BLPOP for up to a lease on a client of their own: however many
+        # calls queue for a contended lock, the connections that holders need to release it
+        # (and everybody else to work) are never taken by waits.
+        self.waits = waits if waits is not None else client
         self.url = url
         self.cluster = cluster
         self.before_write: Callable[[], Awaitable[None]] | None = None
@@ -86,7 +91,9 @@ class RedisStore:
         store: RedisStore
         if is_cluster_url(url):
             cluster = cluster_client(url, max_connections=max_connections)
-            store = cls(cast(aioredis.Redis, cluster), url, cluster)
+            waits = cluster_client(url, max_connections=max_connections)
+            store = cls(cast(aioredis.Redis, cluster), url, cluster,
+                        cast(aioredis.Redis, waits))
         else:
             # at start, a store that is not there (or refuses us) is an error now, not after
             # the half minute of retries that carries a running worker over a restart
@@ -95,11 +102,8 @@ class RedisStore:
                 await probe.ping()
             finally:
                 await probe.aclose()
-            client = aioredis.Redis.from_url(
-                url, decode_responses=False, max_connections=max_connections,
-                retry=store_retry(), retry_on_error=list(STORE_RETRY_ERRORS),
-            )
-            store = cls(client, url)
+            store = cls(single_client(url, max_connections), url,
+                        waits=single_client(url, max_connections))
         try:
             if store.cluster is None:
                 await store._refuse_cluster_node()
@@ -178,8 +182,30 @@ class RedisStore:
             async for key in self.client.scan_iter(match=match, count=count):
                 yield key
 
+    async def wait_list(self, key: str, timeout: float) -> list[bytes] | None:
+        """BLPOP key (a lock waiter's private list): [key, value], or None after timeout s."""
+        popped = await self.waits.blpop([key], timeout=timeout)
+        return cast("list[bytes] | None", popped)
+
     async def close(self) -> None:
-        await self.client.aclose()
+        try:
+            if self.waits is not self.client:
+                await self.waits.aclose()
+        finally:
+            await self.client.aclose()
+
+
+def single_client(url: str, max_connections: int) -> aioredis.Redis:
+    """A client of one Redis server whose callers, when all max_connections are busy, wait
+    up to POOL_WAIT_SECONDS for one (redis-py's default pool fails them at once, and outside
+    its retry: a burst of calls would fail with "Too many connections")."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_WAIT_SECONDS,
+        decode_responses=False, retry=store_retry(), retry_on_error=list(STORE_RETRY_ERRORS),
+    )
+    client = aioredis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # aclose() closes the pool too
+    return client
 
 
 def text(value: bytes | str) -> str:

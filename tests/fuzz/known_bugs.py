@@ -45,84 +45,27 @@ class KnownBug:
 
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
-        key="process-stall",
-        summary="every call on one process of a small fuzz machine (4096 or 8192 frames, "
-                "swap) runs past 30 s: its mmap_lock was held for minutes (lock_stat "
-                "hold_max 242 s, wait_max 237 s, evictions), and waiters then drain the store "
-                "client's connection pool (Check: UNAVAILABLE).  Seen in about 1 fuzz run in 3 "
-                "during session 3 (first in a run before swap was used), never in a "
-                "sequential replay; not diagnosed: the next session's first task "
-                "(docs/status.md)",
+        key="long-call",
+        summary="a call on one process of the 2-node THP + swap machine (fuzz-numa) runs past "
+                "30 s, and the calls queued behind its mmap_lock with it (seen once in 4 runs "
+                "of session 4, starting with an Mlockall(MCL_CURRENT): populate faulting and "
+                "swapping up to 64k pages on a busy 2-core machine may simply take that long). "
+                "Not the lock-queue stall of session 3 (docs/concurrency.md finding 17): lock "
+                "leases are renewed and expired holders hand the lock on now",
         regression="",
         category="hang",
-    ),
-    KnownBug(
-        key="process-stall-store",
-        summary="the Check after a process-stall (see above) finds the store client's pool "
-                "exhausted: UNAVAILABLE page store unavailable",
-        regression="",
-        category="check",
-        method="Check",
-        detail="page store unavailable",
-    ),
-    KnownBug(
-        key="process-stall-check",
-        summary="the Check (drain_all) of a machine with a stalled process (see process-stall) "
-                "gives up: ABORTED the machine never became quiescent",
-        regression="",
-        category="check",
-        method="Check",
-        detail="never became quiescent",
-    ),
-    KnownBug(
-        key="swap-refcount-underflow",
-        summary="INTERNAL 'refcount underflow' from mm_pages in Madvise or Fault on the THP "
-                "machine with swap (a swap-in racing MADV_PAGEOUT/reclaim: mmsvc/mm/swapfile.py, "
-                "memory.py do_swap_page, vmscan.py); seen in 3 of some 8 runs",
-        regression="",
-        category="INTERNAL",
-        log_signature="refcount underflow",
-    ),
-    KnownBug(
-        key="swap-cache-leak",
-        summary="the same race's page left with PG_swapcache outside the swap cache and one "
-                "reference too many (checker S2 + A6 on the THP machine with swap)",
-        regression="",
-        category="check",
-        method="Check",
-        detail="PG_swapcache but not in the swap cache",
     ),
     KnownBug(
         key="a6-mapcount-race",
         summary="A6 violations (mapcount N != N-1 ptes, refcount one too high) on the 2-node "
                 "THP machine with swap and mlock batches of 4: a page keeps a mapping whose "
-                "pte is gone; seen in 4 of some 15 runs (also with the kernel of commit "
-                "986b5e3 alone), never in a sequential replay of the trace (a race in the "
-                "page-table / rmap paths of mmsvc/mm)",
+                "pte is gone; seen in 4 of some 15 runs in session 3, not since the lock "
+                "lease fixes of session 4 (finding 17: two holders of one mmap_lock could "
+                "run at once after a lease ran out), never in a sequential replay",
         regression="",
         category="check",
         method="Check",
         detail="violations: A6 page",
-    ),
-    KnownBug(
-        key="legacy-q4-race",
-        summary="Q4 violations (PG_mlocked with no VM_LOCKED mapping) on the legacy-protocol "
-                "machine after a fuzz run, seen once (also with the kernel of commit 986b5e3 "
-                "alone): a race of the legacy munlock paths (mmsvc/mm/legacy.py)",
-        regression="",
-        category="check",
-        method="Check",
-        detail="PG_mlocked with no VM_LOCKED mapping",
-    ),
-    KnownBug(
-        key="freed-page-program",
-        summary="a page program acts on a freed page: ResponseError 'page N of {m:lv} is "
-                "free' from mm_pages (INTERNAL on Exit; seen once, a race in mmsvc/mm).  The "
-                "mlock/munlock walks' variant of it is fixed (docs/concurrency.md finding 16); "
-                "the Exit one is not reproduced yet",
-        regression="",
-        category="INTERNAL",
-        log_signature="is free script: mm_pages",
     ),
 )
 

@@ -9,6 +9,8 @@ server alive and the checker green on every machine.  Server faults already know
 elsewhere (known_bugs.py) make the test xfail instead.
 
     MMSVC_FUZZ_REQUESTS=100000 MMSVC_FUZZ_SEED=7 python -m pytest tests/fuzz/test_fuzz.py
+
+``MMSVC_FUZZ_SERVER_LOG=PATH`` keeps the server's log (tracebacks of server faults).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ SEED = int(os.environ.get("MMSVC_FUZZ_SEED", "1"))
 @pytest.mark.timeout(1800)
 async def test_fuzz_a_real_server(redis_url: str) -> None:
     out = io.StringIO()
-    cfg = FuzzConfig(requests=REQUESTS, redis_url=redis_url, seed=SEED, progress=False, out=out)
+    cfg = FuzzConfig(requests=REQUESTS, redis_url=redis_url, seed=SEED, progress=False, out=out,
+                     server_log=os.environ.get("MMSVC_FUZZ_SERVER_LOG"))
     report = await run_fuzz(cfg)
     print_report(report, out)
     text = out.getvalue()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from mmsvc.mm.types import MLOCK_ONFAULT
 from tests.protocol.world import World, sub
 
@@ -133,3 +135,121 @@ def test_exit_storm_costs_legacy_vs_rework(run: Any) -> None:
     assert rework_reads == 0 and rework["mlocked"] == 16 and rework["munlocked"] == 16
     # all but the last exiting process re-mlock each page: 16 + 2 * 16
     assert legacy_reads == 32 and legacy["mlocked"] == 48 and legacy["munlocked"] == 16
+
+
+def test_legacy_page_mlock_racing_the_munlock_of_the_vma_it_found_locked(
+        run: Any, monkeypatch: Any) -> None:
+    """page_mlock (p1's munlock, §9.5) finds p2's vma VM_LOCKED; before it re-mlocks the page,
+    p2 munlocks that vma (VM_LOCKED cleared, then its walk: §9.4).  Linux serializes the two
+    under the PTL, so the page ends munlocked whichever comes first; here the re-mlock comes
+    after p2's walk passed the page unless page_mlock rechecks the vma and pte after it.
+    Before the fix: Q4, PG_mlocked with no VM_LOCKED mapping (the fuzzer's legacy-q4-race)."""
+    from mmsvc.mm.rmap import Rmap
+
+    async def s(w: World) -> None:
+        await w.file("f", 1, prefill=True)
+        p1, p2 = await w.proc(), await w.proc()
+        for p in (p1, p2):
+            await w.mmap(p, "m", 1, file="f", shared=True)
+            await w.mlock(p, "m")
+            await w.drain()
+        original = Rmap.mappings
+        raced: list[bool] = []
+
+        async def then_munlock_p2(self: Rmap, *args: Any, **kw: Any) -> Any:
+            found = await original(self, *args, **kw)
+            if not raced:
+                raced.append(True)
+                await w.munlock(p2, "m", cpu=1)
+            return found
+
+        monkeypatch.setattr(Rmap, "mappings", then_munlock_p2)
+        await w.munlock(p1, "m")
+        assert raced
+        await w.drain_all()
+        page = (await w.pages(p2, "m"))[0]
+        assert not page.mlocked
+        assert (await w.delta())["nr_mlock"] == 0
+
+    run(s, **LEGACY)
+
+
+@pytest.mark.parametrize("walk", ["mlock", "munlock"])
+def test_legacy_walks_skip_a_page_migrated_after_its_pte_was_read(
+        run: Any, monkeypatch: Any, walk: str) -> None:
+    """FOLL_MLOCK (§9.3.2) and munlock_vma_pages_range (§9.4) take each page with a
+    reference under the PTL; here the walk read the ptes first, so a migration (driven
+    through another process's mapping) may free the page before the walk's mlock_vma_page
+    or phase 1.  The old page must be skipped, not touched: before the fix an INTERNAL "page
+    N is free" from mm_pages (the fuzzer's freed-page-program, on Mlock and Exit)."""
+    import mmsvc.mm.legacy as legacy
+
+    async def s(w: World) -> None:
+        await w.file("f", 1, prefill=True)
+        p1, p2 = await w.proc(), await w.proc()
+        for p in (p1, p2):
+            await w.mmap(p, "m", 1, file="f", shared=True)
+            await w.touch(p, "m", write=False)
+        if walk == "munlock":
+            await w.mlock(p1, "m")
+        await w.drain()
+        pt_walk = legacy.pt_walk
+        moved: list[Any] = []
+
+        async def walk_then_migrate(*args: Any, **kw: Any) -> Any:
+            async for ptes in pt_walk(*args, **kw):
+                if not moved:
+                    moved.append(await w.on(1).migrate(w.mid, p2, *w.rng(p2, "m"), 1))
+                yield ptes
+
+        monkeypatch.setattr(legacy, "pt_walk", walk_then_migrate)
+        if walk == "mlock":
+            await w.mlock(p1, "m")
+        else:
+            await w.munlock(p1, "m")
+        assert moved and moved[0].migrated == 1
+        await w.drain_all()
+        page = (await w.pages(p1, "m"))[0]
+        # remove_migration_pte mlocks the new page in a VM_LOCKED vma (§9.3.5): after the
+        # munlock cleared VM_LOCKED there is none
+        assert (page.node, page.mlocked) == (1, walk == "mlock")
+
+    run(s, nodes=2, **LEGACY)
+
+
+def test_legacy_migration_restore_racing_the_munlock_of_its_vma(
+        run: Any, monkeypatch: Any) -> None:
+    """Legacy remove_migration_pte mlocks the new page for a VM_LOCKED vma (§9.3.5); p1's
+    munlock clears VM_LOCKED and walks past the migration entry in between.  Linux checks
+    VM_LOCKED under the PTL; here the restore read the vma first, so it rechecks after the
+    mlock and undoes it: before the fix the new page stayed PG_mlocked with no locked
+    mapping (Q4 on the fuzzer's legacy machine)."""
+    from mmsvc.mm.migrate import Migrate
+
+    async def s(w: World) -> None:
+        await w.file("f", 1, prefill=True)
+        p1, p2 = await w.proc(), await w.proc()
+        for p in (p1, p2):
+            await w.mmap(p, "m", 1, file="f", shared=True)
+            await w.touch(p, "m", write=False)
+        await w.mlock(p1, "m")
+        await w.drain()
+        vma_now = Migrate._vma_now
+        raced: list[bool] = []
+
+        async def stale_then_munlock(self: Migrate, m: Any, mp: Any) -> Any:
+            vma = await vma_now(self, m, mp)
+            if vma.locked and not raced:
+                raced.append(True)
+                await w.munlock(p1, "m", cpu=1)
+            return vma
+
+        monkeypatch.setattr(Migrate, "_vma_now", stale_then_munlock)
+        res = await w.kernel.migrate(w.mid, p2, *w.rng(p2, "m"), 1)
+        assert raced and res.migrated == 1
+        await w.drain_all()
+        page = (await w.pages(p1, "m"))[0]
+        assert (page.node, page.mlocked) == (1, False)
+        assert (await w.delta())["nr_mlock"] == 0
+
+    run(s, nodes=2, **LEGACY)

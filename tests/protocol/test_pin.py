@@ -155,3 +155,65 @@ def test_read_pin_of_untouched_anonymous_memory_pins_nothing(run: Any) -> None:
         await w.kernel.unpin(w.mid, p, pin.pin_id)
 
     run(s)
+
+
+def test_munlock_racing_a_failed_migration_is_the_known_gap_x3(run: Any,
+                                                               monkeypatch: Any) -> None:
+    """Spec §8.3 row 14 (X3): p2's munlock stores its vma's flags without VM_LOCKED; then a
+    migration replaces p2's pte of a shared file page by a migration entry (the vma is not
+    locked any more: no munlock); p2's munlock walk finds no present pte there; the migration
+    fails (a pin) and restores the pte into the unlocked vma without an mlock.  The page keeps
+    PG_mlocked with no locked mapping, as on Linux: the checker reports it as the known
+    exception X3, not as a Q4 violation; the page is cleared when freed."""
+    import asyncio
+
+    from mmsvc.mm.migrate import Migrate
+    from mmsvc.mm.mlock import Mlock
+
+    async def s(w: World) -> None:
+        await w.file("f", 1, prefill=True)
+        p1, p2 = await w.proc(), await w.proc()
+        for p in (p1, p2):
+            await w.mmap(p, "m", 1, file="f", shared=True)
+        await w.touch(p1, "m", write=False)
+        await w.mlock(p2, "m")
+        await w.drain()
+        pin = await w.kernel.pin(w.mid, p1, *w.rng(p1, "m"), False)
+        unmap, walk = Migrate._unmap, Mlock.walk_vma
+        unmapped, walked = asyncio.Event(), asyncio.Event()
+
+        async def unmap_then_wait(self: Migrate, *args: Any, **kw: Any) -> Any:
+            done = await unmap(self, *args, **kw)
+            unmapped.set()
+            await walked.wait()  # the restore comes after p2's walk
+            return done
+
+        migration: list[Any] = []
+
+        async def migrate_under_the_walk(self: Mlock, *args: Any, **kw: Any) -> None:
+            if not migration:
+                migration.append(asyncio.ensure_future(
+                    w.on(1).migrate(w.mid, p1, *w.rng(p1, "m"), 1)))
+                await unmapped.wait()
+            await walk(self, *args, **kw)
+            walked.set()
+
+        monkeypatch.setattr(Migrate, "_unmap", unmap_then_wait)
+        monkeypatch.setattr(Mlock, "walk_vma", migrate_under_the_walk)
+        await w.munlock(p2, "m")
+        res = await migration[0]
+        assert (res.migrated, res.failed) == (0, 1)
+        [page] = await w.pages(p2, "m")
+        assert page.present and page.mlocked and not page.vma_locked  # X3
+        await w.drain_all()
+        report = await w.kernel.check(w.mid, True)
+        assert report.ok, report.violations
+        assert report.known_exceptions.get("X3") == 1
+        await w.kernel.unpin(w.mid, p1, pin.pin_id)
+        for p in (p1, p2):
+            await w.kernel.exit(w.mid, p)
+        await w.kernel.truncate(w.mid, "f", 0)
+        await w.drain_all()
+        assert (await w.kernel.vmstat(w.mid))["nr_mlock"] == 0  # cleared at free (§6)
+
+    run(s, nodes=2)

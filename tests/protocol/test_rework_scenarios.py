@@ -561,3 +561,37 @@ def test_s31_a_batch_left_on_another_cpu_waits_for_drain_all(run: Any) -> None:
         assert (await w.delta())["nr_unev"] == 4
 
     run(s)
+
+
+def test_two_putbacks_of_one_shared_page_put_it_back_once(run: Any, monkeypatch: Any) -> None:
+    """The Putback API reads which pages it isolated, then puts them back: a racing Putback
+    through another mapping of the same page may have put it back in between.  The second
+    must find it on the LRU already and do nothing (before the fix: INTERNAL "lru_cache_add
+    of a page already on the LRU", seen by the fuzzer)."""
+    import mmsvc.mm.syscalls as syscalls
+
+    async def s(w: World) -> None:
+        await w.file("f", 1, prefill=True)
+        p1, p2 = await w.proc(), await w.proc()
+        for p in (p1, p2):
+            await w.mmap(p, "m", 1, file="f", shared=True)
+            await w.touch(p, "m", write=False)
+        await w.drain()
+        assert await w.kernel.isolate(w.mid, p1, *w.rng(p1, "m")) == 1
+        read_pages = syscalls.read_pages
+        other: list[int] = []
+        raced: list[bool] = []
+
+        async def read_then_race(*args: Any, **kw: Any) -> Any:
+            pages = await read_pages(*args, **kw)
+            if not raced:
+                raced.append(True)
+                other.append(await w.on(1).putback(w.mid, p2, *w.rng(p2, "m")))
+            return pages
+
+        monkeypatch.setattr(syscalls, "read_pages", read_then_race)
+        assert await w.kernel.putback(w.mid, p1, *w.rng(p1, "m")) == 0
+        assert other == [1]
+        await w.drain_all()
+
+    run(s)

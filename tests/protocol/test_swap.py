@@ -203,3 +203,75 @@ def test_checker_reports_a_slot_count_that_disagrees_with_the_swap_ptes(run: Any
         await w.store.client.hincrby(key, "1", -1)
 
     run(s, swap_pages=8)
+
+
+def test_a_swap_pte_zapped_while_reclaim_frees_its_cache_page(run: Any,
+                                                              monkeypatch: Any) -> None:
+    """free_swap_and_cache racing __remove_mapping: the last swap pte of a slot goes (here
+    MADV_DONTNEED in a fork child) after reclaim froze the slot's swap cache page and before
+    it deleted it from the swap cache.  Linux's free_swap_and_cache takes a reference
+    (folio_try_get fails on the frozen folio) and trylocks the folio before it frees the
+    cache page: reclaim owns it and frees it with the slot.  Before the fix the zap deleted
+    and put the frozen page too: "refcount underflow" (the fuzzer's swap race)."""
+    import mmsvc.mm.vmscan as vmscan
+
+    async def s(w: World) -> None:
+        p = await anon(w, 1)
+        c = await w.kernel.fork(w.mid, p)
+        w.maps[(c, "m")] = w.maps[(p, "m")]
+        assert (await w.kernel.reclaim(w.mid, None, None, 32)).reclaimed == 1
+        await w.touch(p, "m", write=False)  # swapped in: in the swap cache, the child's pte
+        addr, pages = w.maps[(p, "m")]
+        await w.kernel.madvise(w.mid, p, addr, pages * 4096, Advice.MADV_DONTNEED)
+        await w.drain()
+        assert await slots(w) == (1, {1: 1}, 1)  # only the swap cache holds the page now
+        original = vmscan.delete_from_swap_cache
+        zapped: list[bool] = []
+
+        async def zap_first(*args: Any, **kw: Any) -> bool:
+            if kw.get("written") and not zapped:
+                zapped.append(True)
+                await w.kernel.madvise(w.mid, c, addr, pages * 4096, Advice.MADV_DONTNEED)
+            return await original(*args, **kw)
+
+        monkeypatch.setattr(vmscan, "delete_from_swap_cache", zap_first)
+        res = await w.kernel.reclaim(w.mid, None, None, 32)
+        assert zapped and res.reclaimed == 1
+        assert await slots(w) == (0, {}, 0)
+        report = await w.kernel.check(w.mid, True)
+        assert report.ok, report.violations
+
+    run(s, swap_pages=64)
+
+
+def test_two_swap_ins_of_one_shared_slot_read_it_in_once(run: Any, monkeypatch: Any) -> None:
+    """A fork parent and child fault on the same swap slot at once: both find it out of the
+    swap cache and read it into a new page; the second to add its page to the swap cache
+    finds the first's there (EEXIST in __read_swap_cache_async), frees its own page and
+    retries with the cached one.  Before the fix the loser put its new page twice:
+    INTERNAL "refcount underflow" (the fuzzer's swap race on Fault, Mlockall, Madvise)."""
+    import mmsvc.mm.memory as memory
+
+    async def s(w: World) -> None:
+        p = await anon(w, 1)
+        c = await w.kernel.fork(w.mid, p)
+        w.maps[(c, "m")] = w.maps[(p, "m")]
+        assert (await w.kernel.reclaim(w.mid, None, None, 32)).reclaimed == 1
+        add = memory.add_to_swap_cache
+        raced: list[bool] = []
+
+        async def child_first(*args: Any, **kw: Any) -> Any:
+            if not raced:
+                raced.append(True)
+                await w.touch(c, "m", write=False)  # the child reads the slot in first
+            return await add(*args, **kw)
+
+        monkeypatch.setattr(memory, "add_to_swap_cache", child_first)
+        await w.touch(p, "m", write=False)
+        assert raced
+        pp, cp = (await w.pages(p, "m"))[0], (await w.pages(c, "m"))[0]
+        assert (pp.pfn, pp.mapcount) == (cp.pfn, 2)  # one page, read in once
+        assert (await w.kernel.vmstat(w.mid))["pswpin"] == 1
+        assert await slots(w) == (0, {}, 0)
+
+    run(s, swap_pages=64)

@@ -126,3 +126,25 @@ def test_reclaim_keeps_a_pmd_mapped_thp_and_splits_a_pte_mapped_one(run: Any) ->
         assert (await w.kernel.check(w.mid, True)).ok
 
     run(s, **SWAP)
+
+
+def test_thp_pte_holds_in_locked_vma_keeps_the_thp_whole(run: Any) -> None:
+    """§10.1 ``thp_pte_holds_in_locked_vma`` (§5.2.2 [open]: "whether a pte-mapped subpage
+    should hold the whole THP"): on, the pte mappings of the S18 THP in its VM_LOCKED vmas
+    report VM_LOCKED, so reclaim activates it unsplit - and does not mlock it, a pte mapping
+    of a THP is never counted (§3.9).  The default (off) splits it: the test above."""
+    async def s(w: World) -> None:
+        p = await pte_mapped_locked_thp(w)
+        base = await w.delta()
+        res = await w.kernel.reclaim(w.mid, None, None, 32)
+        await w.drain()
+        d = await w.delta()
+        assert (res.reclaimed, res.culled) == (0, 0)
+        assert sub(d, mlocked=0, munlocked=0, culled=0, nr_mlock=0, nr_unev=0) == sub(
+            base, mlocked=0, munlocked=0, culled=0, nr_mlock=0, nr_unev=0)
+        pages = await w.pages(p, "m")
+        assert len({pg.pfn for pg in pages}) == 1  # still one THP
+        assert not any(pg.mlocked for pg in pages)
+        assert (await w.kernel.vmstat(w.mid))["pswpout"] == 0
+
+    run(s, **SWAP, thp_pte_holds_in_locked_vma=True)

@@ -73,16 +73,6 @@ local function pt_read_range(M, v0, v1, account, max)
   return out, resume
 end
 
-local function lk_purge(L, now)
-  local expired = redis.call('ZRANGEBYSCORE', L .. ':h', '-inf', now)
-  if #expired > 0 then
-    redis.call('ZREM', L .. ':h', unpack(expired))
-    redis.call('HDEL', L .. ':hc', unpack(expired))
-    redis.call('HINCRBY', L .. ':st', 'expired', #expired)
-    if redis.call('ZCARD', L .. ':h') == 0 then redis.call('HSET', L, 'mode', '') end
-  end
-end
-
 local function lk_mode(L)
   local m = redis.call('HGET', L, 'mode')
   if not m or redis.call('ZCARD', L .. ':h') == 0 then return '' end
@@ -150,12 +140,28 @@ local function lk_wake(L, now, lease_ms)
   end
 end
 
+-- Evict the holders of L whose lease ran out (a dead or vanished holder: a worker that died, a
+-- call whose release never reached the store) and hand the lock to the waiters queued behind
+-- them: without the wake, a queue behind an expired holder would wait for a release that
+-- never comes, and every later acquirer would queue behind it (the fuzzer's process stall).
+local DEFAULT_LEASE_MS = 30000
+local function lk_purge(L, now, lease_ms)
+  local expired = redis.call('ZRANGEBYSCORE', L .. ':h', '-inf', now)
+  if #expired > 0 then
+    redis.call('ZREM', L .. ':h', unpack(expired))
+    redis.call('HDEL', L .. ':hc', unpack(expired))
+    redis.call('HINCRBY', L .. ':st', 'expired', #expired)
+    if redis.call('ZCARD', L .. ':h') == 0 then redis.call('HSET', L, 'mode', '') end
+    lk_wake(L, now, lease_ms or DEFAULT_LEASE_MS)
+  end
+end
+
 -- lk_acquire(L; mode, cpu, wid, lease_ms[, try]) -> {1, tok, bounce} granted | {0} queued as
 -- wid | {-1} busy (try: trylock, nothing queued)
 register_once('lk_acquire', function(keys, args)
   local L, mode, cpu, wid, lease_ms = keys[1], args[1], tonumber(args[2]), args[3], tonumber(args[4])
   local now = now_ms()
-  lk_purge(L, now)
+  lk_purge(L, now, lease_ms)
   if lk_free_for(L, mode) then
     local tok, bounce = lk_grant(L, mode, cpu, lease_ms, now)
     return {1, tok, bounce}
@@ -204,7 +210,7 @@ local function lk_release_impl(L, a)
   local removed = redis.call('ZREM', L .. ':h', a[1])
   redis.call('HDEL', L .. ':hc', a[1])
   local now = now_ms()
-  lk_purge(L, now)
+  lk_purge(L, now, tonumber(a[6]))
   if removed == 1 then
     -- a[7]: statistics of a lock class kept per family (page locks: per lruvec)
     lk_stat(a[7] or L, tonumber(a[2]), tonumber(a[3]), tonumber(a[4]), tonumber(a[5]))
@@ -278,6 +284,16 @@ redis.register_function{function_name = 'cpu_live', flags = {'no-writes'},
     return redis.call('ZRANGEBYSCORE', keys[1], now_ms(), '+inf')
   end}
 
+-- lk_renew(L; tok, lease_ms) -> 1, or 0 when tok no longer holds L (released, evicted, or
+-- purged after its lease ran out): a long holder extends its lease, so that only a holder
+-- that died (or stopped) loses the lock to lease expiry.
+register_once('lk_renew', function(keys, args)
+  local L = keys[1]
+  if redis.call('ZSCORE', L .. ':h', args[1]) == false then return 0 end
+  redis.call('ZADD', L .. ':h', 'XX', now_ms() + tonumber(args[2]), args[1])
+  return 1
+end)
+
 -- lk_release(L; tok, contended, bounce, wait_us, hold_us, lease_ms[, stats])
 register_once('lk_release', function(keys, args)
   return lk_release_impl(keys[1], args)
@@ -343,7 +359,7 @@ register_once('mm_enter', function(keys, args)
   local L = M .. ':mmap_lock'
   local mode, cpu, wid, lease_ms = args[1], tonumber(args[2]), args[3], tonumber(args[4])
   local now = now_ms()
-  lk_purge(L, now)
+  lk_purge(L, now, lease_ms)
   if not lk_free_for(L, mode) then
     redis.call('RPUSH', L .. ':q', wid .. '|' .. mode .. '|' .. cpu)
     return {0}

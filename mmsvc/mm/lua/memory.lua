@@ -246,6 +246,11 @@ local function mm_pages_body(keys, args)
         isolated[#isolated + 1] = idx
         n = n + 1
       end
+    elseif c == 'B' and op[4] == 1 and not (pg(ix(op[2]), true) ~= nil
+                                          and has(pg(ix(op[2])), PG_USER_ISOLATED)) then
+      -- {"B", idx, active, 1}: the Putback API's putback, only of a page the Isolate API
+      -- isolated and nobody put back since (a racing Putback of the same page): else `failed`
+      failed[#failed + 1] = ix(op[2])
     elseif c == 'B' then
       -- putback_lru_page (§2.1.2): lru_cache_add, then drop the isolation reference.
       local idx = ix(op[2])
@@ -278,6 +283,10 @@ local function mm_pages_body(keys, args)
         meta_add('nr_mlock', nr_pages(p)); ev('unevictable_pgs_mlocked', nr_pages(p))
       end
       dirty(ix(op[2]))
+    elseif c == 'Y' and op[3] ~= nil and not walk_target(ix(op[2]), op[3], op[4]) then
+      -- {"Y", idx, index, mapping}: legacy FOLL_MLOCK populate's page read from a pte, freed
+      -- or reused since (see 'L' below): skipped
+      failed[#failed + 1] = ix(op[2])
     elseif c == 'Y' then
       -- legacy mlock_vma_page (§9.2), page locked by the caller: if the test-and-set wins,
       -- count, then isolate and put back (lru-add culls it).
@@ -294,6 +303,10 @@ local function mm_pages_body(keys, args)
           lab_add(idx)  -- putback_lru_page: the isolation ref becomes the entry's
         end
       end
+    elseif c == 'W' and op[3] ~= nil and not walk_target(ix(op[2]), op[3], op[4]) then
+      -- {"W", idx, index, mapping}: the legacy munlock walk's page, freed or reused since its
+      -- pte was read (follow_page takes it with a reference under the PTL): skipped
+      failed[#failed + 1] = ix(op[2])
     elseif c == 'W' then
       -- legacy munlock_vma_pages_range phase 1 (§9.4.4), under the lruvec lock.
       local idx = ix(op[2])
@@ -302,6 +315,7 @@ local function mm_pages_body(keys, args)
       if not held then reason = 'lru_locked'; done = k - 1; break end
       dirty(idx)
       if test_clear(p, PG_MLOCKED) then
+        clr(p, PG_RESTORED_MLOCKED)
         meta_add('nr_mlock', -nr_pages(p))
         if has(p, PG_LRU) then
           clr(p, PG_LRU)
@@ -338,7 +352,7 @@ local function mm_pages_body(keys, args)
       if p.mapcount == 0 and has(p, PG_MLOCKED) then
         if has(p, PG_LRU) and not held then held = ilock_enter(T .. ':lock', cpu) end
         if has(p, PG_LRU) and not held then reason = 'lru_locked'; done = k - 1; break end
-        clr(p, PG_MLOCKED)
+        clr(p, bor(PG_MLOCKED, PG_RESTORED_MLOCKED))
         dirty(idx)
         meta_add('nr_mlock', -nr_pages(p)); ev('unevictable_pgs_cleared', nr_pages(p))
         if has(p, PG_LRU) then
@@ -701,9 +715,9 @@ register_once('fault_fast', function(keys, args)
   end
   local L = M .. ':mmap_lock'
   local now = now_ms()
-  lk_purge(L, now)
-  if not lk_free_for(L, args[1]) then return {'miss'} end
   local lease_ms = tonumber(args[3])
+  lk_purge(L, now, lease_ms)
+  if not lk_free_for(L, args[1]) then return {'miss'} end
   local tok, bounce = lk_grant(L, args[1], tonumber(args[2]), lease_ms, now)
   local raw = mm_pages_body({T}, {args[6], args[7]})
   local res = cjson.decode(raw)

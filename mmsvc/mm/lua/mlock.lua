@@ -119,6 +119,7 @@ local function munlock_page_batched(idx, cpu)
   if test_clear(p, PG_MLOCKED) then
     meta_add('nr_mlock', -n)
     clr(p, PG_RESIDUE)
+    clr(p, PG_RESTORED_MLOCKED)
     mark_residue(idx, cpu)
     if isolated or not has(p, PG_UNEVICTABLE) then
       ev('unevictable_pgs_munlocked', n)
