@@ -175,6 +175,16 @@ async def save(store: RedisStore, mm: MmState) -> None:
     mm.info_changes.clear()
 
 
+async def vma_at(store: RedisStore, mm_key: str, vpn: int) -> Vma | None:
+    """The VMA covering vpn as last stored (an rmap walker's view of vm_flags, read without
+    the mmap_lock), or None."""
+    for raw in (await store.client.hgetall(f"{mm_key}:vma")).values():
+        vma = Vma.from_json(raw)
+        if vma.start <= vpn < vma.end:
+            return vma
+    return None
+
+
 async def pt_read(store: RedisStore, mm_key: str, start: int, end: int, *,
                   walk: bool = False) -> dict[int, Pte]:
     """Present ptes of [start, end); walk=True for kernel walks that hold each page table's

@@ -25,7 +25,7 @@ from mmsvc.mm.huge_memory import HugeMemory
 from mmsvc.mm.legacy import mlock_under_ptl
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs, read_pages
-from mmsvc.mm.mm_struct import Pte, pt_install, pt_read
+from mmsvc.mm.mm_struct import Pte, pt_install, pt_read, vma_at
 from mmsvc.mm.page import LRU, PG, Page
 from mmsvc.mm.rmap import Mapping, Rmap, mlock_filter, pte_unmap_ops
 from mmsvc.mm.swap import Op, Swap
@@ -135,12 +135,16 @@ class Vmscan:
                     return ACTIVATE
                 if mlock_filter(mp.vma):
                     await self.swap.run(m, lv, [["L", idx]])
-                    # Linux does this under the PTL, so a zap of that pte comes after it and
-                    # munlocks it. Here the zap may have slipped in between our walk and the
-                    # mlock: then munlock it ourselves, in the order Linux would have.
+                    # Linux does this under the PTL, so a zap of that pte - or a munlock of
+                    # the vma, which clears VM_LOCKED first and then walks the ptes under
+                    # the same PTL - comes after it and munlocks it.  Here either may have
+                    # slipped in between our walk and the mlock: then munlock it ourselves,
+                    # in the order Linux would have.
                     now = await pt_read(self.store, mp.mm_key, mp.pte.vpn, mp.pte.vpn + 1)
                     cur = now.get(mp.pte.vpn)
-                    if cur is None or (cur.lv, cur.idx) != (lv, idx):
+                    vma = await vma_at(self.store, mp.mm_key, mp.pte.vpn)
+                    if (cur is None or (cur.lv, cur.idx) != (lv, idx) or vma is None
+                            or not vma.locked):
                         await self.swap.run(m, lv, [["K", idx]])
                 stats.culled += 1
                 return ACTIVATE

@@ -275,3 +275,38 @@ def test_two_swap_ins_of_one_shared_slot_read_it_in_once(run: Any, monkeypatch: 
         assert await slots(w) == (0, {}, 0)
 
     run(s, swap_pages=64)
+
+
+def test_reclaims_restored_mlock_racing_a_munlock_of_the_vma(run: Any, monkeypatch: Any) -> None:
+    """§5.2.1: reclaim's walk finds a missed mlock (VM_LOCKED vma, page not mlocked) and
+    restores it; the vma's munlock clears VM_LOCKED and walks its ptes in between (Linux
+    serializes the two under the PTL, so the page ends munlocked either way).  Reclaim
+    rechecks the vma after its mlock and munlocks in the munlock's place: before the fix
+    the page stayed PG_mlocked with no locked mapping (Q4 on the fuzzer's rework machine)."""
+    from mmsvc.mm.rmap import Rmap
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await w.mmap(p, "l", 1)
+        await w.touch(p, "l")
+        await w.drain()
+        await miss_mlock(w, p, "l")
+        mappings = Rmap.mappings
+        raced: list[bool] = []
+
+        async def then_munlock(self: Rmap, *args: Any, **kw: Any) -> Any:
+            found = await mappings(self, *args, **kw)
+            if not raced:
+                raced.append(True)
+                await w.munlock(p, "l", cpu=1)
+            return found
+
+        monkeypatch.setattr(Rmap, "mappings", then_munlock)
+        await w.kernel.reclaim(w.mid, None, None, 32)
+        assert raced
+        await w.drain_all()
+        [page] = await w.pages(p, "l")
+        assert page.present and not page.mlocked and not page.vma_locked
+        assert (await w.delta())["nr_mlock"] == 0
+
+    run(s, swap_pages=64)
