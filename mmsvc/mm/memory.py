@@ -320,8 +320,9 @@ class Faults:
         wp_reuse: list[Pte] = []
         cow_old: list[tuple[int, int]] = []
         new_count = 0
-        to_check = [p for vpn, p in ptes.items() if write and not p.bits & PTEBit.WRITE
-                    and not p.bits & PTEBit.ZERO and not p.is_pmd]
+        wr, zero = int(PTEBit.WRITE), int(PTEBit.ZERO)  # ints: IntFlag ops per pte are slow
+        to_check = [p for vpn, p in ptes.items() if write and not p.bits & wr
+                    and not p.bits & zero and not p.is_pmd]
         records = dict(zip(
             [p.vpn for p in to_check],
             await read_pages(self.store, m, [(p.lv, p.idx) for p in to_check]),
@@ -334,14 +335,14 @@ class Faults:
             begin = progs.mark()
             if cur is not None and not write:
                 continue
-            if cur is not None and (cur.bits & PTEBit.WRITE or cur.is_pmd):
+            if cur is not None and (cur.bits & wr or cur.is_pmd):
                 continue
             if cur is None and not write:
                 # Read fault on private anon: the shared zero page (no struct page work).
                 installs.append((vpn, None, int(PTEBit.PRESENT | PTEBit.ZERO)))
                 spans.append((begin, begin))
                 continue
-            if cur is not None and not cur.bits & PTEBit.ZERO:
+            if cur is not None and not cur.bits & zero:
                 page = records[vpn]
                 # a KSM page is never reused: do_wp_page copies it (mm/ksm.py, COW break)
                 if (page.mapcount == 1 and page.refcount == 1 and page.has(PG.ANON)

@@ -152,12 +152,13 @@ class Mlock:
             MASS_WALK.reset(token)
 
     async def _walk_vma(self, m: Machine, mm: MmState, vma: Vma, lock: bool) -> None:
+        zero = int(PTEBit.ZERO)  # an int: IntFlag arithmetic per pte is slow
         async for ptes in pt_walk(self.store, mm.key, vma.start, vma.end, WALK_CHUNK):
             progs = Programs.empty()
             seen_pmds: set[int] = set()
             for vpn in sorted(ptes):
                 p = ptes[vpn]
-                if p.bits & PTEBit.ZERO or p.is_subpage:
+                if p.bits & zero or p.is_subpage:
                     continue  # no normal page (zero page); a pte-mapped THP is skipped (§3.9)
                 if p.is_pmd:  # mlock_pte_range: a pmd-mapped THP, once, by its head
                     if p.pmd in seen_pmds:

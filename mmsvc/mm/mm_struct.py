@@ -15,6 +15,13 @@ from mmsvc.mm.vma import Vma
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
 
+# PTEBit values as plain ints for the per-pte hot paths: an IntFlag operation builds an enum
+# member each time, which made pte tests a third of a 64k-page mlock's Python time.
+_PMD = int(PTEBit.PMD)
+_SUBPAGE = int(PTEBit.SUBPAGE)
+_PRESENT = int(PTEBit.PRESENT)
+_SWAP = int(PTEBit.SWAP)
+
 
 @dataclass(frozen=True)
 class Pte:
@@ -26,17 +33,17 @@ class Pte:
     @property
     def is_pmd(self) -> bool:
         """A pmd mapping of a THP (idx is its head); counted as one mapping (§3.9)."""
-        return bool(self.bits & PTEBit.PMD)
+        return bool(self.bits & _PMD)
 
     @property
     def is_subpage(self) -> bool:
         """A pte mapping one subpage of a THP (idx is its head): never counted (§3.9)."""
-        return bool(self.bits & PTEBit.SUBPAGE)
+        return bool(self.bits & _SUBPAGE)
 
     @property
     def is_swap(self) -> bool:
         """A swap entry: not present, idx names the swap slot (mm/swapfile.py)."""
-        return not self.bits & PTEBit.PRESENT and bool(self.bits & PTEBit.SWAP)
+        return not self.bits & _PRESENT and bool(self.bits & _SWAP)
 
     @property
     def pmd(self) -> int:
