@@ -9,7 +9,9 @@ cluster client routes each command by its key and splits pipelines by node.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -23,6 +25,7 @@ from redis.exceptions import (
     AuthorizationError,
     BusyLoadingError,
     ConnectionError,
+    MaxConnectionsError,
     ResponseError,
     TimeoutError,
 )
@@ -195,12 +198,30 @@ class RedisStore:
             await self.client.aclose()
 
 
+class WaitingConnectionPool(aioredis.ConnectionPool):
+    """redis-py's pool, except that a caller finding all max_connections busy waits up to
+    POOL_WAIT_SECONDS for one: the plain pool fails it at once, and outside the client's
+    retry (a burst of calls would fail with "Too many connections").  redis-py's
+    BlockingConnectionPool waits too, but costs ~20 µs more per command on the fast path."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + POOL_WAIT_SECONDS
+        delay = 0.001
+        while True:
+            try:
+                return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+            except MaxConnectionsError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+
 def single_client(url: str, max_connections: int) -> aioredis.Redis:
-    """A client of one Redis server whose callers, when all max_connections are busy, wait
-    up to POOL_WAIT_SECONDS for one (redis-py's default pool fails them at once, and outside
-    its retry: a burst of calls would fail with "Too many connections")."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=POOL_WAIT_SECONDS,
+    """A client of one Redis server whose callers wait for a connection when all
+    max_connections are busy (WaitingConnectionPool)."""
+    pool = WaitingConnectionPool.from_url(
+        url, max_connections=max_connections,
         decode_responses=False, retry=store_retry(), retry_on_error=list(STORE_RETRY_ERRORS),
     )
     client = aioredis.Redis(connection_pool=pool)
