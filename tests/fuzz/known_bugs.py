@@ -62,8 +62,9 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
                 "munlock cleared VM_LOCKED and walked past the page (docs/concurrency.md "
                 "findings 19, 25, 26) and classified §8.3 row 14 as X3 (finding 21); the "
                 "last CI run before the fix of finding 26 still showed one on the "
-                "rework machine.  If it shows again, another such path is left: find which "
-                "mlock (L/Y op) ran on a page whose vma had been munlocked",
+                "rework machine, and after it one run in six showed 11 pages on the legacy "
+                "machine (seed 4): another such path is left, most likely legacy - find "
+                "which mlock (Y op) ran on a page whose vma had been munlocked",
         regression="",
         category="check",
         method="Check",
@@ -73,9 +74,9 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         key="a6-mapcount-race",
         summary="A6 violations (mapcount N != N-1 ptes, refcount one too high) on the 2-node "
                 "THP machine with swap and mlock batches of 4: a page keeps a mapping whose "
-                "pte is gone; seen in 4 of some 15 runs in session 3, not since the lock "
-                "lease fixes of session 4 (finding 17: two holders of one mmap_lock could "
-                "run at once after a lease ran out), never in a sequential replay",
+                "pte is gone; seen in 4 of some 15 runs in session 3 and in 1 of 6 runs "
+                "after the lock lease fixes of session 4 (seed 6), never in a sequential "
+                "replay: a race in the page-table / rmap paths of mmsvc/mm",
         regression="",
         category="check",
         method="Check",
