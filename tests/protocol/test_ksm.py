@@ -242,3 +242,33 @@ def test_merge_errors_change_nothing(run: Any, case: str) -> None:
         assert await state(w, (p1, "k"), (p2, "b")) == before
 
     run(s)
+
+
+def test_mlock_and_munlock_walks_reach_a_ksm_page_merged_from_another_address(run: Any) -> None:
+    """mlock_pte_range mlocks whatever page the pte maps; a KSM page keeps the index of the
+    page it was made from, so through another process's mapping at another address its
+    index is not that address's linear index.  The walks' freed-page check (finding 16)
+    must not take it for a reused page: mlock of P2's range mlocks it, munlock munlocks it
+    (before the fix both skipped it: a missed mlock, then Q4 after the munlock)."""
+
+    async def s(w: World) -> None:
+        p1, p2 = await w.proc(), await w.proc()
+        await w.mmap(p2, "pad", 3)  # B's address differs from K's
+        for p, name in ((p1, "k"), (p2, "b")):
+            await w.mmap(p, name, 1)
+            await w.touch(p, name)
+        await w.drain_all()
+        assert w.rng(p1, "k")[0] != w.rng(p2, "b")[0]
+        await merge(w, p1, "k", p2, "b")
+        # read-only: mlock's populate would break COW of a writable private mapping (§3.7.2)
+        await w.kernel.mprotect(w.mid, p2, *w.rng(p2, "b"), 1)
+        await w.mlock(p2, "b")
+        await w.drain()
+        k = await page(w, p2, "b")
+        assert (k.ksm, k.mlocked, k.unevictable, k.mlock_count) == (True, True, True, 1)
+        await w.munlock(p2, "b")
+        await w.drain()
+        k = await page(w, p2, "b")
+        assert (k.mlocked, k.unevictable) == (False, False)
+
+    run(s)

@@ -58,7 +58,11 @@ end
 -- anonymous (a private copy) or a page of the VMA's file (mapping; -1: the VMA has none).
 local function walk_target(idx, index, mapping)
   local p = pg(idx, true)
-  if p == nil or p.index ~= index then return false end
+  if p == nil then return false end
+  -- a KSM page keeps the index of the page it was made from: mapped at another address its
+  -- index is not this one's (its mapping is its stable node, mm/ksm.py)
+  if has(p, PG_KSM) then return true end
+  if p.index ~= index then return false end
   return has(p, PG_ANON) or (mapping >= 0 and p.mapping == mapping)
 end
 
