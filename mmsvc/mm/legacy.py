@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from mmsvc.locks import Locks
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
-from mmsvc.mm.mm_struct import MmState, Pte, pt_read, pt_walk, vma_at
+from mmsvc.mm.mm_struct import MmState, Pte, pt_walk
 from mmsvc.mm.page import PG, Page, PTEBit
-from mmsvc.mm.rmap import Mapping, Rmap
+from mmsvc.mm.rmap import Mapping, Rmap, still_locked_mapping
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.vma import Vma
 from mmsvc.store.redis_store import RedisStore
@@ -181,9 +181,7 @@ async def mlock_under_ptl(store: RedisStore, swap: Swap, m: Machine, lv: int, id
     phase 1 would have done it after us (test-and-clear, isolation fails: stranded or
     munlocked).  Returns whether the page stays mlocked."""
     await swap.run(m, lv, [["Y", idx]])
-    vma = await vma_at(store, mp.mm_key, mp.pte.vpn)
-    pte = (await pt_read(store, mp.mm_key, mp.pte.vpn, mp.pte.vpn + 1)).get(mp.pte.vpn)
-    if vma is not None and vma.locked and pte is not None and (pte.lv, pte.idx) == (lv, idx):
+    if await still_locked_mapping(store, mp, lv, idx):
         return True
     res = await swap.run(m, lv, [["W", idx]])
     if res.isolated:  # it was on an LRU (a migration's new page): phase 1 took it off

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from mmsvc.locks import Locks
 from mmsvc.mm.machine import Machine
-from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_read
+from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_read, vma_at
 from mmsvc.mm.page import PG, Page, PTEBit
 from mmsvc.mm.types import FinalClearance, MunlockHookPosition
 from mmsvc.mm.vma import VM, VM_SPECIAL, Vma
@@ -30,6 +30,18 @@ class Mapping:
     mm_key: str
     vma: Vma
     pte: Pte
+
+
+async def still_locked_mapping(store: RedisStore, mp: Mapping, lv: int, idx: int) -> bool:
+    """After an rmap walker mlocked page (lv, idx) for mapping mp (read earlier, without the
+    PTL): is mp's pte still that page, in a vma still VM_LOCKED?  Linux decides under the
+    PTL, which a zap and a munlock walk (VM_LOCKED cleared first) also take; when this is
+    False one of them slipped in between, and the walker munlocks in its place."""
+    pte = (await pt_read(store, mp.mm_key, mp.pte.vpn, mp.pte.vpn + 1)).get(mp.pte.vpn)
+    if pte is None or (pte.lv, pte.idx) != (lv, idx):
+        return False
+    vma = await vma_at(store, mp.mm_key, mp.pte.vpn)
+    return vma is not None and vma.locked
 
 
 def rmap_lock_key(m: Machine, page: Page) -> str:

@@ -25,9 +25,9 @@ from mmsvc.mm.huge_memory import HugeMemory
 from mmsvc.mm.legacy import mlock_under_ptl
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs, read_pages
-from mmsvc.mm.mm_struct import Pte, pt_install, pt_read, vma_at
+from mmsvc.mm.mm_struct import Pte, pt_install
 from mmsvc.mm.page import LRU, PG, Page
-from mmsvc.mm.rmap import Mapping, Rmap, mlock_filter, pte_unmap_ops
+from mmsvc.mm.rmap import Mapping, Rmap, mlock_filter, pte_unmap_ops, still_locked_mapping
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.swapfile import (
     delete_from_swap_cache,
@@ -140,11 +140,7 @@ class Vmscan:
                     # the same PTL - comes after it and munlocks it.  Here either may have
                     # slipped in between our walk and the mlock: then munlock it ourselves,
                     # in the order Linux would have.
-                    now = await pt_read(self.store, mp.mm_key, mp.pte.vpn, mp.pte.vpn + 1)
-                    cur = now.get(mp.pte.vpn)
-                    vma = await vma_at(self.store, mp.mm_key, mp.pte.vpn)
-                    if (cur is None or (cur.lv, cur.idx) != (lv, idx) or vma is None
-                            or not vma.locked):
+                    if not await still_locked_mapping(self.store, mp, lv, idx):
                         await self.swap.run(m, lv, [["K", idx]])
                 stats.culled += 1
                 return ACTIVATE

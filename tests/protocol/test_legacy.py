@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from mmsvc.mm.types import MLOCK_ONFAULT
-from tests.protocol.world import World, sub
+from tests.protocol.world import World, race_once, sub
 
 LEGACY = {"protocol": "legacy"}
 
@@ -147,23 +147,8 @@ def test_legacy_page_mlock_racing_the_munlock_of_the_vma_it_found_locked(
     from mmsvc.mm.rmap import Rmap
 
     async def s(w: World) -> None:
-        await w.file("f", 1, prefill=True)
-        p1, p2 = await w.proc(), await w.proc()
-        for p in (p1, p2):
-            await w.mmap(p, "m", 1, file="f", shared=True)
-            await w.mlock(p, "m")
-            await w.drain()
-        original = Rmap.mappings
-        raced: list[bool] = []
-
-        async def then_munlock_p2(self: Rmap, *args: Any, **kw: Any) -> Any:
-            found = await original(self, *args, **kw)
-            if not raced:
-                raced.append(True)
-                await w.munlock(p2, "m", cpu=1)
-            return found
-
-        monkeypatch.setattr(Rmap, "mappings", then_munlock_p2)
+        p1, p2 = await w.sharers(mlock=(0, 1))
+        raced = race_once(monkeypatch, Rmap, "mappings", lambda: w.munlock(p2, "m", cpu=1))
         await w.munlock(p1, "m")
         assert raced
         await w.drain_all()
@@ -185,14 +170,7 @@ def test_legacy_walks_skip_a_page_migrated_after_its_pte_was_read(
     import mmsvc.mm.legacy as legacy
 
     async def s(w: World) -> None:
-        await w.file("f", 1, prefill=True)
-        p1, p2 = await w.proc(), await w.proc()
-        for p in (p1, p2):
-            await w.mmap(p, "m", 1, file="f", shared=True)
-            await w.touch(p, "m", write=False)
-        if walk == "munlock":
-            await w.mlock(p1, "m")
-        await w.drain()
+        p1, p2 = await w.sharers(mlock=(0,) if walk == "munlock" else ())
         pt_walk = legacy.pt_walk
         moved: list[Any] = []
 
@@ -227,24 +205,9 @@ def test_legacy_migration_restore_racing_the_munlock_of_its_vma(
     from mmsvc.mm.migrate import Migrate
 
     async def s(w: World) -> None:
-        await w.file("f", 1, prefill=True)
-        p1, p2 = await w.proc(), await w.proc()
-        for p in (p1, p2):
-            await w.mmap(p, "m", 1, file="f", shared=True)
-            await w.touch(p, "m", write=False)
-        await w.mlock(p1, "m")
-        await w.drain()
-        vma_now = Migrate._vma_now
-        raced: list[bool] = []
-
-        async def stale_then_munlock(self: Migrate, m: Any, mp: Any) -> Any:
-            vma = await vma_now(self, m, mp)
-            if vma.locked and not raced:
-                raced.append(True)
-                await w.munlock(p1, "m", cpu=1)
-            return vma
-
-        monkeypatch.setattr(Migrate, "_vma_now", stale_then_munlock)
+        p1, p2 = await w.sharers(mlock=(0,))
+        raced = race_once(monkeypatch, Migrate, "_vma_now", lambda: w.munlock(p1, "m", cpu=1),
+                          when=lambda vma: bool(vma.locked))
         res = await w.kernel.migrate(w.mid, p2, *w.rng(p2, "m"), 1)
         assert raced and res.migrated == 1
         await w.drain_all()

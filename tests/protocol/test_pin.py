@@ -171,13 +171,7 @@ def test_munlock_racing_a_failed_migration_is_the_known_gap_x3(run: Any,
     from mmsvc.mm.mlock import Mlock
 
     async def s(w: World) -> None:
-        await w.file("f", 1, prefill=True)
-        p1, p2 = await w.proc(), await w.proc()
-        for p in (p1, p2):
-            await w.mmap(p, "m", 1, file="f", shared=True)
-        await w.touch(p1, "m", write=False)
-        await w.mlock(p2, "m")
-        await w.drain()
+        p1, p2 = await w.sharers(mlock=(1,))
         pin = await w.kernel.pin(w.mid, p1, *w.rng(p1, "m"), False)
         unmap, walk = Migrate._unmap, Mlock.walk_vma
         unmapped, walked = asyncio.Event(), asyncio.Event()

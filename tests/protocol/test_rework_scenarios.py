@@ -13,7 +13,7 @@ from mmsvc.mm.types import (
     MLOCK_ONFAULT,
     FileSpec,
 )
-from tests.protocol.world import World, sub
+from tests.protocol.world import World, race_once, sub
 
 
 def test_s1_mlock_of_present_anon_pages(run: Any) -> None:
@@ -571,25 +571,10 @@ def test_two_putbacks_of_one_shared_page_put_it_back_once(run: Any, monkeypatch:
     import mmsvc.mm.syscalls as syscalls
 
     async def s(w: World) -> None:
-        await w.file("f", 1, prefill=True)
-        p1, p2 = await w.proc(), await w.proc()
-        for p in (p1, p2):
-            await w.mmap(p, "m", 1, file="f", shared=True)
-            await w.touch(p, "m", write=False)
-        await w.drain()
+        p1, p2 = await w.sharers()
         assert await w.kernel.isolate(w.mid, p1, *w.rng(p1, "m")) == 1
-        read_pages = syscalls.read_pages
-        other: list[int] = []
-        raced: list[bool] = []
-
-        async def read_then_race(*args: Any, **kw: Any) -> Any:
-            pages = await read_pages(*args, **kw)
-            if not raced:
-                raced.append(True)
-                other.append(await w.on(1).putback(w.mid, p2, *w.rng(p2, "m")))
-            return pages
-
-        monkeypatch.setattr(syscalls, "read_pages", read_then_race)
+        other = race_once(monkeypatch, syscalls, "read_pages",
+                          lambda: w.on(1).putback(w.mid, p2, *w.rng(p2, "m")))
         assert await w.kernel.putback(w.mid, p1, *w.rng(p1, "m")) == 0
         assert other == [1]
         await w.drain_all()

@@ -10,7 +10,7 @@ from mmsvc.mm.swapfile import swap_info
 from mmsvc.mm.types import Advice
 from mmsvc.mm.vma import VM, Vma
 from mmsvc.store import keys
-from tests.protocol.world import World, sub
+from tests.protocol.world import World, race_once, sub
 
 
 async def slots(w: World) -> tuple[int, dict[int, int], int]:
@@ -257,16 +257,9 @@ def test_two_swap_ins_of_one_shared_slot_read_it_in_once(run: Any, monkeypatch: 
         c = await w.kernel.fork(w.mid, p)
         w.maps[(c, "m")] = w.maps[(p, "m")]
         assert (await w.kernel.reclaim(w.mid, None, None, 32)).reclaimed == 1
-        add = memory.add_to_swap_cache
-        raced: list[bool] = []
-
-        async def child_first(*args: Any, **kw: Any) -> Any:
-            if not raced:
-                raced.append(True)
-                await w.touch(c, "m", write=False)  # the child reads the slot in first
-            return await add(*args, **kw)
-
-        monkeypatch.setattr(memory, "add_to_swap_cache", child_first)
+        # the child reads the slot in first
+        raced = race_once(monkeypatch, memory, "add_to_swap_cache",
+                          lambda: w.touch(c, "m", write=False), before=True)
         await w.touch(p, "m", write=False)
         assert raced
         pp, cp = (await w.pages(p, "m"))[0], (await w.pages(c, "m"))[0]
@@ -291,17 +284,7 @@ def test_reclaims_restored_mlock_racing_a_munlock_of_the_vma(run: Any, monkeypat
         await w.touch(p, "l")
         await w.drain()
         await miss_mlock(w, p, "l")
-        mappings = Rmap.mappings
-        raced: list[bool] = []
-
-        async def then_munlock(self: Rmap, *args: Any, **kw: Any) -> Any:
-            found = await mappings(self, *args, **kw)
-            if not raced:
-                raced.append(True)
-                await w.munlock(p, "l", cpu=1)
-            return found
-
-        monkeypatch.setattr(Rmap, "mappings", then_munlock)
+        raced = race_once(monkeypatch, Rmap, "mappings", lambda: w.munlock(p, "l", cpu=1))
         await w.kernel.reclaim(w.mid, None, None, 32)
         assert raced
         await w.drain_all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,20 @@ class World:
 
     async def proc(self, **spec: Any) -> int:
         return await self.kernel.create_process(self.mid, ProcessSpec(**spec))
+
+    async def sharers(self, *, touch: bool = True, mlock: tuple[int, ...] = ()) -> list[int]:
+        """Two processes mapping page 0 of a new prefilled file "f" shared as "m" (read
+        faulted in with touch; mlocked in the processes numbered in mlock), drained."""
+        await self.file("f", 1, prefill=True)
+        pids = [await self.proc(), await self.proc()]
+        for i, p in enumerate(pids):
+            await self.mmap(p, "m", 1, file="f", shared=True)
+            if touch:
+                await self.touch(p, "m", write=False)
+            if i in mlock:
+                await self.mlock(p, "m")
+        await self.drain()
+        return pids
 
     async def file(self, name: str, pages: int, prefill: bool = False) -> None:
         await self.kernel.create_file(self.mid, FileSpec(name, pages, prefill))
@@ -113,3 +128,26 @@ class World:
 def sub(d: dict[str, int], **expected: int) -> dict[str, int]:
     """The entries of d named in expected (for compact assertions)."""
     return {k: d[k] for k in expected}
+
+
+def race_once(monkeypatch: Any, owner: Any, name: str,
+              action: Callable[[], Awaitable[object]], *, before: bool = False,
+              when: Callable[[Any], bool] | None = None) -> list[object]:
+    """Stage a race: the first call of coroutine function owner.name (whose result passes
+    ``when``) runs ``action`` right after it returns (``before``: right before it runs).
+    Returns a list that holds action's result once it ran."""
+    original = getattr(owner, name)
+    done: list[object] = []
+
+    async def wrapper(*args: Any, **kw: Any) -> Any:
+        if before and not done:
+            done.append(None)
+            done[0] = await action()
+        result = await original(*args, **kw)
+        if not before and not done and (when is None or when(result)):
+            done.append(None)  # before awaiting: the action may call owner.name itself
+            done[0] = await action()
+        return result
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return done
