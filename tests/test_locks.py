@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from mmsvc.locks import Locks
-from mmsvc.store.redis_store import RedisStore
+from mmsvc.store.redis_store import RedisStore, single_client
 
 pytestmark = pytest.mark.asyncio
 
@@ -109,6 +109,33 @@ async def test_waiters_never_take_the_connections_a_release_needs(redis_url: str
         await cpus[0].release(held)  # needs a connection while six waits are blocked
         await asyncio.wait_for(asyncio.gather(*waiters), 10)
         assert sorted(order) == [1, 2, 3, 4, 5, 6]
+    finally:
+        await small.close()
+
+
+async def test_more_waiters_than_wait_connections_all_get_the_lock(redis_url: str) -> None:
+    # Eight callers queue for one lock while the waits client has two connections: the two
+    # waits holding them must give them back in slices, or the waiter a release hands the token
+    # to (one still waiting for a connection) would stall everybody for a whole 30 s lease.
+    small = RedisStore(single_client(redis_url, 2), redis_url, waits=single_client(redis_url, 2),
+                       wait_connections=2)
+    small.wait_slice = 0.2
+    try:
+        await small.load_library()
+        key = lock_key()
+        cpus = [Locks(small, cpu=c) for c in range(9)]
+        held = await cpus[0].acquire(key)
+        order: list[int] = []
+
+        async def take(c: int) -> None:
+            async with cpus[c].hold(key):
+                order.append(c)
+
+        waiters = [asyncio.create_task(take(c)) for c in range(1, 9)]
+        await asyncio.sleep(0.3)
+        await cpus[0].release(held)
+        await asyncio.wait_for(asyncio.gather(*waiters), 10)
+        assert sorted(order) == list(range(1, 9))
     finally:
         await small.close()
 

@@ -41,6 +41,9 @@ READ_ONLY_FUNCTIONS = frozenset({"pc_peek", "mm_records", "pt_read", "mm_dump", 
 _REQUEST_IDS = (f"{uuid.uuid4().hex[:10]}.{n:x}" for n in itertools.count())
 STORE_RETRIES = 40
 POOL_WAIT_SECONDS = 30.0
+WAIT_SLICE_SECONDS = 1.0
+# Lock waits may outnumber data calls (every queued call holds one): their client has more.
+WAIT_CONNECTIONS_FACTOR = 4
 STORE_RETRY_ERRORS: list[type[Exception]] = [ConnectionError, TimeoutError, BusyLoadingError]
 
 
@@ -70,7 +73,8 @@ class RedisStore:
     """The page store.  Functions of the library are called with :meth:`fcall`."""
 
     def __init__(self, client: aioredis.Redis, url: str,
-                 cluster: RedisCluster | None = None, waits: aioredis.Redis | None = None) -> None:
+                 cluster: RedisCluster | None = None, waits: aioredis.Redis | None = None,
+                 wait_connections: int = 256 * WAIT_CONNECTIONS_FACTOR) -> None:
         # On a cluster ``client`` is the RedisCluster itself.  It is typed as a Redis because
         # the kernel uses only commands both clients share with the same signatures (single
         # key or single slot commands, non-transactional pipelines, MULTI on one slot).
@@ -79,6 +83,11 @@ class RedisStore:
         # calls queue for a contended lock, the connections that holders need to release it
         # (and everybody else to work) are never taken by waits.
         self.waits = waits if waits is not None else client
+        self.wait_slice = WAIT_SLICE_SECONDS
+        # FIFO turns at the waits client's connections (asyncio's semaphore is fair): the
+        # pool itself lets a waiter that just gave a connection back take it again at once,
+        # ahead of those sleeping for one, and they would starve.
+        self.wait_turns = asyncio.Semaphore(wait_connections)
         self.url = url
         self.cluster = cluster
         self.before_write: Callable[[], Awaitable[None]] | None = None
@@ -94,9 +103,9 @@ class RedisStore:
         store: RedisStore
         if is_cluster_url(url):
             cluster = cluster_client(url, max_connections=max_connections)
-            waits = cluster_client(url, max_connections=max_connections)
+            waits = cluster_client(url, max_connections=max_connections * WAIT_CONNECTIONS_FACTOR)
             store = cls(cast(aioredis.Redis, cluster), url, cluster,
-                        cast(aioredis.Redis, waits))
+                        cast(aioredis.Redis, waits), max_connections * WAIT_CONNECTIONS_FACTOR)
         else:
             # at start, a store that is not there (or refuses us) is an error now, not after
             # the half minute of retries that carries a running worker over a restart
@@ -106,7 +115,8 @@ class RedisStore:
             finally:
                 await probe.aclose()
             store = cls(single_client(url, max_connections), url,
-                        waits=single_client(url, max_connections))
+                        waits=single_client(url, max_connections * WAIT_CONNECTIONS_FACTOR),
+                        wait_connections=max_connections * WAIT_CONNECTIONS_FACTOR)
         try:
             if store.cluster is None:
                 await store._refuse_cluster_node()
@@ -186,9 +196,22 @@ class RedisStore:
                 yield key
 
     async def wait_list(self, key: str, timeout: float) -> list[bytes] | None:
-        """BLPOP key (a lock waiter's private list): [key, value], or None after timeout s."""
-        popped = await self.waits.blpop([key], timeout=timeout)
-        return cast("list[bytes] | None", popped)
+        """BLPOP key (a lock waiter's private list): [key, value], or None after timeout s.
+
+        The wait is cut into BLPOPs of at most WAIT_SLICE_SECONDS, each giving its connection
+        back: when more calls wait than the waits client has connections, the waiter a
+        release hands the token to may be one still waiting for a connection, and the
+        connections' holders must not keep them for a whole lease (a 30 s stall of every
+        waiter of the lock).  The token stays on the list until its owner pops it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            async with self.wait_turns:
+                popped = await self.waits.blpop([key], timeout=min(left, self.wait_slice))
+            if popped is not None:
+                return cast("list[bytes]", popped)
 
     async def close(self) -> None:
         try:
