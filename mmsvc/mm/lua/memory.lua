@@ -27,7 +27,7 @@ local function locked_flush(which, cpu, count, tok)
   end
   -- after unlock: the batch's references go (this may free pages, §6)
   if which == 'mlb' then
-    for _, e in ipairs(entries) do put_page(tonumber(string.match(e, '^(%d+)')), 1) end
+    for _, e in ipairs(entries) do put_page(e[1], 1) end
   else
     drop_entry_refs(entries)
   end

@@ -11,7 +11,7 @@ local function mlock_page(idx, cpu, seq)
     ev('unevictable_pgs_mlocked', nr_pages(p))
   end
   get_page(idx, 1)
-  batch_push('mlb', cpu, idx .. '|L|' .. seq)
+  batch_push('mlb', cpu, idx, 'L', seq)
   return p
 end
 
@@ -23,14 +23,14 @@ local function mlock_new_page(idx, cpu, seq)
   meta_add('nr_mlock', nr_pages(p))
   ev('unevictable_pgs_mlocked', nr_pages(p))
   get_page(idx, 1)
-  batch_push('mlb', cpu, idx .. '|N|' .. seq)
+  batch_push('mlb', cpu, idx, 'N', seq)
   return p
 end
 
 -- §2.2.3 munlock_page: changes nothing but the reference; the batch decides (Appendix C.1).
 local function munlock_page(idx, cpu, seq)
   local p = get_page(idx, 1)
-  batch_push('mlb', cpu, idx .. '|U|' .. seq)
+  batch_push('mlb', cpu, idx, 'U', seq)
   return p
 end
 
@@ -74,13 +74,12 @@ end
 local RESIDUE_CPUS = nil
 local function mark_residue(idx, cpu)
   if RESIDUE_CPUS == nil then RESIDUE_CPUS = redis.call('SMEMBERS', T .. ':mlbcpus') end
-  local want = idx .. '|L|'
   for _, c in ipairs(RESIDUE_CPUS) do
     if tonumber(c) ~= cpu then
       local b, k = batch('mlb', c)
-      for i, e in ipairs(b) do
-        if string.sub(e, 1, #want) == want then
-          b[i] = idx .. '|R|' .. string.sub(e, #want + 1)
+      for _, e in ipairs(b) do
+        if e[1] == idx and e[2] == 'L' then
+          e[2] = 'R'
           BDIRTY[k] = true
         end
       end
@@ -140,8 +139,7 @@ local function mlock_flush(cpu, count)
   RESIDUE_CPUS = nil
   local entries = batch_take('mlb', cpu, count)
   for _, e in ipairs(entries) do
-    local idx, tag = string.match(e, '^(%d+)|(%a)')
-    idx = tonumber(idx)
+    local idx, tag = e[1], e[2]
     if tag == 'L' or tag == 'R' then mlock_page_batched(idx, tag == 'R')
     elseif tag == 'N' then mlock_new_page_batched(idx)
     else munlock_page_batched(idx, cpu) end

@@ -61,20 +61,35 @@ local function begin(tag)
   for i = 1, #raw, 2 do META[raw[i]] = tonumber(raw[i + 1]) end
 end
 
--- A CPU's batch part, loaded once per call; changes are written back by commit().
+-- A CPU's batch part, loaded once per call; changes are written back by commit().  In the
+-- store an entry is "idx|tag|seq" (mlock batch) or "idx|seq" (lru_add batch); during a call it
+-- is a table {idx, tag, seq} (tag false for lru_add), so that entries queued and flushed by
+-- the same call are never formatted or parsed (string work was most of a page's cost).
+local function entry_decode(e)
+  local a, b, c = string.match(e, '^(%d+)|([^|]+)|?(%d*)$')
+  if c == '' then return {tonumber(a), false, tonumber(b)} end
+  return {tonumber(a), b, tonumber(c)}
+end
+
+local function entry_encode(e)
+  if e[2] then return e[1] .. '|' .. e[2] .. '|' .. e[3] end
+  return e[1] .. '|' .. e[3]
+end
+
 local function batch(which, cpu)
   local k = which .. ':' .. cpu
   local b = BATCH[k]
   if b == nil then
     b = redis.call('LRANGE', T .. ':' .. k, 0, -1)
+    for i = 1, #b do b[i] = entry_decode(b[i]) end
     BATCH[k] = b
   end
   return b, k
 end
 
-local function batch_push(which, cpu, entry)
+local function batch_push(which, cpu, idx, tag, seq)
   local b, k = batch(which, cpu)
-  b[#b + 1] = entry
+  b[#b + 1] = {idx, tag, seq}
   BDIRTY[k] = true
 end
 
@@ -82,8 +97,8 @@ end
 local function batch_take(which, cpu, count)
   local b, k = batch(which, cpu)
   local taken, rest = {}, {}
-  for i, e in ipairs(b) do
-    if i <= count then taken[#taken + 1] = e else rest[#rest + 1] = e end
+  for i = 1, #b do
+    if i <= count then taken[i] = b[i] else rest[i - count] = b[i] end
   end
   BATCH[k] = rest
   BDIRTY[k] = true
@@ -201,7 +216,8 @@ local function commit()
   for k in pairs(BDIRTY) do
     local key = T .. ':' .. k
     redis.call('DEL', key)
-    local b = BATCH[k]
+    local b = {}
+    for i, e in ipairs(BATCH[k]) do b[i] = entry_encode(e) end
     for i = 1, #b, 500 do
       redis.call('RPUSH', key, unpack(b, i, math.min(#b, i + 499)))
     end
@@ -237,27 +253,32 @@ local function page_lru(p)
   return base
 end
 
+-- The metadata fields of each list (size, head, tail), made once: concatenating them per
+-- page cost more than the list operation itself.
+local NKEY, HKEY, TKEY = {}, {}, {}
+for lru = 0, 4 do NKEY[lru] = 'n' .. lru; HKEY[lru] = 'h' .. lru; TKEY[lru] = 't' .. lru end
+
 -- spec §1.4.2/§1.4.4: add at the head; the unevictable "LRU" is a size with no list.
 local function list_add(idx, p, lru)
   local n = nr_pages(p)
-  meta_add('n' .. lru, n)
+  meta_add(NKEY[lru], n)
   if lru == LRU_UNEVICTABLE then return end
-  local head = META['h' .. lru]
+  local head = META[HKEY[lru]]
   if head == nil then head = -1 end
   p.prev = -1; p.next = head
   if head >= 0 then local h = pg(head); h.prev = idx; dirty(head)
-  else meta_set('t' .. lru, idx) end
-  meta_set('h' .. lru, idx)
+  else meta_set(TKEY[lru], idx) end
+  meta_set(HKEY[lru], idx)
   dirty(idx)
 end
 
 local function list_del(idx, p, lru)
-  meta_add('n' .. lru, -nr_pages(p))
+  meta_add(NKEY[lru], -nr_pages(p))
   if lru == LRU_UNEVICTABLE then return end
   if p.prev >= 0 then local q = pg(p.prev); q.next = p.next; dirty(p.prev)
-  else meta_set('h' .. lru, p.next) end
+  else meta_set(HKEY[lru], p.next) end
   if p.next >= 0 then local q = pg(p.next); q.prev = p.prev; dirty(p.next)
-  else meta_set('t' .. lru, p.prev) end
+  else meta_set(TKEY[lru], p.prev) end
   p.prev = -1; p.next = -1
   dirty(idx)
 end

@@ -30,19 +30,19 @@ end
 -- Process the first `count` entries of this lruvec's part of cpu's lru_add batch.
 local function lru_add_flush(cpu, count)
   local entries = batch_take('lab', cpu, count)
-  for _, e in ipairs(entries) do lru_add_one(tonumber(string.match(e, '^(%d+)'))) end
+  for _, e in ipairs(entries) do lru_add_one(e[1]) end
   -- §2.1.4: after the loop, unlock, then drop each entry's reference.
   return entries
 end
 
 local function drop_entry_refs(entries)
-  for _, e in ipairs(entries) do put_page(tonumber(string.match(e, '^(%d+)')), 1) end
+  for _, e in ipairs(entries) do put_page(e[1], 1) end
 end
 
 -- spec §2.1.3: lru_cache_add takes a reference and queues the page.
 local function lru_cache_add(idx, cpu, seq)
   local p = get_page(idx, 1)
   if has(p, PG_LRU) then error('mmsvc: lru_cache_add of a page already on the LRU') end
-  batch_push('lab', cpu, idx .. '|' .. seq)
+  batch_push('lab', cpu, idx, false, seq)
   return p
 end
