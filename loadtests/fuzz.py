@@ -118,10 +118,11 @@ MUTATING = frozenset({
 #: Rejections after which Linux may legitimately have done part of the work, as (errno, piece
 #: of the message; "" for any): the VMA walks stop at a hole (ENOMEM) or at an unsuitable VMA
 #: (madvise EINVAL, mprotect EACCES) with the earlier VMAs done; mlock's populate fails
-#: (EAGAIN) after the VMAs were locked; a fault range stops at the first page it cannot fault.
+#: (EAGAIN; or EFAULT on a PROT_NONE VMA, which __mlock_posix_error_return turns into ENOMEM)
+#: after the VMAs were locked; a fault range stops at the first page it cannot fault.
 #: Every other refusal (bad arguments, limits, the work bounds) must have changed nothing.
 PARTIAL_OK: dict[str, tuple[tuple[str, str], ...]] = {
-    "Mlock": (("ENOMEM", "not fully mapped"), ("EAGAIN", "")),
+    "Mlock": (("ENOMEM", "not fully mapped"), ("ENOMEM", "PROT_NONE"), ("EAGAIN", "")),
     "Munlock": (("ENOMEM", "not fully mapped"),),
     "Mprotect": (("ENOMEM", "not fully mapped"), ("EACCES", "")),
     "Madvise": (("ENOMEM", "not fully mapped"), ("ENOMEM", "hole"), ("EINVAL", "mapping"),

@@ -275,3 +275,30 @@ async def test_delete_machine_under_waiting_calls(redis_url: str) -> None:
             pytest.skip("the munmap ran before the fault took the mmap_lock: race not staged")
         assert isinstance(munmap, MmsvcError), munmap
         assert munmap.errno == "ESRCH", munmap  # not DEADLINE_EXCEEDED, not a lock timeout
+
+
+# -- a probe took mlock's populate failure on a PROT_NONE VMA for a half-applied call ---------
+
+
+async def test_mlock_over_prot_none_locks_the_vmas_then_fails_enomem(
+    real_client: AsyncMmsvcClient,
+) -> None:
+    # do_mlock: apply_vma_lock_flags first, then __mm_populate, whose GUP refuses the
+    # PROT_NONE VMA (-EFAULT, "ENOMEM" after __mlock_posix_error_return): the VMAs stay locked.
+    # The fuzzer's probes must accept that change (PARTIAL_OK), as Linux does it.
+    from loadtests.fuzz import partial_ok
+
+    k = real_client
+    m = await k.create_machine(MachineConfig(frames_per_node=256))
+    pid = await k.create_process(m)
+    addr = await k.mmap(m, pid, MmapArgs(4 * PAGE, RW, ANON))
+    await k.mprotect(m, pid, addr + 2 * PAGE, 2 * PAGE, 0)
+    with pytest.raises(MmsvcError) as err:
+        await k.mlock(m, pid, addr, 4 * PAGE)
+    assert err.value.errno == "ENOMEM"
+    assert partial_ok("Mlock", "ENOMEM", str(err.value))
+    assert not partial_ok("Mlock", "ENOMEM", "RLIMIT_MEMLOCK exceeded")
+    smaps = await k.smaps(m, pid)
+    assert [("lo" in e.vm_flags) for e in smaps] == [True, True]
+    assert [e.locked_kb for e in smaps] == [8, 0]  # the accessible pages were faulted first
+    assert not (await k.check(m, True)).violations
