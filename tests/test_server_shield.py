@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from mmsvc.mm.errors import KernelError
 from mmsvc.server.shield import ShieldedKernel
 
 
@@ -18,6 +19,10 @@ class SlowKernel:
         await asyncio.sleep(0.05)
         self.steps.append("end")
         return n
+
+    async def munlock(self) -> None:
+        await asyncio.sleep(0.05)
+        raise KernelError("ENOMEM", "not fully mapped")
 
     def plain(self) -> str:
         return "plain"
@@ -42,3 +47,32 @@ async def test_results_and_plain_attributes_pass_through() -> None:
     k = ShieldedKernel(SlowKernel())
     assert await k.mlock(5) == 5
     assert k.plain() == "plain"
+
+
+@pytest.mark.asyncio
+async def test_the_error_of_an_abandoned_syscall_is_not_left_unretrieved() -> None:
+    # The fuzzer's server logs showed "Task exception was never retrieved" tracebacks: the
+    # error of a syscall whose RPC had gone away was read by nobody.
+    import gc
+
+    unretrieved: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx))
+    try:
+        k = ShieldedKernel(SlowKernel())
+        caller = asyncio.ensure_future(k.munlock())
+        await asyncio.sleep(0.01)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await k.finish_running()
+        await asyncio.sleep(0)
+        del caller
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert unretrieved == []
+    # a caller still waiting gets the errno as before
+    with pytest.raises(KernelError):
+        await k.munlock()

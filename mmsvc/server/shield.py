@@ -16,6 +16,11 @@ import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from mmsvc.logging import get_logger
+from mmsvc.mm.errors import KernelError
+
+log = get_logger("mmsvc.server")
+
 # Kernel methods that do not count as syscalls for stop_machine (the CPU's own lifecycle).
 UNGATED = frozenset({"aclose", "cpu_online", "recover_dead_cpu", "finish_dead_walks"})
 
@@ -26,6 +31,7 @@ class ShieldedKernel:
     def __init__(self, inner: object) -> None:
         self._inner = inner
         self._running: set[asyncio.Task[Any]] = set()
+        self._abandoned: set[asyncio.Task[Any]] = set()
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -50,10 +56,31 @@ class ShieldedKernel:
         async def call(*args: Any, **kwargs: Any) -> Any:
             task = asyncio.ensure_future(fn(*args, **kwargs))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
-            return await asyncio.shield(task)
+            task.add_done_callback(self._finished)
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                self._abandoned.add(task)  # the RPC went away; the syscall goes on
+                raise
 
         return call
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        """A syscall ended.  When its RPC had been cancelled nobody reads its outcome: it is
+        read and logged here (asyncio would print "Task exception was never retrieved" with
+        a traceback, for what is mostly a plain errno after the caller's deadline)."""
+        self._running.discard(task)
+        abandoned = task in self._abandoned
+        self._abandoned.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()  # read in every case: the shield may have let go of it
+        if not abandoned or exc is None:
+            return
+        if isinstance(exc, KernelError):
+            log.info("syscall_ended_after_cancel", errno=exc.errno)
+        else:
+            log.error("syscall_failed_after_cancel", exc_info=exc)
 
     async def finish_running(self, timeout: float = 30.0) -> None:
         """Wait for syscalls still running (server shutdown)."""
