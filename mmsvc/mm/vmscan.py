@@ -82,7 +82,6 @@ class Vmscan:
 
     async def _shrink_list(self, m: Machine, lv: int, isolated: list[int], stats: ShrinkStats,
                            putback: Programs, tails: list[int]) -> None:
-        stats.scanned += len(isolated)
         # folio_trylock each page first: a page locked by someone else (a fault mapping it,
         # a migration) is kept.  Everything below looks at the page under its lock, so a
         # fault's mlock of it is either complete (PG_mlocked seen: culled, nothing repaired)
@@ -90,6 +89,9 @@ class Vmscan:
         busy = set((await self.swap.run(m, lv, [["O", i] for i in isolated])).failed)
         pages = await read_pages(self.store, m, [(lv, i) for i in isolated])
         for idx, page in zip(isolated, pages, strict=True):
+            # "Account the number of base pages even though THP"; a THP split on the way
+            # gives back the tails' share, they are scanned after it (5.17 shrink_page_list)
+            stats.scanned += page.nr_pages
             if idx in busy:
                 verdict = KEEP
             else:
@@ -111,7 +113,7 @@ class Vmscan:
     async def _shrink_one(self, m: Machine, lv: int, idx: int, page: Page,
                           stats: ShrinkStats, tails: list[int]) -> str:
         if self._locked(page):
-            stats.culled += 1
+            stats.culled += page.nr_pages
             return ACTIVATE  # "activate_locked": not evictable
         async with self.rmap.locked(m, page):
             maps = await self.rmap.mappings(m, lv, idx, page)
@@ -124,7 +126,7 @@ class Vmscan:
                 # §9.7: page_referenced_one reports VM_LOCKED -> PAGEREF_RECLAIM; then
                 # try_to_unmap_one mlocks the page (locked by reclaim) and fails the unmap.
                 await mlock_under_ptl(self.store, self.swap, m, lv, idx, locked[0])
-                stats.culled += 1
+                stats.culled += page.nr_pages
                 return KEEP
             if locked and m.cfg.reclaim_locked_activate:
                 # §5.2.1 page_referenced_one: "restore the mlock which got missed" - not
@@ -142,18 +144,19 @@ class Vmscan:
                     # in the order Linux would have.
                     if not await still_locked_mapping(self.store, mp, lv, idx):
                         await self.swap.run(m, lv, [["K", idx]])
-                stats.culled += 1
+                stats.culled += page.nr_pages
                 return ACTIVATE
             if page.has(PG.HEAD):
                 split = await self._split(m, lv, idx, page, tails)
                 if split is None:
                     return ACTIVATE  # cannot split (pmd-mapped, pinned): activate_locked
+                stats.scanned -= page.nr_pages - 1
                 page, maps = split
                 if self._locked(page):
                     # the remap mlocked it (a VM_LOCKED vma, S18).  Linux goes on to
                     # add_to_swap and try_to_unmap, which meets VM_LOCKED and fails, and
                     # activate_locked frees the slot again (PageMlocked): the same verdict
-                    stats.culled += 1
+                    stats.culled += page.nr_pages
                     return ACTIVATE
             slot = 0
             if page.has(PG.SWAPBACKED) and page.has(PG.ANON):
@@ -164,7 +167,7 @@ class Vmscan:
             if mapped < 0:
                 # reclaim_locked_activate off: PAGEREF_RECLAIM, and try_to_unmap_one met the
                 # VM_LOCKED vma, mlocked the page and failed (§5.3): kept, putback culls it
-                stats.culled += 1
+                stats.culled += page.nr_pages
                 return KEEP
             if mapped:
                 return KEEP  # still mapped after try_to_unmap (a racing fault): keep it
