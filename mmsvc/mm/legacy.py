@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from mmsvc.locks import Locks
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
-from mmsvc.mm.mm_struct import MmState, Pte, pt_walk
+from mmsvc.mm.mm_struct import MmState, Pte, pt_read, pt_walk
 from mmsvc.mm.page import PG, Page, PTEBit
 from mmsvc.mm.rmap import Mapping, Rmap, still_locked_mapping
 from mmsvc.mm.swap import Swap
@@ -81,13 +81,25 @@ class Legacy:
                                                     page_lock_stats(m, p.lv))
                 if held is None:
                     continue  # "vmscan will handle it later"
+                ident = identity(vma, vpn)
                 try:
                     await self.swap.lru_add_drain(m)
                     # the page's identity, re-checked where the page is: follow_page's
                     # reference under the PTL; a page freed or reused since is skipped
-                    await self.swap.run(m, p.lv, [["Y", p.idx, *identity(vma, vpn)]])
+                    res = await self.swap.run(m, p.lv, [["Y", p.idx, *ident]])
                 finally:
                     await self.locks.release(held)
+                if not res.failed and not await self._still_maps(mm.key, vpn, p):
+                    # follow_page mlocks under the PTL, which an rmap walker's zap of this
+                    # pte (reclaim, migration, truncation) also takes: it came before the
+                    # walk (no page) or after the mlock.  Here it slipped in between, so the
+                    # page is munlocked as that zap, after the mlock, would have it: checked
+                    # for other VM_LOCKED mappings (page_mlock) like any munlock.
+                    await self.munlock_page(m, p.lv, p.idx, ident)
+
+    async def _still_maps(self, mm_key: str, vpn: int, pte: Pte) -> bool:
+        now = (await pt_read(self.store, mm_key, vpn, vpn + 1)).get(vpn)
+        return now is not None and (now.lv, now.idx) == (pte.lv, pte.idx)
 
     async def _pmd_heads(self, m: Machine, ptes: dict[int, Pte]) -> dict[tuple[int, int], int]:
         """Total mappings (pmd + pte) of the THP heads mapped by pmds among ptes."""

@@ -19,7 +19,7 @@ from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
 from mmsvc.mm.mm_struct import Pte, load_mm, pt_install
 from mmsvc.mm.page import PG, Page, PTEBit
-from mmsvc.mm.rmap import Mapping, Rmap, page_add_rmap_ops, page_remove_rmap_ops
+from mmsvc.mm.rmap import Mapping, Rmap, page_add_rmap_ops, page_remove_rmap_ops, vma_now
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.types import MigrationDrain
 from mmsvc.mm.vma import Vma
@@ -104,9 +104,10 @@ class Migrate:
             entry = Pte(mp.pte.vpn, idx, lv, int(PTEBit.MIGRATION) | (mp.pte.bits & PTEBit.WRITE))
             if await pt_install(self.store, mp.mm_key, [entry], {mp.pte.vpn: mp.pte}):
                 continue
+            vma = await vma_now(self.store, mp.mm_key, mp.pte.vpn, mp.vma)
             done.append(mp)
-            await self.swap.run(m, lv, [*page_remove_rmap_ops(m, mp.vma, idx), ["P", idx]])
-            if mode == MigrationDrain.AFTER_EACH_LOCKED_UNMAP and mp.vma.locked:
+            await self.swap.run(m, lv, [*page_remove_rmap_ops(m, vma, idx), ["P", idx]])
+            if mode == MigrationDrain.AFTER_EACH_LOCKED_UNMAP and vma.locked:
                 await self.swap.lru_add_drain(m)  # mlock_drain_local() (11/13)
         if mode == MigrationDrain.RMAP_WALK_LEVEL:
             await self.swap.lru_add_drain(m)  # "at the upper rmap_walk() level" (§4.1)

@@ -44,6 +44,15 @@ async def still_locked_mapping(store: RedisStore, mp: Mapping, lv: int, idx: int
     return vma is not None and vma.locked
 
 
+async def vma_now(store: RedisStore, mm_key: str, vpn: int, seen: Vma) -> Vma:
+    """The vma of an rmap walker's pte as stored now (``seen``: as the walk read it; kept if
+    the process is gone).  Linux's walkers read vm_flags under the PTL, which an mlock's
+    range walk takes too after storing VM_LOCKED (§3.6): a walker that removed a pte reads
+    the flags after the removal, so that page_remove_rmap munlocks a page such a walk
+    mlocked in between (a munlock of a page it never mlocked changes nothing, §2.6)."""
+    return await vma_at(store, mm_key, vpn) or seen
+
+
 def rmap_lock_key(m: Machine, page: Page) -> str:
     if page.has(PG.KSM):  # rmap_walk_ksm: the stable node's rmap items (mm/ksm.py)
         return f"{stable_node_key(m, page.mapping)}:lock"

@@ -33,7 +33,7 @@ from mmsvc.mm.machine import FileInfo, Machine, refresh_files
 from mmsvc.mm.memory import Programs, read_pages, zap_range
 from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_install, pt_read
 from mmsvc.mm.page import PG, PTEBit
-from mmsvc.mm.rmap import Rmap, pte_unmap_ops
+from mmsvc.mm.rmap import Rmap, pte_unmap_ops, vma_now
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.vma import Vma
 from mmsvc.store import keys
@@ -133,6 +133,7 @@ class Truncate:
             if await pt_install(self.store, mm_key, [Pte(pte.vpn, 0, 0, 0)], {pte.vpn: pte}):
                 continue  # zapped meanwhile (munmap, reclaim): theirs
             done += 1
+            vma = await vma_now(self.store, mm_key, pte.vpn, vma)
             rmap.add(pte.lv, *pte_unmap_ops(m, vma, pte))
             puts.add(pte.lv, ["P", pte.idx])
         await rmap.execute(self.swap, m)

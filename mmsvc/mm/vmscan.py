@@ -27,7 +27,14 @@ from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs, read_pages
 from mmsvc.mm.mm_struct import Pte, pt_install
 from mmsvc.mm.page import LRU, PG, Page
-from mmsvc.mm.rmap import Mapping, Rmap, mlock_filter, pte_unmap_ops, still_locked_mapping
+from mmsvc.mm.rmap import (
+    Mapping,
+    Rmap,
+    mlock_filter,
+    pte_unmap_ops,
+    still_locked_mapping,
+    vma_now,
+)
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.swapfile import (
     delete_from_swap_cache,
@@ -238,10 +245,13 @@ class Vmscan:
         happens only with ``reclaim_locked_activate`` off, else §5.2 kept the page first."""
         ops: list[Op] = []
         for mp in maps:
-            if mp.vma.locked:
+            # Linux reads vm_flags under the PTL here, which an mlock's walk also takes after
+            # storing VM_LOCKED (§3.6): the vma as stored now, not as the rmap walk saw it
+            vma = await vma_now(self.store, mp.mm_key, mp.pte.vpn, mp.vma)
+            if vma.locked:
                 # §5.3: mlock_vma_page(page, vma, false), stop the walk, report failure; the
                 # vmas the walk met before it are unmapped already
-                ops += [["L", idx]] if mlock_filter(mp.vma) else []
+                ops += [["L", idx]] if mlock_filter(vma) else []
                 if ops:
                     await self.swap.run(m, lv, ops)
                 return -1
@@ -253,7 +263,9 @@ class Vmscan:
                 if slot:
                     await swap_duplicate(self.store, m, slot, -1)
                 continue  # zapped (or remapped) meanwhile by someone else
-            ops += [*pte_unmap_ops(m, mp.vma, mp.pte), ["P", idx]]
+            # an mlock may have stored VM_LOCKED and walked this pte since (rmap.vma_now)
+            vma = await vma_now(self.store, mp.mm_key, mp.pte.vpn, vma)
+            ops += [*pte_unmap_ops(m, vma, mp.pte), ["P", idx]]
         if ops:
             await self.swap.run(m, lv, ops)
         page = (await read_pages(self.store, m, [(lv, idx)]))[0]

@@ -1,0 +1,119 @@
+"""Reclaim's try_to_unmap racing an mlock of the vma it read unlocked (spec §3.6, §5.3).
+
+Linux's try_to_unmap_one reads vm_flags under the page table lock, which mlock's range walk
+also takes after it stored VM_LOCKED: either reclaim sees VM_LOCKED (it mlocks the page and
+fails), or it removes the pte before the walk gets there (the walk does not see the page).
+mmsvc's reclaim reads the mappings first, without that lock: an mlock that stores VM_LOCKED
+and walks the page in between must still end in one of those two outcomes - never an mlocked
+page with no VM_LOCKED mapping (Q4) or freed with PG_mlocked (Δcleared).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import mmsvc.mm.vmscan as vmscan
+from mmsvc.mm.rmap import Rmap
+from mmsvc.mm.types import FileSpec
+
+from .world import World, race_once, sub
+
+
+async def mapped_file_page(w: World) -> int:
+    await w.kernel.create_file(w.mid, FileSpec("f", 1, kind="regular"))
+    p = await w.proc()
+    await w.mmap(p, "m", 1, file="f", shared=True)
+    await w.touch(p, "m", write=False)
+    await w.drain_all()
+    return p
+
+
+def test_reclaim_sees_the_vm_locked_an_mlock_stored_after_its_rmap_walk(
+        run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def s(w: World) -> None:
+        p = await mapped_file_page(w)
+        # the mlock (flags stored, walk, populate) runs right after reclaim's rmap walk read
+        # the vma unlocked; reclaim must find VM_LOCKED at unmap time and keep the page
+        raced = race_once(monkeypatch, Rmap, "mappings", lambda: w.on(1).mlock(
+            w.mid, p, *w.rng(p, "m")))
+        res = await w.kernel.reclaim(w.mid, None, None, 8)
+        assert raced, "the mlock did not run"
+        await w.drain_all()
+        assert (res.reclaimed, res.culled) == (0, 1)
+        page = (await w.pages(p, "m"))[0]
+        assert (page.present, page.mlocked, page.unevictable) == (True, True, True)
+        d = await w.delta()
+        assert sub(d, mlocked=1, cleared=0, nr_mlock=1) == {
+            "mlocked": 1, "cleared": 0, "nr_mlock": 1}
+
+    run(s)
+
+
+def test_reclaim_munlocks_what_an_mlock_walked_before_its_pte_removal(
+        run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def s(w: World) -> None:
+        p = await mapped_file_page(w)
+        # the mlock runs after reclaim's last look at the vma, right before it removes the
+        # pte: the walk mlocked the page, so the removal munlocks it (page_remove_rmap in a
+        # VM_LOCKED vma) and the page leaves with its counts balanced
+        raced = race_once(monkeypatch, vmscan, "pt_install", lambda: w.on(1).mlock(
+            w.mid, p, *w.rng(p, "m")), before=True)
+        res = await w.kernel.reclaim(w.mid, None, None, 8)
+        assert raced, "the mlock did not run"
+        await w.drain_all()
+        # unmapped; kept in the page cache: the two batch entries (the mlock's and the
+        # munlock's) held references when reclaim tried to freeze it
+        assert (res.scanned, res.reclaimed) == (1, 0)
+        assert not (await w.pages(p, "m"))[0].present
+        d = await w.delta()
+        assert sub(d, mlocked=1, munlocked=1, cleared=0, nr_mlock=0) == {
+            "mlocked": 1, "munlocked": 1, "cleared": 0, "nr_mlock": 0}
+
+    run(s)
+
+
+def test_legacy_populate_munlocks_a_page_whose_pte_an_rmap_walker_zapped(
+        run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Legacy FOLL_MLOCK populate (§9.3.2) read p's pte, then an rmap walker zapped it
+    (unmap_mapping_folio, as truncation does) before the mlock: Linux's follow_page mlocks
+    under the PTL the zap takes, so it would not have found the page.  The page, still mapped
+    by q's unlocked vma, must not stay PG_mlocked (Q4)."""
+    import mmsvc.mm.legacy as legacy
+    from mmsvc.mm.memory import read_pages
+
+    async def s(w: World) -> None:
+        await w.kernel.create_file(w.mid, FileSpec("f", 1, kind="regular"))
+        p, q = await w.proc(), await w.proc()
+        for pid in (p, q):
+            await w.mmap(pid, "m", 1, file="f", shared=True)
+            await w.touch(pid, "m", write=False)
+        await w.drain_all()
+        real_walk = legacy.pt_walk
+        zapped: list[int] = []
+
+        async def walk_then_zap(store: Any, key: str, start: int, end: int,
+                                max_ptes: int = 4096) -> Any:
+            async for ptes in real_walk(store, key, start, end, max_ptes):
+                if not zapped:
+                    # another CPU's rmap walker removes p's pte of the page
+                    k1 = w.on(1)
+                    m = await k1.machine(w.mid)
+                    pte = next(iter(ptes.values()))
+                    page = (await read_pages(k1.store, m, [(pte.lv, pte.idx)]))[0]
+                    async with k1.rmap.locked(m, page):
+                        maps = await k1.rmap.mappings(m, pte.lv, pte.idx, page)
+                        mine = [(mp.mm_key, mp.vma, mp.pte) for mp in maps if mp.pid == p]
+                        zapped.append(await k1.truncator._zap(m, mine))
+                yield ptes
+
+        monkeypatch.setattr(legacy, "pt_walk", walk_then_zap)
+        await w.mlock(p, "m")
+        assert zapped == [1]
+        await w.drain_all()
+        page = (await w.pages(q, "m"))[0]
+        assert (page.present, page.mapcount, page.mlocked) == (True, 1, False)
+        assert not (await w.pages(p, "m"))[0].present
+
+    run(s, protocol="legacy")
