@@ -320,6 +320,13 @@ class Kernel:
 
     async def madvise(self, machine: str, pid: int, addr: int, length: int,
                       advice: Advice) -> None:
+        if advice == Advice.MADV_DONTNEED_LOCKED and \
+                str((await self.machine(machine)).cfg.protocol) == "legacy":
+            # Linux 5.18 added it with the rework: to a legacy (5.17) kernel it is an unknown
+            # advice (madvise_behavior_valid, checked first).  Its zap of VM_LOCKED ptes has
+            # no legacy munlock: page_remove_rmap clears PG_mlocked only with the last
+            # mapping, so a page another, unlocked vma maps would stay mlocked (Q4).
+            raise einval("MADV_DONTNEED_LOCKED: unknown advice before Linux 5.18 (legacy)")
         if addr < 0 or addr % 4096:
             raise einval("address not page aligned")
         if length < 0:

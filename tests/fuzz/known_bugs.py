@@ -57,14 +57,14 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
     ),
     KnownBug(
         key="q4-race",
-        summary="Q4 (PG_mlocked with no VM_LOCKED mapping) on a fuzz machine after the run: "
-                "session 4 fixed three races of an mlock decided on a vma read before its "
-                "munlock cleared VM_LOCKED and walked past the page (docs/concurrency.md "
-                "findings 19, 25, 26) and classified §8.3 row 14 as X3 (finding 21); the "
-                "last CI run before the fix of finding 26 still showed one on the "
-                "rework machine, and after it one run in six showed 11 pages on the legacy "
-                "machine (seed 4): another such path is left, most likely legacy - find "
-                "which mlock (Y op) ran on a page whose vma had been munlocked",
+        summary="Q4 (PG_mlocked with no VM_LOCKED mapping) on a fuzz machine after the run. "
+                "Session 5 found the legacy machine's cause (docs/concurrency.md finding 31: "
+                "MADV_DONTNEED_LOCKED zapped VM_LOCKED ptes of shared pages with no legacy "
+                "munlock; a 5.17 kernel refuses that advice now) and three PTL orderings of "
+                "rmap walkers against mlock (findings 28, 29); kept while fuzz runs with "
+                "seed 4 have not shown it gone for long - if it shows again, replay the "
+                "trace (loadtests.fuzz --replay TRACE --machine M --check-every 1) to find "
+                "the first call that leaves it",
         regression="",
         category="check",
         method="Check",

@@ -216,3 +216,31 @@ def test_legacy_migration_restore_racing_the_munlock_of_its_vma(
         assert (await w.delta())["nr_mlock"] == 0
 
     run(s, nodes=2, **LEGACY)
+
+
+def test_legacy_kernel_does_not_know_madv_dontneed_locked(run: Any) -> None:
+    """MADV_DONTNEED_LOCKED came with Linux 5.18, after the rework: a legacy (5.17) kernel
+    answers EINVAL and changes nothing.  It used to zap the VM_LOCKED ptes, and legacy's
+    page_remove_rmap clears PG_mlocked only with the last mapping: pages another, unlocked
+    vma also maps stayed mlocked (Q4, the fuzzer's `q4-race`)."""
+    from mmsvc.mm.errors import KernelError
+    from mmsvc.mm.types import Advice, FileSpec
+
+    async def s(w: World) -> None:
+        await w.kernel.create_file(w.mid, FileSpec("f", 4, kind="regular"))
+        p, q = await w.proc(), await w.proc()
+        for pid in (p, q):
+            await w.mmap(pid, "m", 4, file="f", shared=True)
+            await w.touch(pid, "m", write=False)
+        await w.mlock(p, "m")
+        await w.drain_all()
+        before = await w.delta()
+        for length in (4 * 4096, 0):
+            with pytest.raises(KernelError) as err:
+                await w.kernel.madvise(w.mid, p, w.rng(p, "m")[0], length,
+                                       Advice.MADV_DONTNEED_LOCKED)
+            assert err.value.errno == "EINVAL"
+        assert all(pg.present and pg.mlocked for pg in await w.pages(p, "m"))
+        assert await w.delta() == before
+
+    run(s, **LEGACY)
