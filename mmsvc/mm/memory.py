@@ -467,9 +467,7 @@ class Faults:
     ) -> None:
         new_ptes, expect, fresh = anon_ptes(mm, installs, wp_reuse, allocs, expect)
         await self._install(m, mm, vma, new_ptes, expect, fresh, last=True)
-        legacy = str(m.cfg.protocol) == "legacy"
-        if self.legacy_cow is not None and cow_old and vma.locked and legacy:
-            await self.legacy_cow(m, cow_old)
+        await self._legacy_cow(m, vma, cow_old)
 
     # ---------------------------------------------------------------- file / shmem -------
     async def _file(
@@ -610,6 +608,7 @@ class Faults:
         installs: list[tuple[int, tuple[int, int] | int, int]] = []
         spans: list[tuple[int, int]] = []  # each install's ops in progs
         expect: dict[int, Pte] = {}
+        cow_old: dict[int, tuple[int, int]] = {}  # vpn -> the page a COW copy replaces
         map_bits = int(PTEBit.PRESENT | (PTEBit.WRITE if vma.shared and vma.flags & VM.WRITE
                                          else 0))
         for vpn in sorted(set(wanted) | around):
@@ -647,6 +646,7 @@ class Faults:
                 if cur is not None:  # then the file page loses this mapping (wp_page_copy)
                     expect[vpn] = cur
                     progs.add(cur.lv, *pte_unmap_ops(m, vma, cur), ["P", cur.idx])
+                    cow_old[vpn] = (cur.lv, cur.idx)
                 installs.append((vpn, slots, int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)))
                 spans.append((begin, progs.mark()))
                 continue
@@ -686,13 +686,24 @@ class Faults:
             await self._map_file_pages(m, mm, vma, fkey, owner, done, new_cache,
                                        stop.allocated, {v: p for v, p in expect.items()
                                                         if v in vpns}, ptes)
+            await self._legacy_cow(m, vma, [old for v, old in cow_old.items() if v in vpns])
             raise KernelError("ENOMEM", stop.message) from stop
         except BaseException:
             await self._unclaim(mm, expect, originals)
             await self._release(m, grabbed)
             raise
-        return await self._map_file_pages(m, mm, vma, fkey, owner, installs, new_cache, allocs,
-                                          expect, ptes)
+        mapped = await self._map_file_pages(m, mm, vma, fkey, owner, installs, new_cache,
+                                            allocs, expect, ptes)
+        await self._legacy_cow(m, vma, list(cow_old.values()))
+        return mapped
+
+    async def _legacy_cow(self, m: Machine, vma: Vma, old: list[tuple[int, int]]) -> None:
+        """Legacy wp_page_copy in a VM_LOCKED vma: the old page (a file page, or the anonymous
+        copy a fork shares) is munlocked once this mapping of it is gone (§9.7), as in _anon:
+        else it stays PG_mlocked for mappings that are not locked (Q4)."""
+        if self.legacy_cow is not None and old and vma.locked and \
+                str(m.cfg.protocol) == "legacy":
+            await self.legacy_cow(m, old)
 
     async def _map_file_pages(
         self, m: Machine, mm: MmState, vma: Vma, fkey: str, owner: str,

@@ -244,3 +244,46 @@ def test_legacy_kernel_does_not_know_madv_dontneed_locked(run: Any) -> None:
         assert await w.delta() == before
 
     run(s, **LEGACY)
+
+
+@pytest.mark.parametrize("fork", [False, True], ids=["file-page", "forked-anon-copy"])
+def test_legacy_cow_in_a_locked_private_file_mapping_munlocks_the_old_page(
+        run: Any, fork: bool) -> None:
+    """wp_page_copy in a VM_LOCKED vma munlocks the page it copied (§9.7) - for private file
+    mappings too: the file page itself, or (after a fork) the anonymous copy parent and child
+    share.  The file side of the fault did not, and the old page stayed PG_mlocked for the
+    child's unlocked mapping (Q4: the fuzzer's legacy machine, replayed to one Mlock)."""
+    from mmsvc.mm.types import FileSpec
+
+    async def s(w: World) -> None:
+        await w.kernel.create_file(w.mid, FileSpec("f", 4, kind="regular"))
+        p = await w.proc()
+        # MAP_PRIVATE; read-only while mlock populates, so that the file pages themselves
+        # are mapped and mlocked (a writable one is COWed by the populate already)
+        await w.mmap(p, "m", 4, file="f", prot=3 if fork else 1)
+        if fork:
+            await w.touch(p, "m")  # private anonymous copies
+        await w.mlock(p, "m")
+        await w.drain_all()
+        others = []
+        if fork:
+            c = await w.kernel.fork(w.mid, p)  # shares the copies, write-protected
+            w.maps[(c, "m")] = w.maps[(p, "m")]
+            others = [c]
+        old = [pg.pfn for pg in await w.pages(p, "m")]
+        if not fork:
+            assert all(f.mlocked for f in await w.kernel.file_pages(w.mid, "f"))
+            # mprotect_fixup populates a VM_LOCKED private vma that gains VM_WRITE: COW
+            await w.kernel.mprotect(w.mid, p, *w.rng(p, "m"), 3)
+        await w.touch(p, "m")  # write: COW of each page in the VM_LOCKED vma
+        await w.drain_all()
+        mine = await w.pages(p, "m")
+        assert all(pg.mlocked and pg.pfn not in old for pg in mine)
+        for c in others:
+            theirs = await w.pages(c, "m")
+            assert [pg.pfn for pg in theirs] == old
+            assert not any(pg.mlocked for pg in theirs)
+        files = await w.kernel.file_pages(w.mid, "f")
+        assert not any(f.mlocked for f in files if f.present)
+
+    run(s, **LEGACY)
