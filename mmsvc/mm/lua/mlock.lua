@@ -81,6 +81,7 @@ local function mark_residue(idx, cpu)
         if e[1] == idx and e[2] == 'L' then
           e[2] = 'R'
           BDIRTY[k] = true
+          BMOD[k] = true  -- changed in place: commit() rewrites the list
         end
       end
     end

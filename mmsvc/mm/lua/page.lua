@@ -48,13 +48,17 @@ local function test_set(p, f) local was = has(p, f); set(p, f); return was end
 local CH = {}           -- chunk number -> chunk string as loaded (records of CHUNK_PAGES pages)
 local BATCH = {}        -- "which:cpu" -> entries of this lruvec's part of a CPU's batch
 local BDIRTY = {}       -- "which:cpu" -> true when BATCH differs from the store
+-- How BATCH differs from the stored list, so that commit() writes only the difference (the
+-- whole list rewritten per call was a good part of a one-page fault's cost): entries taken
+-- from its front, the stored length, and whether an entry was changed in place.
+local BORIG, BTAKEN, BMOD = {}, {}, {}
 local SINGLES = {}      -- chunk -> records read one by one (a few are cheaper than the chunk)
 
 local function ckey(c) return T .. ':pg:' .. c end
 
 local function begin(tag)
   T = tag; P = {}; PDIRTY = {}; MDIRTY = {}; EV = {}; FREED = 0; CH = {}; SINGLES = {}
-  BATCH = {}; BDIRTY = {}; FREE_PUSHES = {}
+  BATCH = {}; BDIRTY = {}; FREE_PUSHES = {}; BORIG = {}; BTAKEN = {}; BMOD = {}
   STATS = {offlru = 0, flushes = 0}
   local raw = redis.call('HGETALL', T .. ':meta')
   META = {}
@@ -83,6 +87,8 @@ local function batch(which, cpu)
     b = redis.call('LRANGE', T .. ':' .. k, 0, -1)
     for i = 1, #b do b[i] = entry_decode(b[i]) end
     BATCH[k] = b
+    BORIG[k] = #b
+    BTAKEN[k] = 0
   end
   return b, k
 end
@@ -102,6 +108,7 @@ local function batch_take(which, cpu, count)
   end
   BATCH[k] = rest
   BDIRTY[k] = true
+  BTAKEN[k] = BTAKEN[k] + #taken
   return taken
 end
 
@@ -215,12 +222,20 @@ local function commit()
   end
   for k in pairs(BDIRTY) do
     local key = T .. ':' .. k
-    redis.call('DEL', key)
+    local cur, orig, taken = BATCH[k], BORIG[k], BTAKEN[k]
+    local first = 1  -- the first entry of cur the store does not hold
+    if BMOD[k] or taken >= orig then
+      redis.call('DEL', key)
+    else
+      if taken > 0 then redis.call('LTRIM', key, taken, -1) end
+      first = orig - taken + 1
+    end
     local b = {}
-    for i, e in ipairs(BATCH[k]) do b[i] = entry_encode(e) end
+    for i = first, #cur do b[#b + 1] = entry_encode(cur[i]) end
     for i = 1, #b, 500 do
       redis.call('RPUSH', key, unpack(b, i, math.min(#b, i + 499)))
     end
+    BORIG[k], BTAKEN[k], BMOD[k] = #cur, 0, nil
     -- the CPUs with mlock batch entries in this lruvec (mark_residue looks at the others)
     if #b > 0 and string.sub(k, 1, 4) == 'mlb:' then
       redis.call('SADD', T .. ':mlbcpus', string.sub(k, 5))
