@@ -46,12 +46,13 @@ class KnownBug:
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
         key="long-call",
-        summary="a call on one process of the 2-node THP + swap machine (fuzz-numa) runs past "
-                "30 s, and the calls queued behind its mmap_lock with it (seen once in 4 runs "
-                "of session 4, starting with an Mlockall(MCL_CURRENT): populate faulting and "
-                "swapping up to 64k pages on a busy 2-core machine may simply take that long). "
-                "Not the lock-queue stall of session 3 (docs/concurrency.md finding 17): lock "
-                "leases are renewed and expired holders hand the lock on now",
+        summary="a call on the THP + swap machine (fuzz-numa) or the synchronous one "
+                "(fuzz-sync) runs past 30 s under the fuzzer's 32 calls in flight, and the "
+                "calls queued behind its locks with it (session 4: once in 4 runs; session "
+                "5: once in 12 runs, and once 22 calls of machine 4 in one run while tests "
+                "ran beside it).  Replayed one at a time a machine's calls take at most "
+                "1.5 s each: contention or a stall, not work - a py-spy dump of the server "
+                "while it happens would tell which",
         regression="",
         category="hang",
     ),
