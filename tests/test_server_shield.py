@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -76,3 +78,57 @@ async def test_the_error_of_an_abandoned_syscall_is_not_left_unretrieved() -> No
     # a caller still waiting gets the errno as before
     with pytest.raises(KernelError):
         await k.munlock()
+
+
+class LockWaiter:
+    async def acquire(self, key: str) -> None:
+        await asyncio.sleep(5)
+
+    async def mlock(self, key: str) -> None:
+        await self.acquire(key)
+
+
+@pytest.mark.asyncio
+async def test_running_syscalls_show_where_they_wait() -> None:
+    # What SIGUSR1 logs (mmsvc.server.app.log_running_syscalls): each syscall running longer
+    # than the threshold, with its chain of awaits down to the one it waits in.
+    k = ShieldedKernel(LockWaiter())
+    caller = asyncio.ensure_future(k.mlock("{m1:lv0}:lock"))
+    await asyncio.sleep(0.05)
+    assert k.running(older_than=10.0) == []
+    (call,) = k.running(older_than=0.01)
+    assert call["syscall"] == "mlock" and call["seconds"] >= 0.04
+    chain = call["awaiting"]
+    assert any(f.endswith("mlock [{m1:lv0}:lock]") for f in chain), chain
+    assert any(" acquire [{m1:lv0}:lock]" in f for f in chain), chain
+    assert chain[-1].endswith(" sleep"), chain
+    caller.cancel()
+    for task in list(k._running):
+        task.cancel()
+    await asyncio.sleep(0)
+
+
+class ContextWaiter:
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        await asyncio.sleep(5)
+        yield
+
+    async def munlock(self, key: str) -> None:
+        async with self.hold(key):
+            pass
+
+
+@pytest.mark.asyncio
+async def test_running_syscalls_follow_async_with() -> None:
+    k = ShieldedKernel(ContextWaiter())
+    caller = asyncio.ensure_future(k.munlock("{m1:mm2}:mmap_lock"))
+    await asyncio.sleep(0.05)
+    (call,) = k.running(older_than=0.01)
+    chain = call["awaiting"]
+    assert any(" hold [{m1:mm2}:mmap_lock]" in f for f in chain), chain
+    assert chain[-1].endswith(" sleep"), chain
+    caller.cancel()
+    for task in list(k._running):
+        task.cancel()
+    await asyncio.sleep(0)

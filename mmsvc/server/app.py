@@ -127,6 +127,11 @@ class MmsvcServer(grpc.aio.Server):
         """The first (shared) listening port."""
         return self.ports[0]
 
+    def running_syscalls(self, older_than: float = 0.0) -> list[dict[str, Any]]:
+        """The kernel's syscalls running longer than ``older_than`` s (ShieldedKernel.running)."""
+        running = getattr(self.kernel, "running", None)
+        return list(running(older_than)) if callable(running) else []
+
     @property
     def metrics_port(self) -> int | None:
         """The bound /metrics port (after start), or None when metrics are off."""
@@ -289,6 +294,13 @@ async def build_server(
     )
 
 
+def log_running_syscalls(server: MmsvcServer, older_than: float = 1.0) -> None:
+    running = server.running_syscalls(older_than)
+    log.warning("syscalls_running", count=len(running))
+    for call in running:
+        log.warning("syscall_running", **call)
+
+
 async def run_until_signalled(server: MmsvcServer, grace: float = 5.0) -> None:
     """Start ``server`` and serve until SIGINT/SIGTERM, then stop gracefully."""
     loop = asyncio.get_running_loop()
@@ -296,6 +308,10 @@ async def run_until_signalled(server: MmsvcServer, grace: float = 5.0) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        # kill -USR1 <worker>: log the syscalls running for more than a second and where
+        # each one waits (a hung call's lock, its store command)
+        loop.add_signal_handler(signal.SIGUSR1, log_running_syscalls, server)
     await server.start()
     try:
         # (not wait_for_termination(): cancelling it would cancel grpc's own shutdown future)

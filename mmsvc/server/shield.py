@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -32,6 +33,7 @@ class ShieldedKernel:
         self._inner = inner
         self._running: set[asyncio.Task[Any]] = set()
         self._abandoned: set[asyncio.Task[Any]] = set()
+        self._started: dict[asyncio.Task[Any], tuple[str, float]] = {}
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -56,6 +58,7 @@ class ShieldedKernel:
         async def call(*args: Any, **kwargs: Any) -> Any:
             task = asyncio.ensure_future(fn(*args, **kwargs))
             self._running.add(task)
+            self._started[task] = (fn.__name__, time.monotonic())
             task.add_done_callback(self._finished)
             try:
                 return await asyncio.shield(task)
@@ -70,6 +73,7 @@ class ShieldedKernel:
         read and logged here (asyncio would print "Task exception was never retrieved" with
         a traceback, for what is mostly a plain errno after the caller's deadline)."""
         self._running.discard(task)
+        self._started.pop(task, None)
         abandoned = task in self._abandoned
         self._abandoned.discard(task)
         if task.cancelled():
@@ -82,7 +86,41 @@ class ShieldedKernel:
         else:
             log.error("syscall_failed_after_cancel", exc_info=exc)
 
+    def running(self, older_than: float = 0.0) -> list[dict[str, Any]]:
+        """The syscalls running for more than ``older_than`` seconds, oldest first, each with
+        where it waits (its chain of awaits, innermost last, with the lock or store key a
+        frame holds in ``key``): what an operator needs when calls hang (SIGUSR1 logs it)."""
+        now = time.monotonic()
+        out = []
+        for task, (name, t0) in sorted(self._started.items(), key=lambda kv: kv[1][1]):
+            if now - t0 >= older_than and not task.done():
+                out.append({"syscall": name, "seconds": round(now - t0, 3),
+                            "awaiting": await_chain(task.get_coro())})
+        return out
+
     async def finish_running(self, timeout: float = 30.0) -> None:
         """Wait for syscalls still running (server shutdown)."""
         if self._running:
             await asyncio.wait(set(self._running), timeout=timeout)
+
+
+def await_chain(coro: Any, limit: int = 40) -> list[str]:
+    """file:line function [key] of each coroutine a suspended coroutine awaits, outermost
+    first (Task.get_stack shows the outermost frame only)."""
+    out: list[str] = []
+    while coro is not None and len(out) < limit:
+        frame = (getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+                 or getattr(coro, "ag_frame", None))
+        if frame is not None:
+            key = frame.f_locals.get("key")
+            where = f"{frame.f_code.co_filename.rsplit('/mmsvc/', 1)[-1]}:{frame.f_lineno}"
+            out.append(f"{where} {frame.f_code.co_name}"
+                       + (f" [{key}]" if isinstance(key, str) else ""))
+        nxt = (getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+               or getattr(coro, "ag_await", None))
+        if frame is not None and frame.f_code.co_name in ("__aenter__", "__aexit__"):
+            # `async with` an asynccontextmanager: it awaits anext() of its generator,
+            # which hides the generator; follow the generator itself
+            nxt = getattr(frame.f_locals.get("self"), "gen", None) or nxt
+        coro = nxt
+    return out
