@@ -51,8 +51,11 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
                 "calls queued behind its locks with it (session 4: once in 4 runs; session "
                 "5: once in 12 runs, and once 22 calls of machine 4 in one run while tests "
                 "ran beside it).  Replayed one at a time a machine's calls take at most "
-                "1.5 s each: contention or a stall, not work - a py-spy dump of the server "
-                "while it happens would tell which",
+                "1.5 s each.  SIGUSR1 snapshots of the server (docs/faults.md) during a run "
+                "showed the 6-12 s calls (Reclaim, Mmap, Exit) inside their store round "
+                "trips, not queued on a lock: calls of hundreds of round trips each (reclaim "
+                "reads rmap and vmas per page) on an event loop shared by 32 calls - slow "
+                "rather than stuck; fewer round trips per page would cure it",
         regression="",
         category="hang",
     ),
