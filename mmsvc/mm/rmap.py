@@ -49,7 +49,13 @@ async def vma_now(store: RedisStore, mm_key: str, vpn: int, seen: Vma) -> Vma:
     the process is gone).  Linux's walkers read vm_flags under the PTL, which an mlock's
     range walk takes too after storing VM_LOCKED (§3.6): a walker that removed a pte reads
     the flags after the removal, so that page_remove_rmap munlocks a page such a walk
-    mlocked in between (a munlock of a page it never mlocked changes nothing, §2.6)."""
+    mlocked in between (a munlock of a page it never mlocked changes nothing, §2.6).
+    One HGET when the vma the walk saw still covers vpn (the common case), else a scan."""
+    raw = await store.client.hget(f"{mm_key}:vma", str(seen.id))
+    if raw is not None:
+        vma = Vma.from_json(raw)
+        if vma.start <= vpn < vma.end:
+            return vma
     return await vma_at(store, mm_key, vpn) or seen
 
 
