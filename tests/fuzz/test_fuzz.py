@@ -10,7 +10,10 @@ elsewhere (known_bugs.py) make the test xfail instead.
 
     MMSVC_FUZZ_REQUESTS=100000 MMSVC_FUZZ_SEED=7 python -m pytest tests/fuzz/test_fuzz.py
 
-``MMSVC_FUZZ_SERVER_LOG=PATH`` keeps the server's log (tracebacks of server faults).
+``MMSVC_FUZZ_SERVER_LOG=PATH`` keeps the server's log (tracebacks of server faults);
+``MMSVC_FUZZ_TRACE=PATH`` keeps every call on the fuzzer's machines, for
+``python -m loadtests.fuzz --replay PATH --machine M --check-every 1``, which finds the first
+call after which a checker violation shows (if it is not a race: session 5's were not).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ SEED = int(os.environ.get("MMSVC_FUZZ_SEED", "1"))
 async def test_fuzz_a_real_server(redis_url: str) -> None:
     out = io.StringIO()
     cfg = FuzzConfig(requests=REQUESTS, redis_url=redis_url, seed=SEED, progress=False, out=out,
-                     server_log=os.environ.get("MMSVC_FUZZ_SERVER_LOG"))
+                     server_log=os.environ.get("MMSVC_FUZZ_SERVER_LOG"),
+                     trace=os.environ.get("MMSVC_FUZZ_TRACE"))
     report = await run_fuzz(cfg)
     print_report(report, out)
     text = out.getvalue()
