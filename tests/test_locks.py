@@ -90,25 +90,31 @@ async def test_a_waiter_whose_wait_fails_leaves_the_queue(store: RedisStore) -> 
     await cpu2.release(now)
 
 
+async def all_waiters_get_the_lock(store: RedisStore, waiters: int) -> list[int]:
+    """``waiters`` callers queue for one lock that CPU 0 holds; CPU 0 releases it; each
+    caller gets it in turn (within 10 s).  Returns the CPUs in the order they held it."""
+    key = lock_key()
+    cpus = [Locks(store, cpu=c) for c in range(waiters + 1)]
+    held = await cpus[0].acquire(key)
+    order: list[int] = []
+
+    async def take(c: int) -> None:
+        async with cpus[c].hold(key):
+            order.append(c)
+            await asyncio.sleep(0.01)
+
+    tasks = [asyncio.create_task(take(c)) for c in range(1, waiters + 1)]
+    await asyncio.sleep(0.3)
+    await cpus[0].release(held)  # needs a connection while the waits are blocked
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    return order
+
+
 async def test_waiters_never_take_the_connections_a_release_needs(redis_url: str) -> None:
     # Two connections, six callers queued for one lock: each waits in BLPOP for up to a lease.
     small = await RedisStore.connect(redis_url, max_connections=2)
     try:
-        key = lock_key()
-        cpus = [Locks(small, cpu=c) for c in range(7)]
-        held = await cpus[0].acquire(key)
-        order: list[int] = []
-
-        async def take(c: int) -> None:
-            async with cpus[c].hold(key):
-                order.append(c)
-                await asyncio.sleep(0.01)
-
-        waiters = [asyncio.create_task(take(c)) for c in range(1, 7)]
-        await asyncio.sleep(0.3)
-        await cpus[0].release(held)  # needs a connection while six waits are blocked
-        await asyncio.wait_for(asyncio.gather(*waiters), 10)
-        assert sorted(order) == [1, 2, 3, 4, 5, 6]
+        assert sorted(await all_waiters_get_the_lock(small, 6)) == [1, 2, 3, 4, 5, 6]
     finally:
         await small.close()
 
@@ -122,20 +128,7 @@ async def test_more_waiters_than_wait_connections_all_get_the_lock(redis_url: st
     small.wait_slice = 0.2
     try:
         await small.load_library()
-        key = lock_key()
-        cpus = [Locks(small, cpu=c) for c in range(9)]
-        held = await cpus[0].acquire(key)
-        order: list[int] = []
-
-        async def take(c: int) -> None:
-            async with cpus[c].hold(key):
-                order.append(c)
-
-        waiters = [asyncio.create_task(take(c)) for c in range(1, 9)]
-        await asyncio.sleep(0.3)
-        await cpus[0].release(held)
-        await asyncio.wait_for(asyncio.gather(*waiters), 10)
-        assert sorted(order) == list(range(1, 9))
+        assert sorted(await all_waiters_get_the_lock(small, 8)) == list(range(1, 9))
     finally:
         await small.close()
 

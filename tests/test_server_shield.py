@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -80,6 +81,20 @@ async def test_the_error_of_an_abandoned_syscall_is_not_left_unretrieved() -> No
         await k.munlock()
 
 
+@contextlib.asynccontextmanager
+async def running_call(k: ShieldedKernel, call: Any) -> AsyncIterator[None]:
+    """The syscall ``call`` running (its caller and the syscall cancelled afterwards)."""
+    caller = asyncio.ensure_future(call)
+    await asyncio.sleep(0.05)
+    try:
+        yield
+    finally:
+        caller.cancel()
+        for task in list(k._running):
+            task.cancel()
+        await asyncio.sleep(0)
+
+
 class LockWaiter:
     async def acquire(self, key: str) -> None:
         await asyncio.sleep(5)
@@ -93,19 +108,14 @@ async def test_running_syscalls_show_where_they_wait() -> None:
     # What SIGUSR1 logs (mmsvc.server.app.log_running_syscalls): each syscall running longer
     # than the threshold, with its chain of awaits down to the one it waits in.
     k = ShieldedKernel(LockWaiter())
-    caller = asyncio.ensure_future(k.mlock("{m1:lv0}:lock"))
-    await asyncio.sleep(0.05)
-    assert k.running(older_than=10.0) == []
-    (call,) = k.running(older_than=0.01)
+    async with running_call(k, k.mlock("{m1:lv0}:lock")):
+        assert k.running(older_than=10.0) == []
+        (call,) = k.running(older_than=0.01)
     assert call["syscall"] == "mlock" and call["seconds"] >= 0.04
     chain = call["awaiting"]
     assert any(f.endswith("mlock [{m1:lv0}:lock]") for f in chain), chain
     assert any(" acquire [{m1:lv0}:lock]" in f for f in chain), chain
     assert chain[-1].endswith(" sleep"), chain
-    caller.cancel()
-    for task in list(k._running):
-        task.cancel()
-    await asyncio.sleep(0)
 
 
 class ContextWaiter:
@@ -122,13 +132,8 @@ class ContextWaiter:
 @pytest.mark.asyncio
 async def test_running_syscalls_follow_async_with() -> None:
     k = ShieldedKernel(ContextWaiter())
-    caller = asyncio.ensure_future(k.munlock("{m1:mm2}:mmap_lock"))
-    await asyncio.sleep(0.05)
-    (call,) = k.running(older_than=0.01)
+    async with running_call(k, k.munlock("{m1:mm2}:mmap_lock")):
+        (call,) = k.running(older_than=0.01)
     chain = call["awaiting"]
     assert any(" hold [{m1:mm2}:mmap_lock]" in f for f in chain), chain
     assert chain[-1].endswith(" sleep"), chain
-    caller.cancel()
-    for task in list(k._running):
-        task.cancel()
-    await asyncio.sleep(0)

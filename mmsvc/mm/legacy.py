@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from mmsvc.locks import Locks
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
-from mmsvc.mm.mm_struct import MmState, Pte, pt_read, pt_walk
+from mmsvc.mm.mm_struct import MmState, Pte, pt_walk
 from mmsvc.mm.page import PG, Page, PTEBit
-from mmsvc.mm.rmap import Mapping, Rmap, still_locked_mapping
+from mmsvc.mm.rmap import Mapping, Rmap, pte_maps, still_locked_mapping
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.vma import Vma
 from mmsvc.store.redis_store import RedisStore
@@ -89,17 +89,13 @@ class Legacy:
                     res = await self.swap.run(m, p.lv, [["Y", p.idx, *ident]])
                 finally:
                     await self.locks.release(held)
-                if not res.failed and not await self._still_maps(mm.key, vpn, p):
+                if not res.failed and not await pte_maps(self.store, mm.key, vpn, p.lv, p.idx):
                     # follow_page mlocks under the PTL, which an rmap walker's zap of this
                     # pte (reclaim, migration, truncation) also takes: it came before the
                     # walk (no page) or after the mlock.  Here it slipped in between, so the
                     # page is munlocked as that zap, after the mlock, would have it: checked
                     # for other VM_LOCKED mappings (page_mlock) like any munlock.
                     await self.munlock_page(m, p.lv, p.idx, ident)
-
-    async def _still_maps(self, mm_key: str, vpn: int, pte: Pte) -> bool:
-        now = (await pt_read(self.store, mm_key, vpn, vpn + 1)).get(vpn)
-        return now is not None and (now.lv, now.idx) == (pte.lv, pte.idx)
 
     async def _pmd_heads(self, m: Machine, ptes: dict[int, Pte]) -> dict[tuple[int, int], int]:
         """Total mappings (pmd + pte) of the THP heads mapped by pmds among ptes."""

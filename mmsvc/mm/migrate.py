@@ -17,7 +17,7 @@ from mmsvc.mm.errors import KernelError
 from mmsvc.mm.legacy import mlock_under_ptl
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
-from mmsvc.mm.mm_struct import Pte, load_mm, pt_install
+from mmsvc.mm.mm_struct import Pte, pt_install
 from mmsvc.mm.page import PG, Page, PTEBit
 from mmsvc.mm.rmap import Mapping, Rmap, page_add_rmap_ops, page_remove_rmap_ops, vma_now
 from mmsvc.mm.swap import Op, Swap
@@ -125,7 +125,7 @@ class Migrate:
         the checker's X3)."""
         nlv, nidx = new
         for mp in maps:
-            mp = replace(mp, vma=await self._vma_now(m, mp))
+            mp = replace(mp, vma=await self._vma_now(mp))
             entry = Pte(mp.pte.vpn, idx, lv, int(PTEBit.MIGRATION) | (mp.pte.bits & PTEBit.WRITE))
             restored = Pte(mp.pte.vpn, nidx, nlv, mp.pte.bits)
             raced = await pt_install(self.store, mp.mm_key, [restored], {mp.pte.vpn: entry})
@@ -145,14 +145,9 @@ class Migrate:
         if mode == MigrationDrain.RMAP_WALK_LEVEL:
             await self.swap.lru_add_drain(m)
 
-    async def _vma_now(self, m: Machine, mp: Mapping) -> Vma:
-        """The vma covering the pte as last stored (rmap walkers read vm_flags without the
-        mmap_lock, §1.7.3); the one seen at unmap time if the process is gone."""
-        try:
-            mm = await load_mm(self.store, m, mp.pid)
-        except Exception:  # an exited process: its pte is gone too (the restore races)
-            return mp.vma
-        return next((v for v in mm.vmas if v.start <= mp.pte.vpn < v.end), mp.vma)
+    async def _vma_now(self, mp: Mapping) -> Vma:
+        """The restore's view of the pte's vma (rmap.vma_now), read when the entry goes."""
+        return await vma_now(self.store, mp.mm_key, mp.pte.vpn, mp.vma)
 
     async def _move(self, m: Machine, lv: int, idx: int, old: Page, target_lv: int,
                     maps: list[Mapping], mode: MigrationDrain) -> None:

@@ -32,13 +32,18 @@ class Mapping:
     pte: Pte
 
 
+async def pte_maps(store: RedisStore, mm_key: str, vpn: int, lv: int, idx: int) -> bool:
+    """Does the pte at vpn (still) map page (lv, idx)?"""
+    pte = (await pt_read(store, mm_key, vpn, vpn + 1)).get(vpn)
+    return pte is not None and (pte.lv, pte.idx) == (lv, idx)
+
+
 async def still_locked_mapping(store: RedisStore, mp: Mapping, lv: int, idx: int) -> bool:
     """After an rmap walker mlocked page (lv, idx) for mapping mp (read earlier, without the
     PTL): is mp's pte still that page, in a vma still VM_LOCKED?  Linux decides under the
     PTL, which a zap and a munlock walk (VM_LOCKED cleared first) also take; when this is
     False one of them slipped in between, and the walker munlocks in its place."""
-    pte = (await pt_read(store, mp.mm_key, mp.pte.vpn, mp.pte.vpn + 1)).get(mp.pte.vpn)
-    if pte is None or (pte.lv, pte.idx) != (lv, idx):
+    if not await pte_maps(store, mp.mm_key, mp.pte.vpn, lv, idx):
         return False
     vma = await vma_at(store, mp.mm_key, mp.pte.vpn)
     return vma is not None and vma.locked

@@ -31,9 +31,9 @@ class ShieldedKernel:
 
     def __init__(self, inner: object) -> None:
         self._inner = inner
-        self._running: set[asyncio.Task[Any]] = set()
+        # running syscalls -> (name, start): what finish_running waits for, SIGUSR1 shows
+        self._running: dict[asyncio.Task[Any], tuple[str, float]] = {}
         self._abandoned: set[asyncio.Task[Any]] = set()
-        self._started: dict[asyncio.Task[Any], tuple[str, float]] = {}
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -57,8 +57,7 @@ class ShieldedKernel:
         @functools.wraps(fn)
         async def call(*args: Any, **kwargs: Any) -> Any:
             task = asyncio.ensure_future(fn(*args, **kwargs))
-            self._running.add(task)
-            self._started[task] = (fn.__name__, time.monotonic())
+            self._running[task] = (fn.__name__, time.monotonic())
             task.add_done_callback(self._finished)
             try:
                 return await asyncio.shield(task)
@@ -72,8 +71,7 @@ class ShieldedKernel:
         """A syscall ended.  When its RPC had been cancelled nobody reads its outcome: it is
         read and logged here (asyncio would print "Task exception was never retrieved" with
         a traceback, for what is mostly a plain errno after the caller's deadline)."""
-        self._running.discard(task)
-        self._started.pop(task, None)
+        self._running.pop(task, None)
         abandoned = task in self._abandoned
         self._abandoned.discard(task)
         if task.cancelled():
@@ -92,7 +90,7 @@ class ShieldedKernel:
         frame holds in ``key``): what an operator needs when calls hang (SIGUSR1 logs it)."""
         now = time.monotonic()
         out = []
-        for task, (name, t0) in sorted(self._started.items(), key=lambda kv: kv[1][1]):
+        for task, (name, t0) in sorted(self._running.items(), key=lambda kv: kv[1][1]):
             if now - t0 >= older_than and not task.done():
                 out.append({"syscall": name, "seconds": round(now - t0, 3),
                             "awaiting": await_chain(task.get_coro())})

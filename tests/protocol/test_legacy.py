@@ -224,14 +224,10 @@ def test_legacy_kernel_does_not_know_madv_dontneed_locked(run: Any) -> None:
     page_remove_rmap clears PG_mlocked only with the last mapping: pages another, unlocked
     vma also maps stayed mlocked (Q4, the fuzzer's `q4-race`)."""
     from mmsvc.mm.errors import KernelError
-    from mmsvc.mm.types import Advice, FileSpec
+    from mmsvc.mm.types import Advice
 
     async def s(w: World) -> None:
-        await w.kernel.create_file(w.mid, FileSpec("f", 4, kind="regular"))
-        p, q = await w.proc(), await w.proc()
-        for pid in (p, q):
-            await w.mmap(pid, "m", 4, file="f", shared=True)
-            await w.touch(pid, "m", write=False)
+        p, _q = await w.sharers(pages=4, regular=True)
         await w.mlock(p, "m")
         await w.drain_all()
         before = await w.delta()

@@ -84,12 +84,7 @@ def test_legacy_populate_munlocks_a_page_whose_pte_an_rmap_walker_zapped(
     from mmsvc.mm.memory import read_pages
 
     async def s(w: World) -> None:
-        await w.kernel.create_file(w.mid, FileSpec("f", 1, kind="regular"))
-        p, q = await w.proc(), await w.proc()
-        for pid in (p, q):
-            await w.mmap(pid, "m", 1, file="f", shared=True)
-            await w.touch(pid, "m", write=False)
-        await w.drain_all()
+        p, q = await w.sharers(regular=True)
         real_walk = legacy.pt_walk
         zapped: list[int] = []
 

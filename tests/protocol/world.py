@@ -55,13 +55,18 @@ class World:
     async def proc(self, **spec: Any) -> int:
         return await self.kernel.create_process(self.mid, ProcessSpec(**spec))
 
-    async def sharers(self, *, touch: bool = True, mlock: tuple[int, ...] = ()) -> list[int]:
-        """Two processes mapping page 0 of a new prefilled file "f" shared as "m" (read
-        faulted in with touch; mlocked in the processes numbered in mlock), drained."""
-        await self.file("f", 1, prefill=True)
+    async def sharers(self, *, touch: bool = True, mlock: tuple[int, ...] = (),
+                      pages: int = 1, regular: bool = False) -> list[int]:
+        """Two processes mapping a new file "f" of ``pages`` pages (prefilled tmpfs, or a
+        regular file) shared as "m" (read faulted in with touch; mlocked in the processes
+        numbered in mlock), drained."""
+        if regular:
+            await self.kernel.create_file(self.mid, FileSpec("f", pages, kind="regular"))
+        else:
+            await self.file("f", pages, prefill=True)
         pids = [await self.proc(), await self.proc()]
         for i, p in enumerate(pids):
-            await self.mmap(p, "m", 1, file="f", shared=True)
+            await self.mmap(p, "m", pages, file="f", shared=True)
             if touch:
                 await self.touch(p, "m", write=False)
             if i in mlock:
