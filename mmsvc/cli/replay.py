@@ -244,6 +244,7 @@ class Replayer:
     async def run(self, keep_machine: bool = False) -> dict[str, Any]:
         name = self.trace.get("name", "")
         cfg = MachineConfig(
+            thp=bool(self.trace.get("thp", False)),  # the format's extension "thp": true
             mlock_batch_len=self.batch_size,
             lru_add_batch_len=self.batch_size,
             name=f"replay:{name}"[:256],

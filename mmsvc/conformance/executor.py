@@ -18,6 +18,7 @@ from mmsvc.conformance import protocol as P
 from mmsvc.conformance import trace as T
 from mmsvc.conformance.coordinator import Coordinator
 from mmsvc.conformance.errors import ExecutorFailure, ScenarioError, Unsupported
+from mmsvc.conformance.host import check_thp_host
 
 MAP_BASE = 0x1000_0000_0000  # 16 TiB: far below the mmap base, above any binary
 SLOT_ALIGN = 2 << 20
@@ -66,6 +67,8 @@ class Execution:
 
     # ---- world set-up (before the baseline) ----
     def setup(self) -> None:
+        if self.trace.get("thp"):
+            check_thp_host()
         for name, spec in self.trace.get("files", {}).items():
             prefill = bool(spec.get("prefill", False))
             fd = int(self.coord.ok(f"F {int(spec['pages'])} {int(prefill)}")[0])
@@ -74,7 +77,8 @@ class Execution:
         self.drainer_pid = int(self.coord.ok("S 0")[0])
         for name in self.trace.get("procs", ["p0"]):
             slot = self._take_slot()
-            pid = int(self.coord.ok(f"S {slot}")[0])
+            thp = " 1" if self.trace.get("thp") else ""  # "thp": true (docs/conformance.md)
+            pid = int(self.coord.ok(f"S {slot}{thp}")[0])
             self.procs[name] = Proc(name, slot, pid=pid)
         self.coord.ok("R")  # batches start empty
 

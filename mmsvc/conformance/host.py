@@ -43,6 +43,23 @@ def check_host() -> None:
         raise HostUnsupported("/dev/shm (tmpfs) is missing")
 
 
+SHMEM_THP = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+
+
+def check_thp_host() -> None:
+    """A trace with "thp": true (MADV_COLLAPSE of tmpfs pages) needs file THPs that appear
+    only when the trace makes them: shmem_enabled ``never`` or ``advise`` - with ``always``
+    the prefill would already write huge pages, with ``deny`` MADV_COLLAPSE is refused."""
+    try:
+        with open(SHMEM_THP) as f:
+            setting = f.read()
+    except OSError as exc:
+        raise HostUnsupported(f"no shmem THP support ({SHMEM_THP}): {exc}") from exc
+    chosen = setting[setting.find("[") + 1:setting.find("]")]
+    if chosen not in ("never", "advise"):
+        raise HostUnsupported(f"shmem_enabled is [{chosen}]: THP traces need never or advise")
+
+
 def choose_cpus(scenario: int | None = None, driver: int | None = None) -> Cpus:
     """Scenario CPU defaults to the highest allowed CPU, the driver to the lowest other one."""
     allowed = sorted(os.sched_getaffinity(0))

@@ -25,8 +25,9 @@
  * Line protocol (one reply line per command, "ok ..." or "err MESSAGE"):
  *   F PAGES PREFILL       create a tmpfs file in /dev/shm (unlinked at once), reply: ok FD
  *   D                     drain the coordinator's own cpu (after prefilling files)
- *   S SLOT                spawn a root scenario process in SLOT, reply: ok PID (slot 0 is the
- *                         drainer: it also gets its scratch page at DRAIN_SCRATCH)
+ *   S SLOT [THP]          spawn a root scenario process in SLOT, reply: ok PID (slot 0 is the
+ *                         drainer: it also gets its scratch page at DRAIN_SCRATCH); THP 1
+ *                         leaves transparent hugepages allowed (a trace with "thp": true)
  *   R                     drain the scenario cpu (the drainer runs OP_DRAIN)
  *   C SLOT OP A0..A6      run runtime command OP in SLOT, reply: ok RET AUX | dead
  *   X SLOT                make SLOT exit, reply ok once its address space is torn down
@@ -405,7 +406,7 @@ static void unregister_rseq(void)
 }
 
 /* Child half of "S": runs in the forked copy of the coordinator, then enters the runtime. */
-static void become_scenario_process(int slot)
+static void become_scenario_process(int slot, int thp)
 {
     struct rt_slot *s = slot_at(slot);
     struct rlimit rl = {8L << 20, 8L << 20};
@@ -414,7 +415,7 @@ static void become_scenario_process(int slot)
     int fd;
 
     pin(scen_cpu);
-    if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0)
+    if (!thp && prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0)
         die("PR_SET_THP_DISABLE");
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0)
         die("PR_SET_PDEATHSIG");
@@ -644,14 +645,14 @@ static void serve(void)
         } else if (op == 'D') {
             drain_self();
             reply("ok");
-        } else if (op == 'S' && n == 1 && v[0] >= 0 && v[0] < nslots) {
+        } else if (op == 'S' && (n == 1 || n == 2) && v[0] >= 0 && v[0] < nslots) {
             pid_t pid;
             fflush(stdout);
             pid = fork();
             if (pid < 0)
                 die("fork");
             if (pid == 0)
-                become_scenario_process((int)v[0]);
+                become_scenario_process((int)v[0], n == 2 && v[1] == 1);
             track((int)v[0], pid);
             {
                 /* answer only once the child serves commands from the runtime */

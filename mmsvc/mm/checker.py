@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from mmsvc.mm.filemap import cached_pages
 from mmsvc.mm.gup import pin_refs
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.mm_struct import MmState, load_mm, pt_read
@@ -107,11 +108,13 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
     pending = sum(batch_refs.values())
     cache_refs: set[PageRef] = set()
     for f in list(m.files.values()):
-        for val in (await store.client.hgetall(f"{keys.file(m.mid, f.fid)}:pc")).values():
-            entry = text(val)
-            if not entry.startswith("busy|"):
-                clv, cidx = entry.split("|")
-                cache_refs.add((int(clv), int(cidx)))
+        for index, slot in (await cached_pages(store, m, f.fid)).items():
+            cache_refs.add(slot.ref)  # a file THP holds one reference for all its slots
+            cp = pages.get(slot.ref)
+            if slot.is_thp and (cp is None or not cp.has(PG.HEAD) or cp.index != slot.base
+                                or not cp.index <= index < cp.index + cp.nr_pages):
+                v.append(f"A6 file {f.name} slot {index}: names THP {slot.ref} that does "
+                         "not cover it")
 
     # M(p): ptes in VM_LOCKED vmas outside a VM_IO window; mapcounts from page tables.
     locked_maps: Counter[PageRef] = Counter()

@@ -25,13 +25,13 @@ from collections import defaultdict
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
 from mmsvc.mm.mm_struct import Pte, load_mm, pt_install, pt_read
-from mmsvc.mm.page import PG, SUBPAGE_SHIFT, Page, PTEBit
-from mmsvc.mm.rmap import Mapping, mlock_filter
+from mmsvc.mm.page import PG, PTRS_PER_PMD, SUBPAGE_SHIFT, Page, PTEBit
+from mmsvc.mm.rmap import Mapping, mlock_filter, try_to_unmap_ignore_mlock
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.types import MigrationDrain
 from mmsvc.mm.vma import Vma
 from mmsvc.store import keys
-from mmsvc.store.redis_store import RedisStore
+from mmsvc.store.redis_store import RedisStore, text
 
 _PTE_FLAGS = (1 << SUBPAGE_SHIFT) - 1  # a subpage pte's bits below its subpage number
 
@@ -43,12 +43,15 @@ def subpage_of(pte: Pte) -> int:
 
 async def thp_mappings(store: RedisStore, m: Machine, lv: int, idx: int,
                        page: Page) -> list[Mapping]:
-    """rmap_walk of an anonymous THP: every pte (a pmd mapping: once per virtual page) that
-    maps it in each VMA of its anon_vma over the THP's range.  The caller holds the
-    anon_vma lock."""
+    """rmap_walk of a THP: every pte of a subpage and every pmd (once, at its first
+    address) that maps it in each VMA of its anon_vma or file over the THP's range.  The
+    caller holds the anon_vma lock or i_mmap_rwsem."""
     out: list[Mapping] = []
-    raw = await store.client.smembers(f"{keys.anon_vma(m.mid, page.mapping)}:pids")
-    for pid in sorted(int(p) for p in raw):
+    if page.has(PG.ANON):
+        raw = list(await store.client.smembers(f"{keys.anon_vma(m.mid, page.mapping)}:pids"))
+    else:
+        raw = list(await store.client.hkeys(f"{keys.file(m.mid, page.mapping)}:immap"))
+    for pid in sorted({int(text(p).split("|")[0]) for p in raw}):
         try:
             mm = await load_mm(store, m, pid)
         except Exception:  # an exited process: nothing of it maps the page
@@ -56,12 +59,16 @@ async def thp_mappings(store: RedisStore, m: Machine, lv: int, idx: int,
         for vma in mm.vmas:
             lo = max(page.index, vma.pgoff)
             hi = min(page.index + page.nr_pages, vma.pgoff + vma.pages)
-            if lo >= hi or not vma.may_map_anon(page.mapping):
+            if lo >= hi:
+                continue
+            if not (vma.may_map_anon(page.mapping) if page.has(PG.ANON)
+                    else vma.file == page.mapping):
                 continue
             ptes = await pt_read(store, mm.key, vma.start + lo - vma.pgoff,
                                  vma.start + hi - vma.pgoff)
             out += [Mapping(pid, mm.key, vma, p) for p in ptes.values()
-                    if (p.lv, p.idx) == (lv, idx) and not p.bits & PTEBit.ZERO]
+                    if (p.lv, p.idx) == (lv, idx) and not p.bits & PTEBit.ZERO
+                    and not (p.is_pmd and p.vpn % PTRS_PER_PMD)]
     return out
 
 
@@ -96,6 +103,32 @@ class HugeMemory:
         await self._remap(m, lv, idx, maps, tails)
         # split_huge_page_to_list's end: the tails are unlocked and the split's reference
         # on each is dropped (the isolator's stays with the page on its list)
+        await self.swap.run(m, lv, [op for t in tails
+                                    for op in (["F", t, 0, int(PG.LOCKED)], ["P", t])])
+        return tails
+
+    async def split_file_thp(self, m: Machine, lv: int, idx: int) -> list[int] | None:
+        """split_huge_page_to_list of a file THP (lv, idx), locked by the caller, who holds a
+        reference (its isolation or its lookup) and i_mmap_rwsem.  unmap_folio for a file
+        page is try_to_unmap(TTU_SPLIT_HUGE_PMD | TTU_IGNORE_MLOCK): every pmd and subpage
+        pte goes - a pmd in a VM_LOCKED vma munlocks the THP - and nothing is remapped: "a
+        file THP is left unmapped and its pages are counted again when refaulted" (§5.2.5).
+        Then the freeze at the page cache's reference and the caller's, __split_huge_page
+        (each tail a page cache page with the cache's reference, still locked), the cache
+        slots repointed (pc_split) while every subpage is locked, and the tails unlocked
+        with the split's reference dropped.  Returns the tails (subpages 1 .. nr-1), or None
+        when a racing reference fails the freeze: the THP stays whole (and unmapped)."""
+        head = (await read_pages(self.store, m, [(lv, idx)]))[0]
+        if not head.has(PG.HEAD) or head.has(PG.ANON):
+            return None
+        maps = await thp_mappings(self.store, m, lv, idx, head)
+        await try_to_unmap_ignore_mlock(self.store, self.swap, m, lv, idx, maps)
+        res = await self.swap.run(m, lv, [["R", idx, 2], ["split", idx]])
+        if res.failed:
+            return None
+        tails = res.allocs
+        await self.store.fcall("pc_split", keys.file(m.mid, head.mapping),
+                               f"{lv}|{idx}|{head.index}", *tails)
         await self.swap.run(m, lv, [op for t in tails
                                     for op in (["F", t, 0, int(PG.LOCKED)], ["P", t])])
         return tails

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mmsvc.mm.errors import KernelError, einval
+from mmsvc.mm.khugepaged import Khugepaged
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Faults, Programs, zap_range
 from mmsvc.mm.mlock import Mlock
@@ -42,7 +43,8 @@ POPULATE = (Advice.MADV_POPULATE_READ, Advice.MADV_POPULATE_WRITE)
 
 class Madvise:
     def __init__(self, store: RedisStore, swap: Swap, faults: Faults, mlock: Mlock,
-                 vmscan: Vmscan) -> None:
+                 vmscan: Vmscan, khugepaged: Khugepaged) -> None:
+        self.khugepaged = khugepaged
         self.store = store
         self.swap = swap
         self.faults = faults
@@ -85,6 +87,8 @@ class Madvise:
             await self._each_page(m, mm, [vma], start, end, "Z", exclusive=True)
         elif advice == Advice.MADV_PAGEOUT:
             await self._pageout(m, mm, [vma], start, end)
+        elif advice == Advice.MADV_COLLAPSE:
+            await self.khugepaged.madvise_collapse(m, mm, vma, start, end)
         else:  # pragma: no cover - Advice is a closed enum
             raise einval(f"unsupported advice {advice!r}")
 

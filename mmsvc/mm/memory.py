@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from mmsvc.locks import Held, Locks
 from mmsvc.mm.errors import KernelError
+from mmsvc.mm.filemap import FilePmd, Slot, map_ops, parse_slot, slot_bits
 from mmsvc.mm.machine import FileInfo, Machine, new_id, refresh_files
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap, pte_args
 from mmsvc.mm.page import PG, PTRS_PER_PMD, Page, PTEBit
@@ -477,6 +478,8 @@ class Faults:
         f = m.file_by_id(vma.file)
         fkey = keys.file(m.mid, vma.file)
         cow = write and not vma.shared
+        if m.cfg.thp:
+            ptes = await self._file_pmds(m, mm, vma, start, end, write, ptes)
         wanted: list[int] = []  # vpns needing a fault
         for vpn in range(start, end):
             cur = ptes.get(vpn)
@@ -514,7 +517,7 @@ class Faults:
         looked = await self.store.fcall("pc_lookup_flags", fkey, owner, *indices)
         # the mapping's flags with the reservations: SHM_LOCK's PG_UNEVICTABLE_MAPPING (shm.py)
         mapping_flags = int(looked.pop())
-        cache: dict[int, tuple[int, int] | None] = {}
+        cache: dict[int, Slot | None] = {}
         for index, val in zip(indices, looked, strict=True):
             s = val.decode()
             if s == "eof":
@@ -528,22 +531,22 @@ class Faults:
                 await self._drop_reservations(fkey, owner, [
                     i for i, v in zip(indices, looked, strict=True) if v == b"new"])
                 raise FaultRace("page cache page is being read in by another task")
-            cache[index] = None if s == "new" else _lv_idx(s)
+            cache[index] = None if s == "new" else parse_slot(s)
         around_idx = sorted({vma.linear_index(v) for v in around} - set(cache))
         mine = [i for i, v in cache.items() if v is None]
         try:
             if around_idx:
                 peek = await self.store.fcall("pc_peek", fkey, *around_idx)
-                around_cache = {i: _lv_idx(v.decode())
-                                for i, v in zip(around_idx, peek, strict=True) if v}
+                around_cache = {i: slot for i, v in zip(around_idx, peek, strict=True)
+                                if v and (slot := parse_slot(v)) is not None}
             else:
                 around_cache = {}
             hits = {i: v for i, v in cache.items() if v is not None}
             lost = await self._grab(m, vma.file, {**around_cache, **hits})
             around_cache = {i: v for i, v in around_cache.items() if i not in lost}
             if lost & hits.keys():
-                await self._release(m, [v for i, v in {**around_cache, **hits}.items()
-                                        if i not in lost])
+                await self._release(m, _pages({i: v for i, v in {**around_cache, **hits}.items()
+                                               if i not in lost}))
                 raise FaultRace("page cache page locked, being freed or migrated")
         except BaseException:
             await self._drop_reservations(fkey, owner, mine)
@@ -555,29 +558,55 @@ class Faults:
             await self._drop_reservations(fkey, owner, mine)
             raise
 
+    async def _file_pmds(self, m: Machine, mm: MmState, vma: Vma, start: int, end: int,
+                         write: bool, ptes: dict[int, Pte]) -> dict[int, Pte]:
+        """The pmd level of a file fault (filemap.py): an empty pmd whose aligned range the
+        page cache holds as a THP is mapped by the pmd itself (do_set_pmd); a write to a
+        read-only file pmd splits it (do_huge_pmd_wp_page's fallback: COW or mkwrite at the
+        pte level).  Returns the ptes of [start, end) as they are now."""
+        fp = FilePmd(self.store, self.swap)
+        changed = False
+        for pmd in range(start // PTRS_PER_PMD, (end - 1) // PTRS_PER_PMD + 1):
+            base = pmd * PTRS_PER_PMD
+            in_pmd = [p for v, p in ptes.items() if base <= v < base + PTRS_PER_PMD]
+            huge = next((p for p in in_pmd if p.is_pmd), None)
+            if huge is not None:
+                if write and not huge.bits & PTEBit.WRITE:
+                    changed |= await split_huge_pmd(self.store, self.swap, m, mm, vma, pmd)
+                continue
+            if in_pmd or (write and not vma.shared):
+                continue  # a page table exists, or do_cow_fault: small anonymous copies
+            changed |= await fp.map_pmd(m, mm, vma, pmd, write)
+        if changed:
+            ptes = await pt_read(self.store, mm.key, start, end, walk=True)
+        return ptes
+
     async def _resized(self, m: Machine, f: FileInfo) -> bool:
         """Reload the file registry (sizes change with ftruncate, mm/truncate.py); True when
         f's size is not what this CPU had cached."""
         await refresh_files(self.store, m)
         return m.file_by_id(f.fid).pages != f.pages
 
-    async def _grab(self, m: Machine, fid: int, found: dict[int, tuple[int, int]]) -> set[int]:
+    async def _grab(self, m: Machine, fid: int, found: dict[int, Slot]) -> set[int]:
         """filemap_get_folio + lock_page for pages the page cache lookups found (the lookup
         holds no reference): a reference and PG_locked on each, in file order.  Returns the
         file indices whose page was freed, frozen or reused meanwhile, or is locked by someone
         else (reclaim, migration, another fault): the faulting page then retries, as
         filemap_fault waits on the page lock; a fault-around page is skipped, as
-        filemap_map_pages' trylock does."""
+        filemap_map_pages' trylock does.  A file THP is taken once, whichever of its
+        subpages are wanted."""
         by_lv: dict[int, list[Op]] = defaultdict(list)
-        where: dict[tuple[int, int], int] = {}
+        where: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index in sorted(found):
-            lv, idx = found[index]
-            by_lv[lv].append(["T", idx, fid, index, 1])
-            where[(lv, idx)] = index
+            slot = found[index]
+            if slot.ref not in where:
+                by_lv[slot.lv].append(["T", slot.idx, fid, slot.lookup_index(index), 1])
+            where[slot.ref].append(index)
         lost: set[int] = set()
         for lv, ops in by_lv.items():
             res = await self.swap.run(m, lv, ops)
-            lost.update(where[(lv, idx)] for idx in res.failed)
+            for idx in res.failed:
+                lost.update(where[(lv, idx)])
         return lost
 
     async def _release(self, m: Machine, pages: list[tuple[int, int]]) -> None:
@@ -597,8 +626,8 @@ class Faults:
 
     async def _file_map(
         self, m: Machine, mm: MmState, vma: Vma, fkey: str, owner: str, wanted: list[int],
-        around: set[int], cache: dict[int, tuple[int, int] | None],
-        around_cache: dict[int, tuple[int, int]], write: bool, cow: bool, ptes: dict[int, Pte],
+        around: set[int], cache: dict[int, Slot | None],
+        around_cache: dict[int, Slot], write: bool, cow: bool, ptes: dict[int, Pte],
         mapping_flags: int = 0,
     ) -> int:
         lv = mm.lv
@@ -619,8 +648,8 @@ class Faults:
                 hit = around_cache.get(index)
                 if hit is None:
                     continue
-                progs.add(hit[0], *page_add_rmap_ops(m, vma, hit[1]))
-                installs.append((vpn, hit, map_bits))
+                progs.add(hit.lv, *map_ops(m, vma, hit))
+                installs.append((vpn, hit.ref, slot_bits(hit, index, map_bits)))
                 spans.append((begin, progs.mark()))
                 continue
             page = cache[index]
@@ -650,17 +679,18 @@ class Faults:
                 installs.append((vpn, slots, int(PTEBit.PRESENT | PTEBit.WRITE | PTEBit.DIRTY)))
                 spans.append((begin, progs.mark()))
                 continue
-            ref: tuple[int, int] | int = page if page is not None else new_cache[index]
-            if isinstance(ref, tuple):
-                progs.add(ref[0], *page_add_rmap_ops(m, vma, ref[1]))
+            bits = map_bits | (PTEBit.DIRTY if write else 0)
+            if page is not None:
+                progs.add(page.lv, *map_ops(m, vma, page))
+                installs.append((vpn, page.ref, slot_bits(page, index, bits)))
             else:
-                progs.add(lv, *page_add_rmap_ops(m, vma, -ref))
-            installs.append((vpn, ref, map_bits | (PTEBit.DIRTY if write else 0)))
+                progs.add(lv, *page_add_rmap_ops(m, vma, -new_cache[index]))
+                installs.append((vpn, new_cache[index], bits))
             spans.append((begin, progs.mark()))
         # The pages _grab locked and referenced: unlocked once mapped and mlocked (finish_fault
         # then unlock_page), so that reclaim, which locks the page before it looks at
         # PG_mlocked and the rmap, sees the fault's mlock and repairs nothing twice (§5.2).
-        grabbed = [v for i, v in {**around_cache, **cache}.items() if v is not None]
+        grabbed = _pages({**around_cache, **cache})
         for glv, gidx in grabbed:
             progs.add(glv, ["F", gidx, 0, int(PG.LOCKED)], ["P", gidx])
         # A COW replaces a mapped page: claim its pte first, as _anon does, so that of two
@@ -781,9 +811,14 @@ class Faults:
         undo = Programs.empty()
         for p in new:
             if p.vpn in raced and p.vpn in mapped and not p.bits & PTEBit.ZERO:
-                undo.add(p.lv, *page_remove_rmap_ops(m, vma, p.idx), ["P", p.idx])
+                undo.add(p.lv, *pte_unmap_ops(m, vma, p), ["P", p.idx])
         await undo.execute(self.swap, m)
         raise FaultRace(f"concurrent fault on {len(raced)} pages")
+
+
+def _pages(slots: dict[int, Slot | None]) -> list[tuple[int, int]]:
+    """The pages a fault's lookups found, each once (a file THP fills many slots)."""
+    return list(dict.fromkeys(s.ref for s in slots.values() if s is not None))
 
 
 def add_new_anon_page(progs: Programs, m: Machine, mm: MmState, vma: Vma, vpn: int,
@@ -825,17 +860,18 @@ async def keep_progress(swap: Swap, m: Machine, progs: Programs, stop: ProgramSt
     return reached
 
 
-def _lv_idx(s: str) -> tuple[int, int]:
-    lv, idx = s.split("|")
-    return int(lv), int(idx)
-
-
 async def split_huge_pmd(store: RedisStore, swap: Swap, m: Machine, mm: MmState, vma: Vma,
                          pmd: int) -> bool:
     """__split_huge_pmd_locked (§3.4.3): the THP's pmd mapping becomes 512 pte mappings of its
     subpages, which are never counted; removing the pmd mapping is "effectively
     page_remove_rmap(page, vma, true)", so a VM_LOCKED vma munlocks the THP (an immediate
-    flush: a THP head)."""
+    flush: a THP head).  A file THP's pmd just goes (FilePmd.zap_pmd): no ptes replace it."""
+    if not vma.is_anon:
+        base = pmd * PTRS_PER_PMD
+        pte = (await pt_read(store, mm.key, base, base + 1)).get(base)
+        if pte is None or not pte.is_pmd:
+            return False
+        return await FilePmd(store, swap).zap_pmd(m, vma, mm.key, pte)
     res = await store.fcall("pmd_split", mm.key, pmd)
     if not res:
         return False

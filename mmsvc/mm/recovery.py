@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections import Counter
 
 from mmsvc.mm.checker import PageRef, batch_entries, count_mappings, load_lruvec
+from mmsvc.mm.filemap import parse_slot
 from mmsvc.mm.gup import pin_refs
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs
@@ -79,13 +80,12 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
         fkey = keys.file(m.mid, f.fid)
         for raw_index, raw_val in (await store.client.hgetall(f"{fkey}:pc")).items():
             val = text(raw_val)
-            if not val.startswith("busy|"):
-                lv_s, idx_s = val.split("|")
-                cref = (int(lv_s), int(idx_s))
-                cp = pages.get(cref)
+            slot = parse_slot(val)
+            if slot is not None:
+                cp = pages.get(slot.ref)
                 if cp is not None and cp.has(PG.PAGECACHE) and cp.mapping == f.fid \
-                        and cp.index == int(text(raw_index)):
-                    cache.add(cref)
+                        and cp.index == slot.lookup_index(int(text(raw_index))):
+                    cache.add(slot.ref)
                     continue
             await store.fcall("pc_delete", fkey, text(raw_index), val)
             fixed["pagecache_slot_emptied"] += 1

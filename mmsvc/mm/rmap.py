@@ -14,9 +14,10 @@ from dataclasses import dataclass, replace
 
 from mmsvc.locks import Locks
 from mmsvc.mm.machine import Machine
-from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_read, vma_at
+from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_install, pt_read, vma_at
 from mmsvc.mm.page import PG, Page, PTEBit
-from mmsvc.mm.types import FinalClearance, MunlockHookPosition
+from mmsvc.mm.swap import Op, Swap
+from mmsvc.mm.types import FinalClearance, MigrationDrain, MunlockHookPosition
 from mmsvc.mm.vma import VM, VM_SPECIAL, Vma
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
@@ -226,3 +227,37 @@ def new_anon_ops(m: Machine, vma: Vma, ref: int) -> list[list[int | str]]:
     if _legacy(m):
         return [["M", ref], ["X", ref], ["C", ref]]
     return [["M", ref], ["N", ref]]
+
+
+async def try_to_unmap_ignore_mlock(store: RedisStore, swap: Swap, m: Machine, lv: int,
+                                    idx: int, maps: list[Mapping]) -> int:
+    """try_to_unmap(TTU_IGNORE_MLOCK | TTU_SPLIT_HUGE_PMD) of page (lv, idx), whose rmap
+    lock the caller holds: every mapping goes, VM_LOCKED or not - a pmd (page_remove_rmap
+    compound: a THP's munlock), a subpage's pte (uncounted, §3.9) or a small page's pte
+    (page_remove_rmap + munlock_vma_page) - each with its reference, and after each removal
+    from a VM_LOCKED vma the local mlock batch is drained (§4.2.2: no mlocked page left in
+    a batch to fail the caller's freeze; ``migration_drain`` places that drain as for
+    migration).  A mapping that changed meanwhile is not this walk's (page_vma_mapped_walk
+    re-checks under the PTL).  Returns the mappings removed."""
+    mode = m.cfg.migration_drain
+    done = 0
+    for mp in maps:
+        if mp.pte.is_pmd:
+            bits = mp.pte.bits & ~int(PTEBit.PMD)
+            gone = int(await store.fcall("pmd_zap", mp.mm_key, mp.pte.pmd, mp.pte.idx,
+                                         mp.pte.lv, bits))
+        else:
+            gone = not await pt_install(store, mp.mm_key, [Pte(mp.pte.vpn, 0, 0, 0)],
+                                        {mp.pte.vpn: mp.pte})
+        if not gone:
+            continue
+        done += 1
+        # the flags as stored after the removal (an mlock may have walked this pte since)
+        vma = await vma_now(store, mp.mm_key, mp.pte.vpn, mp.vma)
+        ops: list[Op] = [*pte_unmap_ops(m, vma, mp.pte), ["P", idx]]
+        await swap.run(m, lv, ops)
+        if mode == MigrationDrain.AFTER_EACH_LOCKED_UNMAP and vma.locked:
+            await swap.lru_add_drain(m)  # mlock_drain_local()
+    if mode == MigrationDrain.RMAP_WALK_LEVEL and done:
+        await swap.lru_add_drain(m)
+    return done

@@ -34,6 +34,7 @@ from dataclasses import replace
 
 from mmsvc.locks import Locks
 from mmsvc.mm.errors import KernelError, einval
+from mmsvc.mm.filemap import parse_slot
 from mmsvc.mm.machine import Machine, create_file, new_id
 from mmsvc.mm.memory import FAULT_RETRY_SECONDS, Programs
 from mmsvc.mm.mm_struct import MmState, save
@@ -150,13 +151,17 @@ class Shm:
             raw = await self.store.client.hgetall(f"{fkey}:pc")
             ready: list[tuple[int, int, int]] = []
             busy = False
+            thps: set[tuple[int, int]] = set()  # a file THP: once, by its head's index
             for k, v in raw.items():
                 index, val = int(k), text(v)
                 if val.startswith("busy|"):
                     busy = True
-                elif index not in seen:
-                    lv, idx = (int(x) for x in val.split("|"))
-                    ready.append((index, lv, idx))
+                elif index not in seen and (slot := parse_slot(val)) is not None:
+                    if slot.ref not in thps:
+                        ready.append((slot.lookup_index(index), slot.lv, slot.idx))
+                    if slot.is_thp:
+                        thps.add(slot.ref)
+                    seen.add(index)
             ready.sort()
             by_chunk: dict[int, Programs] = defaultdict(Programs.empty)
             for n, (index, lv, idx) in enumerate(ready):

@@ -20,8 +20,10 @@ from mmsvc.mm import vmstat as views
 from mmsvc.mm.checker import check_machine
 from mmsvc.mm.cpu_hotplug import CpuHotplug, cpu_lease_ms
 from mmsvc.mm.errors import KernelError, einval
+from mmsvc.mm.filemap import cached_pages
 from mmsvc.mm.gup import Gup
 from mmsvc.mm.kernel import KsmMergeResult, MigrateResult, PinResult, ReclaimResult
+from mmsvc.mm.khugepaged import Khugepaged
 from mmsvc.mm.ksm import Ksm, merge_target
 from mmsvc.mm.legacy import Legacy
 from mmsvc.mm.lockstat import lock_stat
@@ -114,7 +116,9 @@ class Kernel:
         self.mmaps = Mmap(store, self.swap, self.locks, self.faults, self.mlocks)
         self.vmscan = Vmscan(store, self.swap, self.rmap)
         self.migrator = Migrate(store, self.swap, self.rmap)
-        self.madv = Madvise(store, self.swap, self.faults, self.mlocks, self.vmscan)
+        self.khugepaged = Khugepaged(store, self.swap, self.rmap, self.drain_all)
+        self.madv = Madvise(store, self.swap, self.faults, self.mlocks, self.vmscan,
+                            self.khugepaged)
         self.truncator = Truncate(store, self.swap, self.locks, self.rmap)
         self.gup = Gup(store, self.swap, self.faults)
         self.shms = Shm(store, self.swap, self.locks, self.mmaps)
@@ -327,6 +331,9 @@ class Kernel:
             # no legacy munlock: page_remove_rmap clears PG_mlocked only with the last
             # mapping, so a page another, unlocked vma maps would stay mlocked (Q4).
             raise einval("MADV_DONTNEED_LOCKED: unknown advice before Linux 5.18 (legacy)")
+        if advice == Advice.MADV_COLLAPSE and \
+                str((await self.machine(machine)).cfg.protocol) == "legacy":
+            raise einval("MADV_COLLAPSE: unknown advice before Linux 6.1 (legacy)")
         if addr < 0 or addr % 4096:
             raise einval("address not page aligned")
         if length < 0:
@@ -677,13 +684,8 @@ class Kernel:
         if f.pages > MAX_FILE_VIEW_PAGES:
             raise KernelError("E2BIG", f"file {name!r} has {f.pages} pages: a view shows at "
                                        f"most {MAX_FILE_VIEW_PAGES}")
-        raw = await self.store.client.hgetall(f"{keys.file(m.mid, f.fid)}:pc")
-        cached: dict[int, tuple[int, int]] = {}
-        for k, v in raw.items():
-            s = text(v)
-            if not s.startswith("busy|"):
-                lv_s, idx_s = s.split("|")
-                cached[int(k)] = (int(lv_s), int(idx_s))
+        cached = {index: slot.ref for index, slot in
+                  (await cached_pages(self.store, m, f.fid)).items()}
         order = sorted(cached)
         pages = await read_pages(self.store, m, [cached[i] for i in order])
         found = dict(zip(order, pages, strict=True))

@@ -29,11 +29,13 @@ import time
 
 from mmsvc.locks import Locks
 from mmsvc.mm.errors import KernelError, einval
+from mmsvc.mm.filemap import FilePmd, Slot, parse_slot
+from mmsvc.mm.huge_memory import HugeMemory, thp_mappings
 from mmsvc.mm.machine import FileInfo, Machine, refresh_files
-from mmsvc.mm.memory import Programs, read_pages, zap_range
+from mmsvc.mm.memory import Programs, read_pages, split_huge_pmd, zap_range
 from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_install, pt_read
-from mmsvc.mm.page import PG, PTEBit
-from mmsvc.mm.rmap import Rmap, pte_unmap_ops, vma_now
+from mmsvc.mm.page import PG, PTRS_PER_PMD, Page, PTEBit
+from mmsvc.mm.rmap import Rmap, pte_unmap_ops, try_to_unmap_ignore_mlock, vma_now
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.vma import Vma
 from mmsvc.store import keys
@@ -50,6 +52,8 @@ class Truncate:
         self.swap = swap
         self.locks = locks
         self.rmap = rmap
+        self.pmds = FilePmd(store, swap)
+        self.huge = HugeMemory(store, swap)
 
     # ------------------------------------------------------------------ entry points ----
     async def ftruncate(self, m: Machine, f: FileInfo, size: int) -> None:
@@ -117,9 +121,14 @@ class Truncate:
     async def _zap_file_ptes(self, m: Machine, mm: MmState, vma: Vma, start: int,
                              end: int) -> int:
         """zap_pte_range with details.even_cows = 0: only ptes of page cache pages; the
-        private anonymous copies (PageAnon) stay mapped (should_zap_folio)."""
+        private anonymous copies (PageAnon) stay mapped (should_zap_folio).  A file THP's
+        pmd the range cuts through is split first (its mapping just goes: filemap.py); one
+        inside the range goes whole."""
+        for vpn in {start, end}:
+            if vpn % PTRS_PER_PMD:
+                await split_huge_pmd(self.store, self.swap, m, mm, vma, vpn // PTRS_PER_PMD)
         ptes = [p for p in (await pt_read(self.store, mm.key, start, end)).values()
-                if not p.bits & PTEBit.ZERO]
+                if not p.bits & PTEBit.ZERO and not (p.is_pmd and p.vpn % PTRS_PER_PMD)]
         pages = await read_pages(self.store, m, [(p.lv, p.idx) for p in ptes])
         return await self._zap(m, [(mm.key, vma, p) for p, page in
                                    zip(ptes, pages, strict=True) if not page.has(PG.ANON)])
@@ -130,6 +139,10 @@ class Truncate:
         rmap, puts = Programs.empty(), Programs.empty()
         done = 0
         for mm_key, vma, pte in maps:
+            if pte.is_pmd:  # a file THP's pmd (zap_huge_pmd)
+                done += await self.pmds.zap_pmd(m, await vma_now(self.store, mm_key, pte.vpn,
+                                                                 vma), mm_key, pte)
+                continue
             if await pt_install(self.store, mm_key, [Pte(pte.vpn, 0, 0, 0)], {pte.vpn: pte}):
                 continue  # zapped meanwhile (munmap, reclaim): theirs
             done += 1
@@ -152,20 +165,22 @@ class Truncate:
         indices = sorted(i for i in (int(text(k)) for k in entries) if first <= i < last)
         removed = 0
         for index in indices:
-            removed += await self._truncate_one(m, f, fkey, index)
+            removed += await self._truncate_one(m, f, fkey, index, (first, last))
         return removed
 
-    async def _truncate_one(self, m: Machine, f: FileInfo, fkey: str, index: int) -> int:
+    async def _truncate_one(self, m: Machine, f: FileInfo, fkey: str, index: int,
+                            span: tuple[int, int]) -> int:
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         attempt = 0
         while True:
             raw = await self.store.client.hget(f"{fkey}:pc", index)
             if raw is None:
                 return 0  # gone meanwhile (reclaim freed it)
-            val = text(raw)
-            if not val.startswith("busy|"):
-                lv, idx = (int(x) for x in val.split("|"))
-                res = await self.swap.run(m, lv, [["T", idx, f.fid, index, 1]])
+            slot = parse_slot(raw)
+            if slot is not None:
+                lv, idx = slot.ref
+                res = await self.swap.run(m, lv, [["T", idx, f.fid, slot.lookup_index(index),
+                                                   1]])
                 if not res.failed:
                     break
             # being read in, locked (a fault, reclaim, migration) or frozen: lock_page waits
@@ -174,6 +189,8 @@ class Truncate:
                 raise KernelError("EAGAIN", f"page {index} of {f.name!r} stayed locked")
             await asyncio.sleep(min(0.001 * attempt, 0.05))
         page = (await read_pages(self.store, m, [(lv, idx)]))[0]
+        if slot.is_thp:
+            return await self._truncate_thp(m, f, fkey, index, span, slot, page)
         if page.mapcount or page.pte_mapcount:
             async with self.rmap.locked(m, page):  # unmap_mapping_folio
                 maps = await self.rmap.mappings(m, lv, idx, page)
@@ -184,6 +201,34 @@ class Truncate:
         await self.swap.run(m, lv, [["F", idx, 0, int(PG.PAGECACHE | PG.LOCKED)],
                                     ["P", idx], ["P", idx]])
         return 1
+
+
+    async def _truncate_thp(self, m: Machine, f: FileInfo, fkey: str, index: int,
+                            span: tuple[int, int], slot: Slot, page: Page) -> int:
+        """A file THP found at ``index``, locked and referenced: inside the truncated range
+        it leaves the cache whole (its pmds and subpage ptes a racing fault made go first);
+        cut by the range's end it is split (truncate_inode_partial_folio) and the pages
+        are truncated one by one - a THP that cannot be split now (a racing reference)
+        stays whole in the cache, as Linux keeps the folio and zeroes the range."""
+        lv, idx = slot.ref
+        base = page.index
+        first, last = span
+        if first <= base and base + page.nr_pages <= last:
+            if page.mapcount or page.pte_mapcount:
+                async with self.rmap.locked(m, page):
+                    maps = await thp_mappings(self.store, m, lv, idx, page)
+                    await try_to_unmap_ignore_mlock(self.store, self.swap, m, lv, idx, maps)
+            await self.store.fcall("pc_delete_all", fkey, slot.value(),
+                                   *range(base, base + page.nr_pages))
+            await self.swap.run(m, lv, [["F", idx, 0, int(PG.PAGECACHE | PG.LOCKED)],
+                                        ["P", idx], ["P", idx]])
+            return page.nr_pages
+        async with self.rmap.locked(m, page):
+            tails = await self.huge.split_file_thp(m, lv, idx)
+        await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)], ["P", idx]])
+        if tails is None:
+            return 0
+        return await self._truncate_one(m, f, fkey, index, span)
 
 
 def check_size(m: Machine, pages: int, what: str) -> None:

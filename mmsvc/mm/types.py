@@ -89,6 +89,7 @@ class Advice(enum.IntEnum):
     MADV_POPULATE_READ = 22
     MADV_POPULATE_WRITE = 23
     MADV_DONTNEED_LOCKED = 24
+    MADV_COLLAPSE = 25  # Linux 6.1: khugepaged's collapse, synchronous (mm/khugepaged.py)
 
 
 @dataclass(frozen=True)

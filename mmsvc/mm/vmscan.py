@@ -197,11 +197,17 @@ class Vmscan:
     async def _split(self, m: Machine, lv: int, idx: int, page: Page,
                      tails: list[int]) -> tuple[Page, list[Mapping]] | None:
         """shrink_folio_list's "split pages without a PMD map right away" (5.17, anon THPs,
-        only when swap is possible - the anon lists are scanned only then): the head as the
-        small page it became, with its mappings, or None (not split)."""
-        if not page.has(PG.ANON) or not m.cfg.swap_pages:
-            return None
-        split = await self.huge.split_huge_page(m, lv, idx)
+        only when swap is possible - the anon lists are scanned only then) and "Split file
+        THP" (any file THP, before try_to_unmap: its pmd mappings go with the split, so a
+        VM_LOCKED one that page_referenced did not report is never found - S17 with
+        reclaim_locked_activate off): the head as the small page it became, with its
+        mappings, or None (not split).  The caller holds the rmap lock."""
+        if page.has(PG.ANON):
+            if not m.cfg.swap_pages:
+                return None
+            split = await self.huge.split_huge_page(m, lv, idx)
+        else:
+            split = await self.huge.split_file_thp(m, lv, idx)
         if split is None:
             return None
         tails += split

@@ -74,3 +74,53 @@ register_once('pc_delete', function(keys, args)
   end
   return 0
 end)
+
+-- A file THP (khugepaged.py) fills every slot of its range with "lv|head|base" (base: the
+-- head's index, so a lookup knows the subpage without reading the record): the multi-index
+-- entry of the xarray.
+
+-- pc_collapse(F; owner, "lv|head|base", index, expected, ...): collapse_file's xas_store of
+-- the new THP at each index of its range, all at once: each slot must still hold what the
+-- collapse locked and froze ("lv|idx") or reserved (expected "": "busy|owner", a hole);
+-- else 0 and nothing changed.
+register_once('pc_collapse', function(keys, args)
+  local F, owner, val = keys[1], args[1], args[2]
+  for i = 3, #args, 2 do
+    local want = args[i + 1]
+    if want == '' then want = 'busy|' .. owner end
+    if redis.call('HGET', F .. ':pc', args[i]) ~= want then return 0 end
+  end
+  for i = 3, #args, 2 do redis.call('HSET', F .. ':pc', args[i], val) end
+  return 1
+end)
+
+-- pc_split(F; "lv|head|base", tail1, ..., tailN): __split_huge_page of a file THP: slot
+-- base holds the head as a small page again, slot base + i its tail i.  Slots that no
+-- longer hold the THP are left alone.  Returns the slots rewritten.
+register_once('pc_split', function(keys, args)
+  local F, thp = keys[1], args[1]
+  local lv, head, base = string.match(thp, '^(%d+)|(%d+)|(%d+)$')
+  base = tonumber(base)
+  local n = 0
+  for i = 0, #args - 1 do
+    local slot = base + i
+    if redis.call('HGET', F .. ':pc', slot) == thp then
+      local idx = (i == 0) and head or args[i + 1]
+      redis.call('HSET', F .. ':pc', slot, lv .. '|' .. idx)
+      n = n + 1
+    end
+  end
+  return n
+end)
+
+-- pc_delete_all(F; value, index...): a whole THP leaves the page cache (truncation): each
+-- slot that still holds it is emptied.  Returns the slots emptied.
+register_once('pc_delete_all', function(keys, args)
+  local n = 0
+  for i = 2, #args do
+    if redis.call('HGET', keys[1] .. ':pc', args[i]) == args[1] then
+      n = n + redis.call('HDEL', keys[1] .. ':pc', args[i])
+    end
+  end
+  return n
+end)

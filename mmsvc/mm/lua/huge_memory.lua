@@ -18,11 +18,14 @@ local SPLIT_TAIL_FLAGS = nil
 -- a head on the LRU links each tail next to it on the same list (an unevictable tail gets
 -- mlock_count 0 and no link).  The list sizes, counted in pages, do not change.
 -- Each tail also holds the split's reference (page_ref_unfreeze(tail, 1)), which
--- huge_memory.py drops after the remap: a subpage nobody maps again is freed then.
+-- huge_memory.py drops after the remap: a subpage nobody maps again is freed then.  A file
+-- THP's tail also holds the page cache's reference (page_ref_unfreeze(tail, 1 +
+-- !PageAnon)): the cache slots are repointed by pc_split (filemap.lua).
 local function split_huge_page_records(idx)
   if SPLIT_TAIL_FLAGS == nil then
     SPLIT_TAIL_FLAGS = bor(PG_REFERENCED, bor(PG_SWAPBACKED, bor(PG_MLOCKED, bor(PG_ACTIVE,
-      bor(PG_LOCKED, bor(PG_UNEVICTABLE, bor(PG_DIRTY, bor(PG_ANON, PG_ISOLATED))))))))
+      bor(PG_LOCKED, bor(PG_UNEVICTABLE, bor(PG_DIRTY, bor(PG_ANON, bor(PG_ISOLATED,
+      bor(PG_PAGECACHE, PG_UNEVICTABLE_MAPPING))))))))))
   end
   local head = pg(idx)
   if not has(head, PG_HEAD) then error('mmsvc: split of page ' .. idx .. ': not a THP') end
@@ -43,8 +46,10 @@ local function split_huge_page_records(idx)
     local t = FREELIST_POP()
     local p = {flags = bor(PG_INUSE, band(head.flags, SPLIT_TAIL_FLAGS)), ref = 1, mapcount = 0,
                prev = -1, next = -1, mapping = head.mapping, index = head.index + i, aux = 0}
+    if has(head, PG_PAGECACHE) then p.ref = 2 end
     if isolated then
-      p.ref = 2  -- the split's reference and the isolator's (get_page(tail) onto the list)
+      -- the split's reference and the isolator's (get_page(tail) onto the list)
+      p.ref = p.ref + 1
     elseif lru == LRU_UNEVICTABLE then
       set(p, PG_LRU); p.prev = 0  -- "tail->mlock_count = 0"
     else

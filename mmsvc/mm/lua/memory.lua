@@ -656,6 +656,43 @@ register_once('pmd_install', function(keys, args)
   return 1
 end)
 
+-- pmd_zap(M; pmd, expect_idx, expect_lv, expect_bits) -> 1 or 0: the huge pmd of a file THP
+-- is cleared when it is still that one (__split_huge_pmd_locked of a file pmd, and
+-- try_to_unmap(TTU_SPLIT_HUGE_PMD) of a file THP: no ptes take its place, later faults map
+-- the subpages again).
+register_once('pmd_zap', function(keys, args)
+  local M, pmd = keys[1], tonumber(args[1])
+  local hkey = M .. ':hpmd:' .. pmd
+  local cur = redis.call('GET', hkey)
+  if not cur then return 0 end
+  local ci, cl, cb = struct.unpack(PTE_FMT, cur)
+  if ci ~= tonumber(args[2]) or cl ~= tonumber(args[3]) or cb ~= tonumber(args[4]) then
+    return 0
+  end
+  redis.call('DEL', hkey)
+  redis.call('ZREM', M .. ':pmds', pmd)
+  return 1
+end)
+
+-- pt_retract(M; pmd...) -> the pmds whose page table went: retract_page_tables /
+-- collapse_pte_mapped_thp after collapse_file unmapped the small pages: a page table with
+-- no entry left (no pte, swap entry or marker) is freed, so that the pmd is pmd_none and a
+-- fault can map the new THP with the pmd itself.
+register_once('pt_retract', function(keys, args)
+  local M = keys[1]
+  local empty = string.rep('\0', PTRS_PER_PMD * PTE_SIZE)
+  local out = {}
+  for i = 1, #args do
+    local key = M .. ':pt:' .. args[i]
+    if redis.call('GET', key) == empty then
+      redis.call('DEL', key)
+      redis.call('ZREM', M .. ':pmds', tonumber(args[i]))
+      out[#out + 1] = tonumber(args[i])
+    end
+  end
+  return out
+end)
+
 -- pmd_split(M; pmd) -> {} or {idx, lv, bits}: __split_huge_pmd: the huge pmd becomes a page
 -- table of 512 ptes, each mapping its subpage of the THP (SUBPAGE, number in the high bits).
 register_once('pmd_split', function(keys, args)

@@ -67,6 +67,8 @@ class _AdviceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Advice.ValueTy
     """MADV_POPULATE_WRITE."""
     ADVICE_DONTNEED_LOCKED: _Advice.ValueType  # 24
     """MADV_DONTNEED_LOCKED."""
+    ADVICE_COLLAPSE: _Advice.ValueType  # 25
+    """MADV_COLLAPSE (Linux 6.1): collapse shmem pages into THPs (machines with THP on)."""
 
 class Advice(_Advice, metaclass=_AdviceEnumTypeWrapper):
     """madvise(2) advice; the numbers are the Linux MADV_* values."""
@@ -87,6 +89,8 @@ ADVICE_POPULATE_WRITE: Advice.ValueType  # 23
 """MADV_POPULATE_WRITE."""
 ADVICE_DONTNEED_LOCKED: Advice.ValueType  # 24
 """MADV_DONTNEED_LOCKED."""
+ADVICE_COLLAPSE: Advice.ValueType  # 25
+"""MADV_COLLAPSE (Linux 6.1): collapse shmem pages into THPs (machines with THP on)."""
 Global___Advice: _TypeAlias = Advice  # noqa: Y015
 
 class _Capability:

@@ -1,0 +1,264 @@
+"""mm/khugepaged.c: collapse_file, as madvise(MADV_COLLAPSE) runs it (spec §3.10, S32, 12/13).
+
+collapse_file turns the 512 small pages of an aligned range of a shmem file into one THP:
+
+1. A new THP is allocated, locked (lookups find it locked and wait), its holes reserved.
+2. Each small page, in index order: locked and referenced (SCAN_PAGE_LOCK), isolated from its
+   LRU (SCAN_DEL_PAGE_LRU), unmapped with ``try_to_unmap(TTU_IGNORE_MLOCK |
+   TTU_BATCH_FLUSH)`` under i_mmap_rwsem for read (12/13: no longer ``unmap_mapping_pages``
+   under it for write): every removal from a VM_LOCKED vma munlocks the page and drains the
+   local batch at once (§4.2.2) - the page is isolated, so its munlock counts
+   unevictable_pgs_stranded (S32) - and frozen at its three references (cache, isolation,
+   lookup; SCAN_PAGE_COUNT when a racing reference remains).
+3. Every slot of the range names the THP (pc_collapse, at once); the small pages leave the
+   cache and are freed (PG_unevictable cleared first, as collapse_file does); the THP goes
+   on the LRU through the lru_add batch (a THP head: flushed at once) and is unlocked.
+
+On a failure every page taken so far is unfrozen, put back on its LRU and unlocked - the
+ones already unmapped stay unmapped (and munlocked), as in Linux - and the THP is freed.
+
+MADV_COLLAPSE (Linux 6.1+) runs collapse_file for each aligned 2 MiB of the range after an
+``lru_add_drain_all()``, then (6.6+: ``collapse_pte_mapped_thp(install_pmd)``) frees the
+emptied page tables of every mapping of the range and maps the new THP by its pmd in the
+caller's address space - ``page_add_file_rmap(compound)``: a VM_LOCKED vma mlocks it whole
+(Δmlocked 512, Δculled 512).  Other processes map it by their next faults.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from mmsvc.mm.errors import KernelError, einval
+from mmsvc.mm.filemap import HPAGE_PMD_NR, FilePmd, Slot, parse_slot, pmd_suitable
+from mmsvc.mm.machine import Machine
+from mmsvc.mm.memory import HPAGE_ORDER, cache_flags, read_pages
+from mmsvc.mm.mm_struct import MmState, load_mm
+from mmsvc.mm.page import PG, PTRS_PER_PMD
+from mmsvc.mm.rmap import Rmap, try_to_unmap_ignore_mlock
+from mmsvc.mm.swap import Op, OutOfFrames, Swap
+from mmsvc.mm.vma import VM, Vma
+from mmsvc.store import keys
+from mmsvc.store.redis_store import RedisStore, text
+
+DrainAll = Callable[[Machine], Awaitable[None]]
+
+# What each step of a small page has done, for the rollback (collapse_file's out_unlock).
+LOCKED, ISOLATED, FROZEN = 1, 2, 3
+
+
+@dataclass
+class _Taken:
+    index: int
+    slot: Slot
+    state: int = LOCKED
+
+
+@dataclass
+class Collapse:
+    """One collapse_file in progress."""
+
+    fid: int
+    base: int
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    holes: list[int] = field(default_factory=list)
+    taken: list[_Taken] = field(default_factory=list)
+    thp: tuple[int, int] | None = None
+
+
+class Khugepaged:
+    def __init__(self, store: RedisStore, swap: Swap, rmap: Rmap, drain_all: DrainAll) -> None:
+        self.store = store
+        self.swap = swap
+        self.rmap = rmap
+        self.drain_all = drain_all
+        self.pmds = FilePmd(store, swap)
+
+    async def madvise_collapse(self, m: Machine, mm: MmState, vma: Vma, start: int,
+                               end: int) -> None:
+        """MADV_COLLAPSE over [start, end) of one vma: each aligned 2 MiB inside it is
+        collapsed; the last failure's errno is returned once the others were tried."""
+        if not m.cfg.thp:
+            raise einval("MADV_COLLAPSE: transparent hugepages are off on this machine")
+        if vma.is_anon:
+            raise einval("MADV_COLLAPSE of anonymous memory (collapse_huge_page) is not "
+                         "emulated")
+        if not m.file_by_id(vma.file).shmem and vma.flags & VM.WRITE:
+            # CONFIG_READ_ONLY_THP_FOR_FS: a regular file collapses only while nobody has it
+            # open for writing - approximated here by a mapping without PROT_WRITE
+            raise einval("MADV_COLLAPSE of a regular file through a writable mapping")
+        first = -(-start // PTRS_PER_PMD)
+        last = end // PTRS_PER_PMD
+        if first >= last:
+            return
+        await self.swap.lru_add_drain(m)
+        await self.drain_all(m)
+        failure: KernelError | None = None
+        for pmd in range(first, last):
+            index = pmd_suitable(vma, pmd)
+            if index is None:
+                raise einval("MADV_COLLAPSE: the mapping is not THP-aligned in its file")
+            try:
+                await self.collapse_file(m, vma.file, index, mm.lv)
+            except KernelError as exc:
+                failure = exc
+                continue
+            await self.retract_page_tables(m, vma.file, index)
+            await self.pmds.map_pmd(m, mm, vma, pmd, write=False)
+        if failure is not None:
+            raise failure
+
+    async def collapse_file(self, m: Machine, fid: int, base: int, lv: int) -> None:
+        """Collapse the slots [base, base + 512) of file fid into a THP allocated on lruvec
+        lv (the caller's node and memcg).  Already a THP there: nothing to do."""
+        f = m.file_by_id(fid)
+        if base + HPAGE_PMD_NR > f.pages:
+            raise einval("MADV_COLLAPSE: the range reaches beyond the end of the file")
+        c = Collapse(fid, base)
+        fkey = keys.file(m.mid, fid)
+        looked = await self.store.fcall("pc_lookup_flags", fkey, c.owner,
+                                        *range(base, base + HPAGE_PMD_NR))
+        mapping_flags = int(looked.pop())
+        small: list[tuple[int, Slot]] = []
+        thps: set[Slot] = set()
+        for index, raw in zip(range(base, base + HPAGE_PMD_NR), looked, strict=True):
+            val = text(raw)
+            if val == "new":
+                c.holes.append(index)
+            elif val in ("busy", "eof"):
+                await self._drop_holes(fkey, c)
+                if val == "eof":
+                    raise einval("MADV_COLLAPSE: the file was truncated (SCAN_TRUNCATED)")
+                raise KernelError("EAGAIN", "a page of the range is being read in")
+            elif (slot := parse_slot(val)) is not None and slot.is_thp:
+                thps.add(slot)
+            elif slot is not None:
+                small.append((index, slot))
+        if thps:
+            await self._drop_holes(fkey, c)
+            if len(thps) == 1 and not small and not c.holes and next(iter(thps)).base == base:
+                return  # SCAN_PTE_MAPPED_HUGEPAGE: collapsed already
+            raise einval("MADV_COLLAPSE: the range holds part of another THP "
+                         "(SCAN_PAGE_COMPOUND)")
+        try:
+            await self._alloc(m, c, lv, f.shmem, mapping_flags)
+            for index, slot in small:
+                await self._take(m, c, index, slot)
+            await self._publish(m, c, lv)
+        except BaseException:
+            await self._rollback(m, c)
+            raise
+        await self._finish(m, c)
+
+    async def _alloc(self, m: Machine, c: Collapse, lv: int, shmem: bool,
+                     mapping_flags: int) -> None:
+        """alloc_charge_folio: the new THP, locked (__folio_set_locked), in no slot yet,
+        with the page cache's reference."""
+        flags = cache_flags(shmem) | int(PG.HEAD | PG.LOCKED) | mapping_flags
+        if shmem:
+            flags |= int(PG.DIRTY)  # set_page_dirty: shmem has no backing store
+        try:
+            res = await self.swap.run(m, lv, [["A", flags, c.fid, c.base, HPAGE_ORDER],
+                                              ["G", -1]])
+        except OutOfFrames as exc:
+            raise KernelError("ENOMEM", "MADV_COLLAPSE: no THP could be allocated "
+                                        "(SCAN_ALLOC_HUGE_PAGE_FAIL)") from exc
+        c.thp = (lv, res.allocs[0])
+
+    async def _take(self, m: Machine, c: Collapse, index: int, slot: Slot) -> None:
+        """Lock, isolate, unmap and freeze one small page (collapse_file's loop)."""
+        lv, idx = slot.ref
+        if (await self.swap.run(m, lv, [["T", idx, c.fid, index, 1]])).failed:
+            raise KernelError("EAGAIN", f"page {index} is locked, being freed or migrated "
+                                        "(SCAN_PAGE_LOCK)")
+        taken = _Taken(index, slot)
+        c.taken.append(taken)
+        if not (await self.swap.run(m, lv, [["I", idx]])).isolated:
+            await self.swap.lru_add_drain(m)  # a page still in this CPU's lru_add batch
+            if not (await self.swap.run(m, lv, [["I", idx]])).isolated:
+                raise KernelError("EAGAIN", f"page {index} is not on an LRU "
+                                            "(SCAN_DEL_PAGE_LRU)")
+        taken.state = ISOLATED
+        page = (await read_pages(self.store, m, [slot.ref]))[0]
+        if page.mapcount:
+            async with self.rmap.locked(m, page):  # i_mmap_rwsem for read (12/13)
+                maps = await self.rmap.mappings(m, lv, idx, page)
+                await try_to_unmap_ignore_mlock(self.store, self.swap, m, lv, idx, maps)
+        if (await self.swap.run(m, lv, [["R", idx, 3]])).failed:
+            raise KernelError("EAGAIN", f"page {index} has references beyond the cache's, "
+                                        "the isolation's and the lookup's (SCAN_PAGE_COUNT)")
+        taken.state = FROZEN
+
+    async def _publish(self, m: Machine, c: Collapse, lv: int) -> None:
+        """xas_store of the THP in every slot of the range, all at once."""
+        assert c.thp is not None
+        expected: list[int | str] = []
+        for t in c.taken:
+            expected += [t.index, t.slot.value()]
+        for index in c.holes:
+            expected += [index, ""]
+        value = Slot(c.thp[0], c.thp[1], c.base).value()
+        if not int(await self.store.fcall("pc_collapse", keys.file(m.mid, c.fid), c.owner,
+                                          value, *expected)):
+            raise KernelError("EAGAIN", "the page cache changed during the collapse")
+
+    async def _finish(self, m: Machine, c: Collapse) -> None:
+        """The small pages leave the cache and are freed (their three references); the THP
+        is added to the LRU (lru_cache_add: a THP head flushes at once) and unlocked."""
+        assert c.thp is not None
+        gone = int(PG.PAGECACHE | PG.ISOLATED | PG.LOCKED | PG.FROZEN | PG.ACTIVE
+                   | PG.UNEVICTABLE)
+        by_lv: dict[int, list[Op]] = {}
+        for t in c.taken:
+            by_lv.setdefault(t.slot.lv, []).extend(
+                [["F", t.slot.idx, 0, gone], ["P", t.slot.idx], ["P", t.slot.idx],
+                 ["P", t.slot.idx]])
+        for plv, ops in by_lv.items():
+            await self.swap.run(m, plv, ops)
+        lv, idx = c.thp
+        await self.swap.run(m, lv, [["C", idx], ["F", idx, 0, int(PG.LOCKED)]])
+
+    async def _rollback(self, m: Machine, c: Collapse) -> None:
+        """out_unlock / xa_locked: each page taken goes back as it was (unfrozen, put back on
+        its LRU, unlocked, the lookup's reference dropped), the reservations of the holes
+        go, and the THP is freed."""
+        for t in reversed(c.taken):
+            lv, idx = t.slot.ref
+            ops: list[Op] = [["F", idx, 0, int(PG.FROZEN | PG.LOCKED)]]
+            if t.state >= ISOLATED:
+                ops.append(["B", idx, 0])
+            ops.append(["P", idx])
+            await self.swap.run(m, lv, ops)
+        await self._drop_holes(keys.file(m.mid, c.fid), c)
+        if c.thp is not None:
+            lv, idx = c.thp
+            await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED | PG.PAGECACHE)],
+                                        ["P", idx]])
+
+    async def _drop_holes(self, fkey: str, c: Collapse) -> None:
+        args: list[int | str] = []
+        for index in c.holes:
+            args += [index, ""]
+        if args:
+            await self.store.fcall("pc_commit", fkey, c.owner, *args)
+
+    async def retract_page_tables(self, m: Machine, fid: int, base: int) -> None:
+        """retract_page_tables: in every address space that maps [base, base + 512) of the
+        file with a whole aligned pmd, the page table the collapse emptied is freed, so
+        that the pmd is pmd_none and a fault maps the THP by it."""
+        pids = {int(text(p)) for p in
+                await self.store.client.hkeys(f"{keys.file(m.mid, fid)}:immap")}
+        for pid in sorted(pids):
+            try:
+                mm = await load_mm(self.store, m, pid)
+            except KernelError:
+                continue  # exited
+            pmds = []
+            for vma in mm.vmas:
+                if vma.file == fid and vma.pgoff <= base < vma.pgoff + vma.pages:
+                    pmd = (vma.start + base - vma.pgoff) // PTRS_PER_PMD
+                    if pmd_suitable(vma, pmd) == base:
+                        pmds.append(pmd)
+            if pmds:
+                await self.store.fcall("pt_retract", mm.key, *pmds)
