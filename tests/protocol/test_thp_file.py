@@ -10,6 +10,7 @@ flushed at once), and a munlock then munlocked +512, rescued +512.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -280,3 +281,42 @@ def test_collapse_errors_change_nothing(run: Any, case: str) -> None:
     if case == "legacy":
         cfg["protocol"] = "legacy"
     run(s, **cfg)
+
+
+@pytest.mark.parametrize("rival", ["fault", "mlock", "munmap", "reclaim", "collapse"])
+def test_collapse_racing_another_cpu_keeps_the_invariants(run: Any, rival: str) -> None:
+    """MADV_COLLAPSE on CPU 0 while CPU 1 faults, mlocks, unmaps, reclaims or collapses the
+    same range: whichever wins each page, the collapse either completes or fails with EAGAIN
+    having put everything back, and after a full drain the checker finds nothing."""
+
+    async def s(w: World) -> None:
+        await w.kernel.create_file(w.mid, FileSpec("f", HPAGE, True, kind="regular"))
+        p1, p2 = await w.proc(), await w.proc()
+        await file_map(w, p1, "m", prot=1, flags=MAP_LOCKED)
+        await file_map(w, p2, "m", prot=1)
+        await w.touch(p2, "m", 0, 64, write=False)
+        other = w.on(1)
+        a2, n2 = w.rng(p2, "m")
+        rivals = {
+            "fault": lambda: other.fault(w.mid, p2, a2, n2, False),
+            "mlock": lambda: other.mlock(w.mid, p2, a2, n2),
+            "munmap": lambda: other.munmap(w.mid, p2, a2, n2),
+            "reclaim": lambda: other.reclaim(w.mid, None, None, 256),
+            "collapse": lambda: other.madvise(w.mid, p2, a2, n2, COLLAPSE),
+        }
+        results = await asyncio.gather(collapse(w, p1, "m"), rivals[rival](),
+                                       return_exceptions=True)
+        for r in results:
+            assert r is None or isinstance(r, (int, KernelError)) or hasattr(r, "scanned"), r
+            if isinstance(r, KernelError):
+                assert r.errno == "EAGAIN", r
+        await w.drain_all()
+        report = await w.kernel.check(w.mid, True)
+        assert report.ok, report.violations
+        await w.kernel.exit(w.mid, p1)
+        await w.kernel.exit(w.mid, p2)
+        report = await w.kernel.check(w.mid, True)
+        assert report.ok, report.violations
+        assert (await w.delta())["nr_mlock"] == 0
+
+    run(s, **THP)
