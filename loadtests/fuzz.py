@@ -502,6 +502,11 @@ VALID_WEIGHTS: tuple[tuple[str, int], ...] = (
 VALID_METHODS = tuple(m for m, w in VALID_WEIGHTS for _ in range(w))
 
 
+THP_HINT = 0x7E00_0000_0000  # 2 MiB aligned
+BIG_FILE = 3  # "h0", the fourth file of every machine (setup)
+MADV_COLLAPSE = 25
+
+
 @st.composite
 def valid_call(draw: st.DrawFn) -> Call:
     """A sensible call on a stable machine (references resolved when sent)."""
@@ -525,6 +530,13 @@ def valid_call(draw: st.DrawFn) -> Call:
         f.update(length=length, prot=draw(pick((3, 3, 3, 1, 0, 7))), flags=flags)
         if not flags & 0x20:
             f.update(file=FileRef(draw(slot)), offset=draw(ints(0, 8)) * PAGE)
+        if draw(ints(0, 9)) == 0:
+            # now and then a 2 MiB-aligned shared mapping of one or two THP-sized ranges of a
+            # file (the big tmpfs file "h0" when drawn): MADV_COLLAPSE can make file THPs there
+            f.update(length=draw(pick((512, 1024))) * PAGE, flags=0x01, offset=0,
+                     file=FileRef(draw(pick((BIG_FILE, BIG_FILE, draw(slot))))),
+                     prot=draw(pick((3, 1))),
+                     addr=THP_HINT + draw(ints(0, 63)) * (2 << 20))
     elif method in ("Fault", "Migrate"):
         f.update(addr=draw(pick((start, inside))),
                  length=draw(pick((whole, some))))
@@ -541,8 +553,8 @@ def valid_call(draw: st.DrawFn) -> Call:
         elif method == "Mprotect":
             f["prot"] = draw(pick((1, 3, 0, 7)))
         elif method == "Madvise":
-            f["advice"] = draw(pick(tuple(a for a in range(4, 25)
-                                                     if a in tpb.Advice.values())))
+            f["advice"] = draw(pick((*(a for a in range(4, 26) if a in tpb.Advice.values()),
+                                     MADV_COLLAPSE, MADV_COLLAPSE)))
         elif method == "PageFlags":
             f["length"] = some
     elif method == "Mlockall":
@@ -1331,7 +1343,8 @@ class Fuzzer:
             self.world.add(ms)
             for name, pages, prefill, kind in (("t0", 32, True, tpb.FILE_KIND_TMPFS),
                                                ("r0", 32, True, tpb.FILE_KIND_REGULAR),
-                                               ("t1", 256, False, tpb.FILE_KIND_TMPFS)):
+                                               ("t1", 256, False, tpb.FILE_KIND_TMPFS),
+                                               ("h0", 1024, True, tpb.FILE_KIND_TMPFS)):
                 await self.call("CreateFile", pb.CreateFileRequest(
                     machine=ms.mid, name=name, pages=pages, prefill=prefill, kind=kind))
                 ms.files.append(name)
