@@ -27,25 +27,28 @@ caller's address space - ``page_add_file_rmap(compound)``: a VM_LOCKED vma mlock
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from mmsvc.mm.errors import KernelError, einval
 from mmsvc.mm.filemap import HPAGE_PMD_NR, FilePmd, Slot, parse_slot, pmd_suitable
 from mmsvc.mm.machine import Machine
-from mmsvc.mm.memory import HPAGE_ORDER, cache_flags, read_pages
-from mmsvc.mm.mm_struct import MmState, load_mm
+from mmsvc.mm.memory import HPAGE_ORDER, Programs, cache_flags, read_pages
+from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_install, pt_read
 from mmsvc.mm.page import PG, PTRS_PER_PMD
-from mmsvc.mm.rmap import Rmap, try_to_unmap_ignore_mlock
+from mmsvc.mm.rmap import Rmap, pte_unmap_ops, vma_now
 from mmsvc.mm.swap import Op, OutOfFrames, Swap
+from mmsvc.mm.types import MigrationDrain
 from mmsvc.mm.vma import VM, Vma
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
 
 DrainAll = Callable[[Machine], Awaitable[None]]
 
-# What each step of a small page has done, for the rollback (collapse_file's out_unlock).
-LOCKED, ISOLATED, FROZEN = 1, 2, 3
+# What each step of a small page has done, for the rollback (collapse_file's out_unlock;
+# a freeze is undone blindly: clearing PG_FROZEN of a page that is not frozen changes nothing).
+LOCKED, ISOLATED = 1, 2
 
 
 @dataclass
@@ -65,6 +68,13 @@ class Collapse:
     holes: list[int] = field(default_factory=list)
     taken: list[_Taken] = field(default_factory=list)
     thp: tuple[int, int] | None = None
+
+
+def _by_lv(taken: list[_Taken]) -> dict[int, list[_Taken]]:
+    out: dict[int, list[_Taken]] = defaultdict(list)
+    for t in taken:
+        out[t.slot.lv].append(t)
+    return out
 
 
 class Khugepaged:
@@ -143,8 +153,7 @@ class Khugepaged:
                          "(SCAN_PAGE_COMPOUND)")
         try:
             await self._alloc(m, c, lv, f.shmem, mapping_flags)
-            for index, slot in small:
-                await self._take(m, c, index, slot)
+            await self._take(m, c, small)
             await self._publish(m, c, lv)
         except BaseException:
             await self._rollback(m, c)
@@ -166,29 +175,109 @@ class Khugepaged:
                                         "(SCAN_ALLOC_HUGE_PAGE_FAIL)") from exc
         c.thp = (lv, res.allocs[0])
 
-    async def _take(self, m: Machine, c: Collapse, index: int, slot: Slot) -> None:
-        """Lock, isolate, unmap and freeze one small page (collapse_file's loop)."""
-        lv, idx = slot.ref
-        if (await self.swap.run(m, lv, [["T", idx, c.fid, index, 1]])).failed:
-            raise KernelError("EAGAIN", f"page {index} is locked, being freed or migrated "
-                                        "(SCAN_PAGE_LOCK)")
-        taken = _Taken(index, slot)
-        c.taken.append(taken)
-        if not (await self.swap.run(m, lv, [["I", idx]])).isolated:
-            await self.swap.lru_add_drain(m)  # a page still in this CPU's lru_add batch
-            if not (await self.swap.run(m, lv, [["I", idx]])).isolated:
-                raise KernelError("EAGAIN", f"page {index} is not on an LRU "
-                                            "(SCAN_DEL_PAGE_LRU)")
-        taken.state = ISOLATED
-        page = (await read_pages(self.store, m, [slot.ref]))[0]
-        if page.mapcount:
-            async with self.rmap.locked(m, page):  # i_mmap_rwsem for read (12/13)
-                maps = await self.rmap.mappings(m, lv, idx, page)
-                await try_to_unmap_ignore_mlock(self.store, self.swap, m, lv, idx, maps)
-        if (await self.swap.run(m, lv, [["R", idx, 3]])).failed:
-            raise KernelError("EAGAIN", f"page {index} has references beyond the cache's, "
-                                        "the isolation's and the lookup's (SCAN_PAGE_COUNT)")
-        taken.state = FROZEN
+    async def _take(self, m: Machine, c: Collapse, small: list[tuple[int, Slot]]) -> None:
+        """collapse_file's loop over the small pages, phase by phase for all of them (one
+        page program per lruvec per phase, one unmap per address space): lock each
+        (SCAN_PAGE_LOCK), isolate each (SCAN_DEL_PAGE_LRU, after one local drain), unmap
+        them all with TTU_IGNORE_MLOCK, freeze each at its three references
+        (SCAN_PAGE_COUNT).  Linux goes page by page; the counts are the same (every page is
+        isolated before any of its mappings goes), only a failure leaves fewer pages
+        unmapped here."""
+        by_lv: dict[int, list[tuple[int, Slot]]] = defaultdict(list)
+        for index, slot in small:
+            by_lv[slot.lv].append((index, slot))
+        lost = 0
+        for lv, run in by_lv.items():
+            res = await self.swap.run(m, lv, [["T", slot.idx, c.fid, index, 1]
+                                              for index, slot in run])
+            failed = set(res.failed)
+            c.taken += [_Taken(index, slot) for index, slot in run if slot.idx not in failed]
+            lost += len(failed)
+        if lost:
+            raise KernelError("EAGAIN", f"{lost} pages of the range are locked, being freed "
+                                        "or migrated (SCAN_PAGE_LOCK)")
+        await self._isolate(m, c)
+        pages = await read_pages(self.store, m, [t.slot.ref for t in c.taken])
+        mapped = {t.slot.ref: t.index for t, page in zip(c.taken, pages, strict=True)
+                  if page.mapcount}
+        if mapped:
+            async with self.rmap.locked(m, pages[0]):  # i_mmap_rwsem for read (12/13)
+                await self._unmap(m, c.fid, mapped)
+        unfrozen = 0
+        for lv, ts in _by_lv(c.taken).items():
+            res = await self.swap.run(m, lv, [["R", t.slot.idx, 3] for t in ts])
+            unfrozen += len(res.failed)  # the program stops at the first one
+        if unfrozen:
+            raise KernelError("EAGAIN", "a page of the range has references beyond the "
+                                        "cache's, the isolation's and the lookup's "
+                                        "(SCAN_PAGE_COUNT)")
+
+    async def _isolate(self, m: Machine, c: Collapse) -> None:
+        """isolate_lru_page of every page taken; a page still in this CPU's lru_add batch is
+        tried again after a local drain."""
+        for attempt in range(2):
+            todo = [t for t in c.taken if t.state < ISOLATED]
+            if not todo:
+                return
+            if attempt:
+                await self.swap.lru_add_drain(m)
+            for lv, ts in _by_lv(todo).items():
+                res = await self.swap.run(m, lv, [["I", t.slot.idx] for t in ts])
+                done = set(res.isolated)
+                for t in ts:
+                    if t.slot.idx in done:
+                        t.state = ISOLATED
+        if any(t.state < ISOLATED for t in c.taken):
+            raise KernelError("EAGAIN", "a page of the range is not on an LRU "
+                                        "(SCAN_DEL_PAGE_LRU)")
+
+    async def _unmap(self, m: Machine, fid: int, pages: dict[tuple[int, int], int]) -> None:
+        """try_to_unmap(TTU_IGNORE_MLOCK) of the taken pages that are mapped (page -> its
+        file index), one address space at a time: each pte that still maps its page is
+        cleared (one pt_install per address space), then page_remove_rmap + munlock and the
+        mapping's reference (one program per lruvec per vma), and the local mlock batch is
+        drained after the removals from a VM_LOCKED vma (§4.2.2, placed by
+        ``migration_drain`` as for migration)."""
+        first, last = min(pages.values()), max(pages.values()) + 1
+        mode = m.cfg.migration_drain
+        pids = {int(text(p)) for p in
+                await self.store.client.hkeys(f"{keys.file(m.mid, fid)}:immap")}
+        for pid in sorted(pids):
+            try:
+                mm = await load_mm(self.store, m, pid)
+            except KernelError:
+                continue  # exited: nothing of it maps the pages
+            found: list[tuple[Vma, Pte]] = []
+            for vma in mm.vmas:
+                lo, hi = max(first, vma.pgoff), min(last, vma.pgoff + vma.pages)
+                if vma.file != fid or lo >= hi:
+                    continue
+                ptes = await pt_read(self.store, mm.key, vma.start + lo - vma.pgoff,
+                                     vma.start + hi - vma.pgoff)
+                found += [(vma, p) for p in ptes.values()
+                          if pages.get((p.lv, p.idx)) == vma.linear_index(p.vpn)]
+            if not found:
+                continue
+            raced = set(await pt_install(self.store, mm.key,
+                                         [Pte(p.vpn, 0, 0, 0) for _, p in found],
+                                         {p.vpn: p for _, p in found}))
+            by_vma: dict[int, list[Pte]] = defaultdict(list)
+            vmas: dict[int, Vma] = {}
+            for vma, p in found:
+                if p.vpn not in raced:
+                    by_vma[vma.id].append(p)
+                    vmas[vma.id] = vma
+            for vid, gone in by_vma.items():
+                # the flags as stored after the removal (an mlock may have walked since)
+                vma = await vma_now(self.store, mm.key, gone[0].vpn, vmas[vid])
+                progs = Programs.empty()
+                for p in gone:
+                    progs.add(p.lv, *pte_unmap_ops(m, vma, p), ["P", p.idx])
+                await progs.execute(self.swap, m)
+                if mode == MigrationDrain.AFTER_EACH_LOCKED_UNMAP and vma.locked:
+                    await self.swap.lru_add_drain(m)  # mlock_drain_local()
+        if mode == MigrationDrain.RMAP_WALK_LEVEL:
+            await self.swap.lru_add_drain(m)
 
     async def _publish(self, m: Machine, c: Collapse, lv: int) -> None:
         """xas_store of the THP in every slot of the range, all at once."""
@@ -223,12 +312,13 @@ class Khugepaged:
         """out_unlock / xa_locked: each page taken goes back as it was (unfrozen, put back on
         its LRU, unlocked, the lookup's reference dropped), the reservations of the holes
         go, and the THP is freed."""
-        for t in reversed(c.taken):
-            lv, idx = t.slot.ref
-            ops: list[Op] = [["F", idx, 0, int(PG.FROZEN | PG.LOCKED)]]
-            if t.state >= ISOLATED:
-                ops.append(["B", idx, 0])
-            ops.append(["P", idx])
+        for lv, ts in _by_lv(c.taken).items():
+            ops: list[Op] = []
+            for t in ts:
+                ops.append(["F", t.slot.idx, 0, int(PG.FROZEN | PG.LOCKED)])
+                if t.state >= ISOLATED:
+                    ops.append(["B", t.slot.idx, 0])
+                ops.append(["P", t.slot.idx])
             await self.swap.run(m, lv, ops)
         await self._drop_holes(keys.file(m.mid, c.fid), c)
         if c.thp is not None:
