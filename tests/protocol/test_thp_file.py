@@ -320,3 +320,47 @@ def test_collapse_racing_another_cpu_keeps_the_invariants(run: Any, rival: str) 
         assert (await w.delta())["nr_mlock"] == 0
 
     run(s, **THP)
+
+
+class CpuDied(BaseException):
+    """The collapsing CPU stops dead: no rollback, no unlock (SIGKILL of its worker)."""
+
+
+@pytest.mark.parametrize("phase", ["_take", "_publish", "_finish"])
+def test_a_cpu_dying_mid_collapse_is_repaired_by_recovery(run: Any, monkeypatch: Any,
+                                                          phase: str) -> None:
+    """The worker collapsing dies after a phase (pages locked, isolated and frozen; the
+    THP published; the small pages half freed): the CPU that takes it offline drains its
+    batches and reconciles (mm/recovery.py) - page locks, freezes and isolations dropped,
+    references recounted, pages nobody holds freed - and the checker is green."""
+
+    async def s(w: World) -> None:
+        await w.file("f", HPAGE, prefill=True)
+        p = await w.proc()
+        await file_map(w, p, "m", flags=MAP_LOCKED)
+        await w.drain()
+        kh = w.kernel.khugepaged
+        real = getattr(kh, phase)
+
+        async def dies_after(*args: Any) -> None:
+            await real(*args)
+            raise CpuDied
+
+        async def no_rollback(*args: Any) -> None:
+            return None
+
+        monkeypatch.setattr(kh, phase, dies_after)
+        monkeypatch.setattr(kh, "_rollback", no_rollback)
+        with pytest.raises(CpuDied):
+            await collapse(w, p, "m")
+        survivor = w.on(1)
+        await survivor.drain(w.mid, True)  # the dead CPU's batches, drained from CPU 1
+        await survivor.recover_dead_cpu(w.mid, 0)
+        report = await survivor.check(w.mid, True)
+        assert report.ok, report.violations
+        await survivor.exit(w.mid, p)
+        report = await survivor.check(w.mid, True)
+        assert report.ok, report.violations
+        assert (await w.delta())["nr_mlock"] == 0
+
+    run(s, **THP)
