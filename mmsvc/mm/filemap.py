@@ -52,6 +52,12 @@ class Slot:
         """The index folio_try_get's re-check compares with the record's: the head's."""
         return index if self.base is None else self.base
 
+    def grab_op(self, fid: int, index: int, lock: bool = True) -> list[int | str]:
+        """Page op T for this slot's page found at ``index``: a reference (and the page
+        lock) unless the page was freed, frozen, reused - or split since the lookup (a
+        THP slot must still name a THP head, a small slot a small page)."""
+        return ["T", self.idx, fid, self.lookup_index(index), int(lock), int(self.is_thp)]
+
 
 def parse_slot(raw: str | bytes) -> Slot | None:
     """A slot's value; None while a page is being read in (``busy|owner``)."""
@@ -132,7 +138,7 @@ class FilePmd:
         slot = parse_slot(raw) if raw else None
         if slot is None or slot.base != index:
             return False
-        got = await self.swap.run(m, slot.lv, [["T", slot.idx, vma.file, index, 1]])
+        got = await self.swap.run(m, slot.lv, [slot.grab_op(vma.file, index)])
         if got.failed:
             return False
         installed = 0

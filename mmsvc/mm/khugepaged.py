@@ -188,7 +188,7 @@ class Khugepaged:
             by_lv[slot.lv].append((index, slot))
         lost = 0
         for lv, run in by_lv.items():
-            res = await self.swap.run(m, lv, [["T", slot.idx, c.fid, index, 1]
+            res = await self.swap.run(m, lv, [slot.grab_op(c.fid, index)
                                               for index, slot in run])
             failed = set(res.failed)
             c.taken += [_Taken(index, slot) for index, slot in run if slot.idx not in failed]

@@ -600,7 +600,7 @@ class Faults:
         for index in sorted(found):
             slot = found[index]
             if slot.ref not in where:
-                by_lv[slot.lv].append(["T", slot.idx, fid, slot.lookup_index(index), 1])
+                by_lv[slot.lv].append(slot.grab_op(fid, index))
             where[slot.ref].append(index)
         lost: set[int] = set()
         for lv, ops in by_lv.items():

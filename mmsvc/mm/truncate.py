@@ -179,8 +179,7 @@ class Truncate:
             slot = parse_slot(raw)
             if slot is not None:
                 lv, idx = slot.ref
-                res = await self.swap.run(m, lv, [["T", idx, f.fid, slot.lookup_index(index),
-                                                   1]])
+                res = await self.swap.run(m, lv, [slot.grab_op(f.fid, index)])
                 if not res.failed:
                     break
             # being read in, locked (a fault, reclaim, migration) or frozen: lock_page waits

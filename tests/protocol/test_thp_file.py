@@ -18,7 +18,7 @@ import pytest
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.types import MAP_LOCKED, MAP_SHARED, Advice, FileSpec, MmapArgs
 from tests.protocol.test_thp import HINT, HPAGE, THP
-from tests.protocol.world import P, World, sub
+from tests.protocol.world import P, World, race_once, sub
 
 COLLAPSE = Advice.MADV_COLLAPSE
 
@@ -362,5 +362,31 @@ def test_a_cpu_dying_mid_collapse_is_repaired_by_recovery(run: Any, monkeypatch:
         report = await survivor.check(w.mid, True)
         assert report.ok, report.violations
         assert (await w.delta())["nr_mlock"] == 0
+
+    run(s, **THP)
+
+
+def test_a_fault_that_finds_a_thp_split_since_its_lookup_retries(run: Any,
+                                                                 monkeypatch: Any) -> None:
+    """The page cache lookup named a file THP; a hole punched on CPU 1 splits it before the
+    fault takes the page (folio_try_get's re-check): the slot's head is a small page now,
+    so the fault must not map it as the THP's subpage - it retries and maps the small page
+    the slot names now."""
+
+    async def s(w: World) -> None:
+        await w.file("f", HPAGE, prefill=True)
+        p1, p2 = await w.proc(), await w.proc()
+        await file_map(w, p1, "m")
+        await collapse(w, p1, "m")
+        await w.munmap(p1, "m")
+        await file_map(w, p2, "m", hint=HINT + 16 * P)  # unaligned: subpage ptes
+        race_once(monkeypatch, w.kernel.faults, "_grab",
+                  lambda: w.on(1).punch_hole(w.mid, "f", 8, 1), before=True)
+        await w.touch(p2, "m", 5, 6, write=False)
+        pages = await w.pages(p2, "m")
+        files = await w.kernel.file_pages(w.mid, "f")
+        assert pages[5].pfn == files[5].pfn != files[0].pfn  # the small page, not the head
+        report = await w.kernel.check(w.mid, True)
+        assert report.ok, report.violations
 
     run(s, **THP)

@@ -153,12 +153,15 @@ local function mm_pages_body(keys, args)
       -- held no reference (filemap_get_entry + folio_try_get_rcu + the re-check of
       -- folio->mapping and index): take a reference unless the page was freed, frozen
       -- (__remove_mapping, migration) or reused meanwhile; lock = 1 also trylocks it
-      -- (PG_locked: filemap_fault's lock_page, filemap_map_pages' trylock).  A failed
-      -- lookup is reported in `failed` and the program goes on.
+      -- (PG_locked: filemap_fault's lock_page, filemap_map_pages' trylock).  {"T", ..., head}:
+      -- the slot named a file THP (head = 1: index is the head's) or a small page (0); a page
+      -- that is no longer that (a THP split meanwhile) fails too.  A failed lookup is
+      -- reported in `failed` and the program goes on.
       local idx = op[2]
       local p = pg(idx, true)
       if p == nil or not has(p, PG_PAGECACHE) or has(p, PG_ANON) or has(p, PG_FROZEN)
-          or p.mapping ~= op[3] or p.index ~= op[4] or (op[5] == 1 and has(p, PG_LOCKED)) then
+          or p.mapping ~= op[3] or p.index ~= op[4] or (op[5] == 1 and has(p, PG_LOCKED))
+          or (op[6] ~= nil and (op[6] == 1) ~= has(p, PG_HEAD)) then
         failed[#failed + 1] = idx
       else
         if op[5] == 1 then set(p, PG_LOCKED) end
