@@ -611,6 +611,11 @@ register_once('pt_zap', function(keys, args)
         if band(bits, PTE_PRESENT) ~= 0 or band(bits, PTE_SWAP) ~= 0 then
           out[#out + 1] = base + i; out[#out + 1] = idx; out[#out + 1] = lv; out[#out + 1] = bits
           redis.call('SETRANGE', key, i * PTE_SIZE, zero)
+        elseif band(bits, PTE_MIGRATION) ~= 0 then
+          -- a migration entry (or a COW fault's claim) is cleared, not reported: its mapping
+          -- was removed when it was set (zap_pte_range's pte_clear_not_present_full), and
+          -- the restore that finds the pte changed maps nothing (remove_migration_pte)
+          redis.call('SETRANGE', key, i * PTE_SIZE, zero)
         end
       end
       if (a == 0 and b == PTRS_PER_PMD) or redis.call('GET', key) == empty then
