@@ -23,10 +23,10 @@ from __future__ import annotations
 from collections import defaultdict
 
 from mmsvc.mm.machine import Machine
-from mmsvc.mm.memory import read_pages
+from mmsvc.mm.memory import read_pages, split_huge_pmd
 from mmsvc.mm.mm_struct import Pte, load_mm, pt_install, pt_read
 from mmsvc.mm.page import PG, PTRS_PER_PMD, SUBPAGE_SHIFT, Page, PTEBit
-from mmsvc.mm.rmap import Mapping, mlock_filter, try_to_unmap_ignore_mlock
+from mmsvc.mm.rmap import Mapping, mlock_filter, try_to_unmap_ignore_mlock, vma_now
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.types import MigrationDrain
 from mmsvc.mm.vma import Vma
@@ -85,15 +85,16 @@ class HugeMemory:
         self.swap = swap
 
     async def split_huge_page(self, m: Machine, lv: int, idx: int) -> list[int] | None:
-        """Split the isolated, locked, pte-mapped THP (lv, idx); returns its tails' records
+        """Split the isolated, locked anonymous THP (lv, idx); returns its tails' records
         (subpages 1 .. nr-1, unlocked and isolated like the head), or None when it cannot be
-        split now (-EAGAIN/-EBUSY: a pmd mapping, or references beyond its mappings): then
+        split now (-EAGAIN/-EBUSY: references beyond its mappings and the isolation): then
         nothing changed.  The caller holds the anon_vma lock."""
         head = (await read_pages(self.store, m, [(lv, idx)]))[0]
-        if not head.has(PG.HEAD) or not head.has(PG.ANON) or head.mapcount:
-            return None  # a pmd mapping: TTU_SPLIT_HUGE_PMD is not emulated (kept)
-        if head.refcount != head.pte_mapcount + 1:
+        if not head.has(PG.HEAD) or not head.has(PG.ANON):
+            return None
+        if head.refcount != head.mapcount + head.pte_mapcount + 1:
             return None  # can_split_folio: extra pins (a batch entry, GUP)
+        await self._split_pmds(m, lv, idx, head)
         maps = await self._unmap_folio(m, lv, idx, head)
         res = await self.swap.run(m, lv, [["R", idx, 1], ["split", idx]])
         if res.failed:  # a reference taken meanwhile: remap_page(folio) as it was
@@ -132,6 +133,17 @@ class HugeMemory:
         await self.swap.run(m, lv, [op for t in tails
                                     for op in (["F", t, 0, int(PG.LOCKED)], ["P", t])])
         return tails
+
+    async def _split_pmds(self, m: Machine, lv: int, idx: int, head: Page) -> None:
+        """unmap_folio's TTU_SPLIT_HUGE_PMD: each pmd mapping of the THP becomes 512 pte
+        mappings first (__split_huge_pmd_locked: page_remove_rmap(compound) - a VM_LOCKED
+        vma munlocks the THP, §3.4.3 - and the ptes are never counted, §3.9)."""
+        if not head.mapcount:
+            return
+        for mp in await thp_mappings(self.store, m, lv, idx, head):
+            if mp.pte.is_pmd:
+                vma = await vma_now(self.store, mp.mm_key, mp.pte.vpn, mp.vma)
+                await split_huge_pmd(self.store, self.swap, m, mp.mm_key, vma, mp.pte.pmd)
 
     async def _unmap_folio(self, m: Machine, lv: int, idx: int, head: Page) -> list[Mapping]:
         """try_to_migrate(TTU_SPLIT_HUGE_PMD) of a pte-mapped THP: each pte becomes a

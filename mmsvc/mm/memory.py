@@ -860,19 +860,21 @@ async def keep_progress(swap: Swap, m: Machine, progs: Programs, stop: ProgramSt
     return reached
 
 
-async def split_huge_pmd(store: RedisStore, swap: Swap, m: Machine, mm: MmState, vma: Vma,
-                         pmd: int) -> bool:
+async def split_huge_pmd(store: RedisStore, swap: Swap, m: Machine, mm: MmState | str,
+                         vma: Vma, pmd: int) -> bool:
     """__split_huge_pmd_locked (§3.4.3): the THP's pmd mapping becomes 512 pte mappings of its
     subpages, which are never counted; removing the pmd mapping is "effectively
     page_remove_rmap(page, vma, true)", so a VM_LOCKED vma munlocks the THP (an immediate
-    flush: a THP head).  A file THP's pmd just goes (FilePmd.zap_pmd): no ptes replace it."""
+    flush: a THP head).  A file THP's pmd just goes (FilePmd.zap_pmd): no ptes replace it.
+    ``mm``: the address space, or its key (rmap walkers hold no MmState)."""
+    mm_key = mm if isinstance(mm, str) else mm.key
     if not vma.is_anon:
         base = pmd * PTRS_PER_PMD
-        pte = (await pt_read(store, mm.key, base, base + 1)).get(base)
+        pte = (await pt_read(store, mm_key, base, base + 1)).get(base)
         if pte is None or not pte.is_pmd:
             return False
-        return await FilePmd(store, swap).zap_pmd(m, vma, mm.key, pte)
-    res = await store.fcall("pmd_split", mm.key, pmd)
+        return await FilePmd(store, swap).zap_pmd(m, vma, mm_key, pte)
+    res = await store.fcall("pmd_split", mm_key, pmd)
     if not res:
         return False
     idx, lv = int(res[0]), int(res[1])

@@ -7,9 +7,9 @@ culled whole (Δmlocked 512, Δculled 512), never split.  With ``reclaim_locked_
 the verdict is RECLAIM and the THP is split before the mlock is discovered (the waste 13/13
 removes); each subpage is then a small page of a VM_LOCKED vma (§5.2.5).
 
-The spec's THP is a file THP; mmsvc emulates anonymous THPs only (file THPs are not emulated
-yet, docs/kernel.md), so the scenario runs on an anonymous THP with swap - reclaim scans the
-anon lists only then.  The rule under test (page_referenced_one on a pmd mapping) is the same.
+The spec's THP is a file THP (tests/protocol/test_thp_file.py since session 6); here the
+scenario runs on an anonymous THP with swap - reclaim scans the anon lists only then.  The
+rule under test (page_referenced_one on a pmd mapping) is the same.
 """
 
 from __future__ import annotations
@@ -80,26 +80,33 @@ def test_s17_reclaim_mlocks_a_locked_pmd_mapped_thp_whole(run: Any) -> None:
     run(s, **SWAP)
 
 
-def test_s17_without_13_13_the_missed_thp_mlock_is_not_restored(run: Any) -> None:
+def test_s17_without_13_13_the_thp_is_split_before_the_mlock_is_found(run: Any) -> None:
     """``reclaim_locked_activate`` off (before 13/13): page_referenced_one does not report the
-    VM_LOCKED pmd mapping and nothing restores the mlock there; try_to_unmap would have to
-    split the huge pmd first (TTU_SPLIT_HUGE_PMD), and a pte-mapped THP is never mlocked
-    (§3.9).  mmsvc does not split huge pmds in reclaim (docs/kernel.md): the THP is kept
-    whole, activated, still unmlocked - the missed mlock stays missed, where 13/13 repairs it
-    without any split (the test above)."""
+    VM_LOCKED pmd mapping, the verdict is RECLAIM, and add_to_swap of the THP fails (no THP
+    swap here), so it is split: unmap_folio splits both huge pmds (TTU_SPLIT_HUGE_PMD) and
+    turns the ptes into migration entries, and the remap puts back small pages - "the waste
+    13/13 removes".  Then base-kernel split behaviour (§5.2.5): each restored pte in the
+    child's VM_LOCKED vma mlocks its small page (Δmlocked 512), which reclaim then keeps and
+    putback culls (Δculled 512); nothing is swapped."""
 
     async def s(w: World) -> None:
-        _parent, child = await missed_thp_mlock(w)
+        parent, child = await missed_thp_mlock(w)
         base = await w.delta()
         res = await w.kernel.reclaim(w.mid, None, None, 32)
         await w.drain()
         d = await w.delta()
-        assert (d["mlocked"] - base["mlocked"], d["culled"] - base["culled"]) == (0, 0)
-        assert (res.scanned, res.reclaimed, res.culled) == (HPAGE, 0, 0)
+        assert (d["mlocked"] - base["mlocked"], d["culled"] - base["culled"]) == (HPAGE, HPAGE)
+        assert (res.scanned, res.reclaimed, res.culled) == (HPAGE, 0, HPAGE)
         pages = await w.pages(child, "m")
-        assert len({pg.pfn for pg in pages}) == 1
-        assert (pages[0].mlocked, pages[0].lru_list) == (False, "active_anon")
+        assert len({pg.pfn for pg in pages}) == HPAGE  # split
+        assert all(pg.mlocked and pg.unevictable for pg in pages)
+        assert [pg.pfn for pg in await w.pages(parent, "m")] == [pg.pfn for pg in pages]
+        assert (await w.kernel.vmstat(w.mid))["pswpout"] == 0
         report = await w.kernel.check(w.mid, True)
-        assert report.ok and report.undercounts == 1, report.violations
+        assert report.ok, report.violations
+        await w.munlock(child, "m")
+        await w.drain()
+        assert sub(await w.delta(), nr_mlock=0, nr_unev=0) == {"nr_mlock": 0, "nr_unev": 0}
+        assert (await w.kernel.check(w.mid, True)).ok
 
     run(s, **SWAP, reclaim_locked_activate=False)

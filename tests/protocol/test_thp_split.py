@@ -109,20 +109,25 @@ def test_split_subpages_of_an_unlocked_thp_are_swapped_out(run: Any) -> None:
     run(s, **SWAP)
 
 
-def test_reclaim_keeps_a_pmd_mapped_thp_and_splits_a_pte_mapped_one(run: Any) -> None:
+def test_reclaim_splits_a_pmd_mapped_thp_too(run: Any) -> None:
+    """A pmd-mapped anonymous THP: add_to_swap of a THP fails (the emulated swap area has
+    no THP clusters, as with CONFIG_THP_SWAP off), so shrink_page_list falls back to
+    split_huge_page_to_list, whose unmap_folio splits the pmd first (TTU_SPLIT_HUGE_PMD);
+    both THPs end as small pages swapped out."""
     async def s(w: World) -> None:
         p = await w.proc()
         addr = await thp_map(w, p, "m", 2)
         await w.touch(p, "m", 0, 1)
         await w.touch(p, "m", HPAGE, HPAGE + 1)
         await w.kernel.mprotect(w.mid, p, addr + (HPAGE + 8) * P, P, 1)  # second THP: ptes
+        assert (await w.pages(p, "m"))[0].mapcount == 1  # the first one: by its pmd
         res = await w.kernel.reclaim(w.mid, None, None, 32)
-        # the pmd-mapped THP is kept whole (TTU_SPLIT_HUGE_PMD not emulated), the other
-        # one is split and its subpages swapped out
-        assert res.reclaimed == HPAGE
-        pages = await w.pages(p, "m")
-        assert all(pg.present and pg.pfn == pages[0].pfn for pg in pages[:HPAGE])
-        assert pages[0].mapcount == 1 and not any(pg.present for pg in pages[HPAGE:])
+        assert (res.scanned, res.reclaimed) == (2 * HPAGE, 2 * HPAGE)
+        assert not any(pg.present for pg in await w.pages(p, "m"))
+        assert (await w.kernel.vmstat(w.mid))["pswpout"] == 2 * HPAGE
+        assert (await w.kernel.check(w.mid, True)).ok
+        await w.touch(p, "m", 3, 4)  # swapped in: a small page now
+        assert (await w.pages(p, "m"))[3].present
         assert (await w.kernel.check(w.mid, True)).ok
 
     run(s, **SWAP)
