@@ -141,14 +141,22 @@ class FilePmd:
         got = await self.swap.run(m, slot.lv, [slot.grab_op(vma.file, index)])
         if got.failed:
             return False
+        # page_add_file_rmap before the pmd is set (an rmap walker that meets the pmd finds
+        # it counted), its mlock once it is set; a pmd that is not empty any more undoes it
+        add = page_add_rmap_ops(m, vma, slot.idx)
+        unlock: list[Op] = [["F", slot.idx, 0, int(PG.LOCKED)], ["P", slot.idx]]
         installed = 0
         try:
-            installed = int(await self.store.fcall(
-                "pmd_install", mm.key, pmd, slot.idx, slot.lv, pmd_bits(vma, write), 0, 0, 0))
+            await self.swap.run(m, slot.lv, add[:1])
+            try:
+                installed = int(await self.store.fcall(
+                    "pmd_install", mm.key, pmd, slot.idx, slot.lv, pmd_bits(vma, write),
+                    0, 0, 0))
+            finally:
+                done: list[Op] = add[1:] if installed else [["U", slot.idx], ["P", slot.idx]]
+                await self.swap.run(m, slot.lv, done)
         finally:
-            ops: list[Op] = page_add_rmap_ops(m, vma, slot.idx) if installed else []
-            await self.swap.run(m, slot.lv, [*ops, ["F", slot.idx, 0, int(PG.LOCKED)],
-                                             ["P", slot.idx]])
+            await self.swap.run(m, slot.lv, unlock)
         return bool(installed)
 
     async def zap_pmd(self, m: Machine, vma: Vma, mm_key: str, pte: Pte) -> bool:
