@@ -11,6 +11,8 @@ flushed at once), and a munlock then munlocked +512, rescued +512.
 from __future__ import annotations
 
 import asyncio
+import os
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -390,3 +392,57 @@ def test_a_fault_that_finds_a_thp_split_since_its_lookup_retries(run: Any,
         assert report.ok, report.violations
 
     run(s, **THP)
+
+
+def test_random_pairs_of_operations_around_file_thps_keep_the_invariants(run: Any) -> None:
+    """30 rounds of two random operations at once on two CPUs over a file that MADV_COLLAPSE
+    keeps turning into THPs (collapse, faults, mlock, munlock, munmap + mmap, reclaim, hole
+    punch, migration), with the checker after each round (fixed choices, free
+    interleaving): any error but EAGAIN/ENOMEM, or any violation, fails."""
+    import random
+
+    async def s(w: World) -> None:
+        outcomes: Counter[tuple[str, str]] = Counter()
+        rng = random.Random(int(os.environ.get("MMSVC_THP_SEED", "6")))
+        await w.kernel.create_file(w.mid, FileSpec("f", 2 * HPAGE, True, kind="tmpfs"))
+        p1, p2 = await w.proc(), await w.proc()
+        await file_map(w, p1, "m", pmds=2, flags=MAP_LOCKED)
+        await file_map(w, p2, "m", pmds=2, hint=HINT + 8 * HPAGE * P)
+
+        def op(cpu: int) -> Any:
+            k = w.on(cpu)
+            p = rng.choice((p1, p2))
+            a, n = w.rng(p, "m")
+            lo = rng.randrange(2 * HPAGE)
+            part = (a + lo * P, min(rng.choice((1, 16, HPAGE)), 2 * HPAGE - lo) * P)
+            choices = {
+                "collapse": lambda: k.madvise(w.mid, p, a, n, COLLAPSE),
+                "fault": lambda: k.fault(w.mid, p, *part, False),
+                "mlock": lambda: k.mlock(w.mid, p, *part),
+                "munlock": lambda: k.munlock(w.mid, p, *part),
+                "reclaim": lambda: k.reclaim(w.mid, None, None, 600),
+                "punch": lambda: k.punch_hole(w.mid, "f", lo, rng.choice((1, 8))),
+                "migrate": lambda: k.migrate(w.mid, p, *part, 0),
+            }
+            name = rng.choice(sorted(choices))
+            return name, choices[name]()
+
+        for rnd in range(int(os.environ.get("MMSVC_THP_ROUNDS", "30"))):
+            (n1, c1), (n2, c2) = op(0), op(1)
+            results = await asyncio.gather(c1, c2, return_exceptions=True)
+            for name, r in zip((n1, n2), results, strict=True):
+                outcomes[(name, type(r).__name__ if isinstance(r, BaseException) else "ok")] += 1
+                if isinstance(r, KernelError):
+                    assert r.errno in ("EAGAIN", "ENOMEM"), (rnd, name, r)
+                else:
+                    assert not isinstance(r, BaseException), (rnd, name, r)
+            report = await w.kernel.check(w.mid, True)
+            assert report.ok, (rnd, n1, n2, report.violations)
+        assert outcomes[("collapse", "ok")] > 0, outcomes  # the test reaches collapse_file
+        await w.kernel.exit(w.mid, p1)
+        await w.kernel.exit(w.mid, p2)
+        report = await w.kernel.check(w.mid, True)
+        assert report.ok, report.violations
+        assert (await w.delta())["nr_mlock"] == 0
+
+    run(s, **THP, nodes=2)
