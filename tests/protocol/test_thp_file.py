@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from mmsvc.mm.errors import KernelError
+from mmsvc.mm.filemap import FilePmd
 from mmsvc.mm.types import MAP_LOCKED, MAP_SHARED, Advice, FileSpec, MmapArgs
 from tests.protocol.test_thp import HINT, HPAGE, THP
 from tests.protocol.world import P, World, race_once, sub
@@ -446,3 +447,39 @@ def test_random_pairs_of_operations_around_file_thps_keep_the_invariants(run: An
         assert (await w.delta())["nr_mlock"] == 0
 
     run(s, **THP, nodes=2)
+
+
+def test_a_pte_install_under_a_pmd_mapped_meanwhile_backs_off(run: Any,
+                                                              monkeypatch: Any) -> None:
+    """Two threads of one process fault the same 2 MiB: CPU 1 finds the pmd empty but cannot
+    take the THP for a pmd mapping (here: patched to fail once), and while it goes the pte
+    way, CPU 0 maps the THP by its pmd.  CPU 1's ptes must not land under that pmd (it is
+    not pmd_none any more: the pte install conflicts); it retries and finds the pmd."""
+
+    async def s(w: World) -> None:
+        await w.file("f", HPAGE, prefill=True)
+        p1, p = await w.proc(), await w.proc()
+        await file_map(w, p1, "m")
+        await collapse(w, p1, "m")
+        await w.munmap(p1, "m")
+        await file_map(w, p, "m", flags=0)
+        cpu1 = w.on(1)
+        real = FilePmd.map_pmd
+        calls: list[int] = []
+
+        async def first_fails(self: FilePmd, *args: Any) -> bool:
+            if self.swap is cpu1.swap and not calls:
+                calls.append(1)
+                await w.kernel.fault(w.mid, p, w.rng(p, "m")[0], P, False)  # CPU 0: the pmd
+                return False
+            return await real(self, *args)
+
+        monkeypatch.setattr(FilePmd, "map_pmd", first_fails)
+        await cpu1.fault(w.mid, p, w.rng(p, "m")[0] + 5 * P, P, False)
+        assert calls
+        pages = await w.pages(p, "m")
+        assert all(pg.present for pg in pages) and pages[0].mapcount == 1
+        report = await w.kernel.check(w.mid, True)
+        assert report.ok, report.violations
+
+    run(s, **THP, fault_around_pages=1)  # (fault-around would re-read the pmd first)

@@ -514,15 +514,20 @@ end
 
 -- pt_install(M; flat {vpn, idx, lv, bits, expect_idx, expect_lv, expect_bits}...): set ptes
 -- whose current value is the expected one (0,0,0 = none); returns the vpns that differed.
+-- A pmd mapped by a huge pmd (M:hpmd) is not pmd_none: no pte goes under it (a fault that
+-- read the ptes before another thread mapped the pmd backs off and finds the pmd).
 local function pt_install_impl(M, args, first)
   local conflicts = {}
   local t0, tables, seen = redis.call('TIME'), 0, {}
   for i = first, #args, 7 do
     local pmd = math.floor(tonumber(args[i]) / PTRS_PER_PMD)
-    if not seen[pmd] then seen[pmd] = true; tables = tables + 1 end
+    if seen[pmd] == nil then
+      seen[pmd] = redis.call('EXISTS', M .. ':hpmd:' .. pmd) == 1
+      tables = tables + 1
+    end
     local vpn = tonumber(args[i])
     local cidx, clv, cbits = pt_load(M, vpn)
-    if cidx == tonumber(args[i + 4]) and clv == tonumber(args[i + 5])
+    if not seen[pmd] and cidx == tonumber(args[i + 4]) and clv == tonumber(args[i + 5])
         and cbits == tonumber(args[i + 6]) then
       pt_store(M, vpn, tonumber(args[i + 1]), tonumber(args[i + 2]), tonumber(args[i + 3]))
     else
