@@ -17,13 +17,15 @@ from mmsvc.mm.types import MachineConfig, MmapArgs, ProcessSpec
 from mmsvc.store.embedded import EmbeddedRedis
 from mmsvc.store.redis_store import RedisStore
 
+THP_HINT = 0x7E0000000000  # 2 MiB aligned: write faults there make pmd-mapped THPs
 
-async def one_run(url: str, pages: int) -> tuple[float, float]:
+
+async def one_run(url: str, pages: int, thp: bool = False) -> tuple[float, float]:
     store = await RedisStore.connect(url)
     k = Kernel(store, 0)
-    mid = await k.create_machine(MachineConfig(frames_per_node=pages + 4096))
+    mid = await k.create_machine(MachineConfig(frames_per_node=pages + 4096, thp=thp))
     pid = await k.create_process(mid, ProcessSpec())
-    addr = await k.mmap(mid, pid, MmapArgs(length=pages * 4096))
+    addr = await k.mmap(mid, pid, MmapArgs(length=pages * 4096, addr=THP_HINT if thp else 0))
     await k.fault(mid, pid, addr, pages * 4096, True)
     await k.drain(mid, False)
     t0 = time.perf_counter()
@@ -43,10 +45,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pages", type=int, default=65536)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--thp", action="store_true",
+                    help="also time the same range backed by THPs (one mlock per pmd, as in "
+                         "Linux: an illustration, not the target's measure)")
     args = ap.parse_args()
     with EmbeddedRedis() as server:
         baseline = redis_benchmark_hset(server)
         runs = [asyncio.run(one_run(server.url, args.pages)) for _ in range(args.repeat)]
+        thp_runs = [asyncio.run(one_run(server.url, args.pages, thp=True))
+                    for _ in range(args.repeat if args.thp else 0)]
     lock = statistics.median(r[0] for r in runs)
     unlock = statistics.median(r[1] for r in runs)
     print(f"baseline redis-benchmark -P 32 -t hset: {baseline:,.0f} ops/s")
@@ -54,6 +61,12 @@ def main() -> None:
           "  (target >= 0.25)")
     print(f"munlock of {args.pages} locked pages:  {unlock:,.0f} pages/s  "
           f"ratio {unlock / baseline:.3f}")
+    if thp_runs:
+        tl = statistics.median(r[0] for r in thp_runs)
+        tu = statistics.median(r[1] for r in thp_runs)
+        print(f"with THPs ({args.pages // 512} pmd-mapped): mlock {tl:,.0f} pages/s "
+              f"(ratio {tl / baseline:.3f}), munlock {tu:,.0f} pages/s "
+              f"(ratio {tu / baseline:.3f}) - base pages per second, one mlock per THP")
 
 
 if __name__ == "__main__":

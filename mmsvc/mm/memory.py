@@ -283,9 +283,10 @@ class Faults:
         back to pte COW, as 5.17's do_huge_pmd_wp_page does.  Returns the ptes to go on with."""
         done = 0
         first, last = start // PTRS_PER_PMD, (end - 1) // PTRS_PER_PMD
+        by_pmd = ptes_by_pmd(ptes)
         for pmd in range(first, last + 1):
             base = pmd * PTRS_PER_PMD
-            in_pmd = [p for v, p in ptes.items() if base <= v < base + PTRS_PER_PMD]
+            in_pmd = by_pmd.get(pmd, [])
             if in_pmd and in_pmd[0].is_pmd and not in_pmd[0].bits & PTEBit.WRITE:
                 await split_huge_pmd(self.store, self.swap, m, mm, vma, pmd)
                 continue
@@ -566,9 +567,9 @@ class Faults:
         pte level).  Returns the ptes of [start, end) as they are now."""
         fp = FilePmd(self.store, self.swap)
         changed = False
+        by_pmd = ptes_by_pmd(ptes)
         for pmd in range(start // PTRS_PER_PMD, (end - 1) // PTRS_PER_PMD + 1):
-            base = pmd * PTRS_PER_PMD
-            in_pmd = [p for v, p in ptes.items() if base <= v < base + PTRS_PER_PMD]
+            in_pmd = by_pmd.get(pmd, [])
             huge = next((p for p in in_pmd if p.is_pmd), None)
             if huge is not None:
                 if write and not huge.bits & PTEBit.WRITE:
@@ -814,6 +815,14 @@ class Faults:
                 undo.add(p.lv, *pte_unmap_ops(m, vma, p), ["P", p.idx])
         await undo.execute(self.swap, m)
         raise FaultRace(f"concurrent fault on {len(raced)} pages")
+
+
+def ptes_by_pmd(ptes: dict[int, Pte]) -> dict[int, list[Pte]]:
+    """The ptes of a range grouped by pmd, in address order (one pass, not one per pmd)."""
+    out: dict[int, list[Pte]] = defaultdict(list)
+    for vpn in sorted(ptes):
+        out[vpn // PTRS_PER_PMD].append(ptes[vpn])
+    return out
 
 
 def _pages(slots: dict[int, Slot | None]) -> list[tuple[int, int]]:
