@@ -45,6 +45,18 @@ from mmsvc.store.redis_store import RedisStore, text
 STALE_FLAGS = int(PG.LOCKED | PG.FROZEN)
 
 
+async def _fix_pmd_marker(store: RedisStore, mm_key: str, marker: Pte, alive: bool) -> int:
+    """A dead CPU's pmd migration entry: the THP mapped again by its pmd (the mapping is
+    recounted below), or the entry dropped when the THP is gone."""
+    stored = marker.bits & ~int(PTEBit.PMD)
+    if alive:
+        back = int(PTEBit.PRESENT) | (stored & int(PTEBit.WRITE))
+        return int(await store.fcall("pmd_install", mm_key, marker.pmd, marker.idx, marker.lv,
+                                     back, marker.idx, marker.lv, stored))
+    return int(await store.fcall("pmd_zap", mm_key, marker.pmd, marker.idx, marker.lv,
+                                 stored))
+
+
 async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
     """Repair machine m after a CPU died in it (every other CPU stopped).  Returns counts."""
     fixed: Counter[str] = Counter()
@@ -65,6 +77,10 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
         for i in range(0, len(flat), 4):
             vpn, idx, lv, bits = (int(x) for x in flat[i:i + 4])
             marker = Pte(vpn, idx, lv, bits)
+            if marker.is_pmd:  # a pmd migration entry (migrate_thp.py)
+                fixed["marker_restored" if (lv, idx) in pages else "marker_dropped"] += \
+                    await _fix_pmd_marker(store, mm.key, marker, (lv, idx) in pages)
+                continue
             if (lv, idx) in pages:
                 back = Pte(vpn, idx, lv, int(PTEBit.PRESENT) | (bits & PTEBit.WRITE))
                 fixed["marker_restored"] += not await pt_install(store, mm.key, [back],

@@ -39,6 +39,7 @@ from mmsvc.mm.memory import (
     read_pages,
 )
 from mmsvc.mm.migrate import Migrate, MigrateStats, check_target
+from mmsvc.mm.migrate_thp import ThpMigrate
 from mmsvc.mm.mlock import MAX_POPULATE_PAGES, Mlock, page_range, too_many_pages
 from mmsvc.mm.mm_struct import (
     MmState,
@@ -116,6 +117,7 @@ class Kernel:
         self.mmaps = Mmap(store, self.swap, self.locks, self.faults, self.mlocks)
         self.vmscan = Vmscan(store, self.swap, self.rmap)
         self.migrator = Migrate(store, self.swap, self.rmap)
+        self.thp_migrator = ThpMigrate(store, self.swap, self.rmap)
         self.khugepaged = Khugepaged(store, self.swap, self.rmap, self.drain_all)
         self.madv = Madvise(store, self.swap, self.faults, self.mlocks, self.vmscan,
                             self.khugepaged)
@@ -488,8 +490,8 @@ class Kernel:
                     if target == lv:
                         stats.migrated += 1
                         continue
-                    if (lv, idx) in thps:
-                        stats.failed += 1  # THP migration is not emulated yet
+                    if (lv, idx) in thps:  # a THP moves whole (migrate_thp.py)
+                        await self.thp_migrator.migrate_thp(m, lv, idx, target, stats)
                         continue
                     await self.migrator.migrate_page(m, lv, idx, target, stats)
             finally:

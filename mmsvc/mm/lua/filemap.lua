@@ -113,6 +113,19 @@ register_once('pc_split', function(keys, args)
   return n
 end)
 
+-- pc_move(F; old value, new value, index...): migration of a file THP (migrate.py): each slot
+-- that still holds the old THP names the new one.  Returns the slots rewritten.
+register_once('pc_move', function(keys, args)
+  local n = 0
+  for i = 3, #args do
+    if redis.call('HGET', keys[1] .. ':pc', args[i]) == args[1] then
+      redis.call('HSET', keys[1] .. ':pc', args[i], args[2])
+      n = n + 1
+    end
+  end
+  return n
+end)
+
 -- pc_delete_all(F; value, index...): a whole THP leaves the page cache (truncation): each
 -- slot that still holds it is emptied.  Returns the slots emptied.
 register_once('pc_delete_all', function(keys, args)

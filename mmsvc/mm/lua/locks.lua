@@ -45,9 +45,11 @@ local function pt_read_range(M, v0, v1, account, max)
     if not s then
       -- a huge pmd (M:hpmd:<pmd>): one THP mapped by the pmd itself, no page table
       local h = redis.call('GET', M .. ':hpmd:' .. pmd)
-      if h then
+      local idx, lv, bits = 0, 0, 0
+      if h then idx, lv, bits = struct.unpack(PTE_FMT, h) end
+      -- a pmd migration entry (not present: migrate.py's THP migration) maps nothing
+      if h and bit.band(bits, PTE_PRESENT) ~= 0 then
         tables = tables + 1
-        local idx, lv, bits = struct.unpack(PTE_FMT, h)
         local base = pmd * PTRS_PER_PMD
         for v = math.max(v0, base), math.min(v1, base + PTRS_PER_PMD) - 1 do
           out[#out + 1] = v; out[#out + 1] = idx; out[#out + 1] = lv

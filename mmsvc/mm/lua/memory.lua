@@ -571,6 +571,16 @@ register_once('pt_markers', function(keys, args)
           out[#out + 1] = bits
         end
       end
+    else
+      local h = redis.call('GET', M .. ':hpmd:' .. pm)
+      if h then
+        local idx, lv, bits = struct.unpack(PTE_FMT, h)
+        if band(bits, PTE_PRESENT) == 0 and band(bits, PTE_MIGRATION) ~= 0 then
+          -- a pmd migration entry, reported at its first address with PMD set
+          out[#out + 1] = tonumber(pm) * PTRS_PER_PMD; out[#out + 1] = idx
+          out[#out + 1] = lv; out[#out + 1] = bit.bor(bits, PTE_PMD)
+        end
+      end
     end
   end
   return out
@@ -593,15 +603,20 @@ register_once('pt_zap', function(keys, args)
     local s = redis.call('GET', key)
     local h = (not s) and redis.call('GET', M .. ':hpmd:' .. pmd)
     if h then
-      -- zap_huge_pmd: only whole pmds (the caller splits a pmd a range cuts through)
       local base = pmd * PTRS_PER_PMD
-      if v0 > base or v1 < base + PTRS_PER_PMD then
-        error('mmsvc: partial zap of a huge pmd ' .. pmd .. ' (split it first)')
-      end
-      tables = tables + 1
       local idx, lv, bits = struct.unpack(PTE_FMT, h)
-      out[#out + 1] = base; out[#out + 1] = idx; out[#out + 1] = lv
-      out[#out + 1] = bit.bor(bits, PTE_PMD)
+      tables = tables + 1
+      if band(bits, PTE_PRESENT) == 0 then
+        -- a pmd migration entry goes without a report, whatever part of it the range
+        -- covers (zap_huge_pmd; the migration's restore then finds it gone and maps
+        -- nothing - Linux would split it into pte migration entries for a partial zap)
+      elseif v0 > base or v1 < base + PTRS_PER_PMD then
+        -- zap_huge_pmd: only whole pmds (the caller splits a pmd a range cuts through)
+        error('mmsvc: partial zap of a huge pmd ' .. pmd .. ' (split it first)')
+      else
+        out[#out + 1] = base; out[#out + 1] = idx; out[#out + 1] = lv
+        out[#out + 1] = bit.bor(bits, PTE_PMD)
+      end
       redis.call('DEL', M .. ':hpmd:' .. pmd)
       redis.call('ZREM', M .. ':pmds', pmd)
     end
@@ -714,6 +729,7 @@ register_once('pmd_split', function(keys, args)
   local h = redis.call('GET', hkey)
   if not h then return {} end
   local idx, lv, bits = struct.unpack(PTE_FMT, h)
+  if band(bits, PTE_PRESENT) == 0 then return {} end  -- a pmd migration entry: left whole
   local parts = {}
   for i = 0, PTRS_PER_PMD - 1 do
     parts[#parts + 1] = struct.pack(PTE_FMT, idx, lv,

@@ -1,0 +1,171 @@
+"""THP migration: migrate_pages of a whole THP (mm/migrate.c with mm/huge_memory.c's
+set_pmd_migration_entry / remove_migration_pmd; spec §4, §3.9).
+
+A THP (anonymous, or a file THP of khugepaged.py) moves as one folio, as Linux does when
+thp_migration_supported() (x86-64):
+
+1. Isolate and lock the head; under the rmap lock, ``try_to_migrate`` every mapping
+   (``huge_memory.thp_mappings``): a pmd mapping becomes a **pmd migration entry** (the
+   huge pmd with PRESENT clear: faults find the pmd not empty and retry, walkers see
+   nothing) and goes through page_remove_rmap(compound) - a VM_LOCKED vma munlocks the THP
+   and, with 11/13, the local batch is drained (§4.2.1); a subpage pte becomes a pte
+   migration entry and its removal is never counted (§3.9).
+2. Freeze at the isolation reference (and the page cache's); a racing reference fails it,
+   retried MIGRATE_PASSES times with drains (§4.1).
+3. A new THP on the target node: on the LRU first (§4.2.4, a THP head: flushed at once),
+   the page cache's slots repointed for a file THP, then each entry restored to it -
+   remove_migration_pmd: page_add_*_rmap(compound) + mlock_vma_page(compound) in a
+   VM_LOCKED vma (the count rebuilt, §4.2.4); a subpage pte: an uncounted pte mapping.
+4. On failure the old THP's mappings come back the same way (the undercount of §4.2.5).
+
+Not emulated: the split of a pmd migration entry (__split_huge_pmd on a migration entry
+makes pte migration entries): a munmap / mprotect / MADV_DONTNEED that cuts through a pmd
+being migrated drops the whole entry here, and that part of the mapping refaults later.
+Legacy machines keep refusing THP migration (counted ``failed``).
+"""
+
+from __future__ import annotations
+
+from mmsvc.mm.huge_memory import thp_mappings
+from mmsvc.mm.machine import Machine
+from mmsvc.mm.memory import read_pages
+from mmsvc.mm.migrate import COPIED_FLAGS, MIGRATE_PASSES, MigrateStats
+from mmsvc.mm.mm_struct import Pte, pt_install
+from mmsvc.mm.page import AUX_ORDER_MASK, PG, Page, PTEBit
+from mmsvc.mm.rmap import Mapping, Rmap, page_add_rmap_ops, page_remove_rmap_ops, vma_now
+from mmsvc.mm.swap import Op, Swap
+from mmsvc.mm.types import MigrationDrain
+from mmsvc.store import keys
+from mmsvc.store.redis_store import RedisStore
+
+_PMD = int(PTEBit.PMD)
+_MIGRATION = int(PTEBit.MIGRATION)
+_WRITE = int(PTEBit.WRITE)
+
+
+def _entry_bits(pte: Pte) -> int:
+    """The migration entry's bits: not present, write permission kept (for the restore)."""
+    return _MIGRATION | (pte.bits & _WRITE)
+
+
+class ThpMigrate:
+    """migrate_pages for THP heads, on behalf of one CPU."""
+
+    def __init__(self, store: RedisStore, swap: Swap, rmap: Rmap) -> None:
+        self.store = store
+        self.swap = swap
+        self.rmap = rmap
+
+    async def migrate_thp(self, m: Machine, lv: int, idx: int, target_lv: int,
+                          stats: MigrateStats) -> None:
+        """Move THP (lv, idx) to lruvec target_lv; stats count it once (a folio)."""
+        if str(m.cfg.protocol) == "legacy":
+            stats.failed += 1  # not emulated for the legacy design
+            return
+        if not (await self.swap.run(m, lv, [["I", idx]])).isolated:
+            stats.busy += 1
+            return
+        if (await self.swap.run(m, lv, [["O", idx]])).failed:
+            await self.swap.run(m, lv, [["B", idx, 0]])
+            stats.failed += 1
+            return
+        page = (await read_pages(self.store, m, [(lv, idx)]))[0]
+        mode = m.cfg.migration_drain
+        async with self.rmap.locked(m, page):
+            maps = await self._unmap(m, lv, idx, await thp_mappings(self.store, m, lv, idx,
+                                                                    page), mode)
+            for attempt in range(MIGRATE_PASSES):
+                expected = 1 + (1 if page.has(PG.PAGECACHE) else 0)
+                if not (await self.swap.run(m, lv, [["R", idx, expected]])).failed:
+                    try:
+                        await self._move(m, lv, idx, page, target_lv, maps, mode)
+                    except BaseException:
+                        await self.swap.run(m, lv, [["F", idx, 0, int(PG.FROZEN)]])
+                        await self._restore(m, lv, idx, maps, (lv, idx), mode)
+                        await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)],
+                                                    ["B", idx, 0]])
+                        raise
+                    stats.migrated += 1
+                    return
+                if mode != MigrationDrain.OFF and attempt + 1 < MIGRATE_PASSES:
+                    await self.swap.lru_add_drain(m)
+            await self._restore(m, lv, idx, maps, (lv, idx), mode)
+        await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)], ["B", idx, 0]])
+        stats.failed += 1
+
+    async def _unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
+                     mode: MigrationDrain) -> list[Mapping]:
+        """try_to_migrate_one for each mapping; returns those now held by entries."""
+        done: list[Mapping] = []
+        for mp in maps:
+            pte = mp.pte
+            if pte.is_pmd:  # set_pmd_migration_entry
+                stored = pte.bits & ~_PMD
+                if not int(await self.store.fcall("pmd_install", mp.mm_key, pte.pmd, idx, lv,
+                                                  _entry_bits(pte), pte.idx, pte.lv, stored)):
+                    continue
+            elif await pt_install(self.store, mp.mm_key,
+                                  [Pte(pte.vpn, idx, lv, _entry_bits(pte))], {pte.vpn: pte}):
+                continue
+            done.append(mp)
+            vma = await vma_now(self.store, mp.mm_key, pte.vpn, mp.vma)
+            ops: list[Op] = (page_remove_rmap_ops(m, vma, idx) if pte.is_pmd
+                             else [["u", idx]])
+            await self.swap.run(m, lv, [*ops, ["P", idx]])
+            if pte.is_pmd and mode == MigrationDrain.AFTER_EACH_LOCKED_UNMAP and vma.locked:
+                await self.swap.lru_add_drain(m)  # mlock_drain_local() (11/13)
+        if mode == MigrationDrain.RMAP_WALK_LEVEL:
+            await self.swap.lru_add_drain(m)
+        return done
+
+    async def _restore(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
+                       new: tuple[int, int], mode: MigrationDrain) -> None:
+        """remove_migration_pmd / remove_migration_pte: each entry that is still there maps
+        ``new`` (or the old THP again) with its old bits; the vma's flags as stored now."""
+        nlv, nidx = new
+        for mp in maps:
+            pte = mp.pte
+            entry = _entry_bits(pte)
+            if pte.is_pmd:
+                if not int(await self.store.fcall("pmd_install", mp.mm_key, pte.pmd, nidx, nlv,
+                                                  pte.bits & ~_PMD, idx, lv, entry)):
+                    continue  # zapped meanwhile
+            elif await pt_install(self.store, mp.mm_key, [Pte(pte.vpn, nidx, nlv, pte.bits)],
+                                  {pte.vpn: Pte(pte.vpn, idx, lv, entry)}):
+                continue
+            vma = await vma_now(self.store, mp.mm_key, pte.vpn, mp.vma)
+            ops = page_add_rmap_ops(m, vma, nidx) if pte.is_pmd else [["m", nidx]]
+            await self.swap.run(m, nlv, ops)
+            if pte.is_pmd and mode == MigrationDrain.AFTER_EACH_LOCKED_UNMAP and vma.locked:
+                await self.swap.lru_add_drain(m)  # §4.2.3
+        if mode == MigrationDrain.RMAP_WALK_LEVEL:
+            await self.swap.lru_add_drain(m)
+
+    async def _move(self, m: Machine, lv: int, idx: int, old: Page, target_lv: int,
+                    maps: list[Mapping], mode: MigrationDrain) -> None:
+        """The new THP: allocated locked on the target, on the LRU before the mappings come
+        back (§4.2.4; off: put back after them), the page cache's slots moved to it; the old
+        one freed (PG_mlocked is not transferred, §1.2.2)."""
+        flags = old.flags & COPIED_FLAGS | int(PG.HEAD)
+        lru_first = m.cfg.migration_newpage_lru_first
+        ops: list[Op] = [["A", flags | int(PG.LOCKED), old.mapping, old.index,
+                          old.aux & AUX_ORDER_MASK], ["G", -1]]
+        if old.has(PG.PAGECACHE):
+            ops.append(["G", -1])
+        if lru_first:
+            ops.append(["C", -1])
+        new_idx = (await self.swap.run(m, target_lv, ops)).allocs[0]
+        if old.has(PG.PAGECACHE):
+            await self.store.fcall("pc_move", keys.file(m.mid, old.mapping),
+                                   f"{lv}|{idx}|{old.index}", f"{target_lv}|{new_idx}|{old.index}",
+                                   *range(old.index, old.index + old.nr_pages))
+        await self._restore(m, lv, idx, maps, (target_lv, new_idx), mode)
+        done: list[Op] = [["F", new_idx, 0, int(PG.LOCKED)]]
+        if not lru_first:
+            done.append(["C", new_idx])
+        await self.swap.run(m, target_lv, [*done, ["P", new_idx]])
+        old_ops: list[Op] = [["F", idx, 0, int(PG.ISOLATED | PG.PAGECACHE | PG.FROZEN
+                                                | PG.LOCKED)], ["P", idx]]
+        if old.has(PG.PAGECACHE):
+            old_ops.append(["P", idx])
+        await self.swap.run(m, lv, old_ops)
