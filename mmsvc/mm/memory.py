@@ -881,6 +881,7 @@ async def split_huge_pmd(store: RedisStore, swap: Swap, m: Machine, mm: MmState 
         base = pmd * PTRS_PER_PMD
         pte = (await pt_read(store, mm_key, base, base + 1)).get(base)
         if pte is None or not pte.is_pmd:
+            await store.fcall("pmd_split", mm_key, pmd, "file")  # a pmd migration entry
             return False
         return await FilePmd(store, swap).zap_pmd(m, vma, mm_key, pte)
     res = await store.fcall("pmd_split", mm_key, pmd)

@@ -18,10 +18,11 @@ thp_migration_supported() (x86-64):
    VM_LOCKED vma (the count rebuilt, §4.2.4); a subpage pte: an uncounted pte mapping.
 4. On failure the old THP's mappings come back the same way (the undercount of §4.2.5).
 
-Not emulated: the split of a pmd migration entry (__split_huge_pmd on a migration entry
-makes pte migration entries): a munmap / mprotect / MADV_DONTNEED that cuts through a pmd
-being migrated drops the whole entry here, and that part of the mapping refaults later.
-Legacy machines keep refusing THP migration (counted ``failed``).
+A pmd migration entry that a munmap / mprotect / MADV_DONTNEED cuts through is split as
+__split_huge_pmd does it: an anonymous one into 512 pte migration entries (the zap then
+clears the ones in its range; the restore maps the others back as subpage ptes), a file one
+is just cleared (a file pmd is not replaced by ptes: refaulted later).  Fork does not copy a
+migration entry to the child.  Legacy machines keep refusing THP migration (``failed``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
 from mmsvc.mm.migrate import COPIED_FLAGS, MIGRATE_PASSES, MigrateStats
 from mmsvc.mm.mm_struct import Pte, pt_install
-from mmsvc.mm.page import AUX_ORDER_MASK, PG, Page, PTEBit
+from mmsvc.mm.page import AUX_ORDER_MASK, PG, PTRS_PER_PMD, SUBPAGE_SHIFT, Page, PTEBit
 from mmsvc.mm.rmap import Mapping, Rmap, page_add_rmap_ops, page_remove_rmap_ops, vma_now
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.types import MigrationDrain
@@ -43,9 +44,29 @@ _MIGRATION = int(PTEBit.MIGRATION)
 _WRITE = int(PTEBit.WRITE)
 
 
+_SUBPAGE_BITS = int(PTEBit.SUBPAGE) | ~((1 << SUBPAGE_SHIFT) - 1)
+
+
 def _entry_bits(pte: Pte) -> int:
-    """The migration entry's bits: not present, write permission kept (for the restore)."""
+    """The migration entry's bits: not present, write permission kept (for the restore);
+    a subpage's entry keeps its subpage number too (CPU-death recovery restores it)."""
+    if pte.is_subpage:
+        return _MIGRATION | (pte.bits & (_WRITE | _SUBPAGE_BITS))
     return _MIGRATION | (pte.bits & _WRITE)
+
+
+def _subpage_entries(pte: Pte, idx: int, lv: int, nidx: int, nlv: int,
+                     ) -> tuple[list[Pte], dict[int, Pte]]:
+    """A pmd migration entry that a split turned into 512 pte migration entries: the ptes
+    that map the new THP's subpages in their place, and the entries expected there."""
+    base = pte.pmd * PTRS_PER_PMD
+    keep = pte.bits & (_WRITE | int(PTEBit.DIRTY))
+    new, expect = [], {}
+    for i in range(PTRS_PER_PMD):
+        sub = int(PTEBit.SUBPAGE) | (i << SUBPAGE_SHIFT)
+        new.append(Pte(base + i, nidx, nlv, int(PTEBit.PRESENT) | keep | sub))
+        expect[base + i] = Pte(base + i, idx, lv, _MIGRATION | (pte.bits & _WRITE) | sub)
+    return new, expect
 
 
 class ThpMigrate:
@@ -129,7 +150,8 @@ class ThpMigrate:
             if pte.is_pmd:
                 if not int(await self.store.fcall("pmd_install", mp.mm_key, pte.pmd, nidx, nlv,
                                                   pte.bits & ~_PMD, idx, lv, entry)):
-                    continue  # zapped meanwhile
+                    await self._restore_split(m, mp, idx, lv, new)
+                    continue  # zapped, or split into pte entries meanwhile
             elif await pt_install(self.store, mp.mm_key, [Pte(pte.vpn, nidx, nlv, pte.bits)],
                                   {pte.vpn: Pte(pte.vpn, idx, lv, entry)}):
                 continue
@@ -140,6 +162,17 @@ class ThpMigrate:
                 await self.swap.lru_add_drain(m)  # §4.2.3
         if mode == MigrationDrain.RMAP_WALK_LEVEL:
             await self.swap.lru_add_drain(m)
+
+    async def _restore_split(self, m: Machine, mp: Mapping, idx: int, lv: int,
+                             new: tuple[int, int]) -> None:
+        """remove_migration_pte for the pte entries a split of the pmd entry left (the
+        subpages a zap did not take): each maps its subpage of ``new``, uncounted (§3.9)."""
+        nlv, nidx = new
+        ptes, expect = _subpage_entries(mp.pte, idx, lv, nidx, nlv)
+        raced = set(await pt_install(self.store, mp.mm_key, ptes, expect))
+        back = len(ptes) - len(raced)
+        if back:
+            await self.swap.run(m, nlv, [["m", nidx] for _ in range(back)])
 
     async def _move(self, m: Machine, lv: int, idx: int, old: Page, target_lv: int,
                     maps: list[Mapping], mode: MigrationDrain) -> None:

@@ -21,6 +21,7 @@ _PMD = int(PTEBit.PMD)
 _SUBPAGE = int(PTEBit.SUBPAGE)
 _PRESENT = int(PTEBit.PRESENT)
 _SWAP = int(PTEBit.SWAP)
+_MIGRATION = int(PTEBit.MIGRATION)  # in a subpage's migration entry bit 7 is no SWAP bit
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Pte:
     @property
     def is_swap(self) -> bool:
         """A swap entry: not present, idx names the swap slot (mm/swapfile.py)."""
-        return not self.bits & _PRESENT and bool(self.bits & _SWAP)
+        return not self.bits & (_PRESENT | _MIGRATION) and bool(self.bits & _SWAP)
 
     @property
     def pmd(self) -> int:

@@ -82,7 +82,8 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
                     await _fix_pmd_marker(store, mm.key, marker, (lv, idx) in pages)
                 continue
             if (lv, idx) in pages:
-                back = Pte(vpn, idx, lv, int(PTEBit.PRESENT) | (bits & PTEBit.WRITE))
+                # present again with what the entry kept (write, a subpage's number)
+                back = Pte(vpn, idx, lv, int(PTEBit.PRESENT) | (bits & ~int(PTEBit.MIGRATION)))
                 fixed["marker_restored"] += not await pt_install(store, mm.key, [back],
                                                                  {vpn: marker})
             else:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from mmsvc.mm.types import MAP_LOCKED, Advice
 from tests.protocol.test_thp import HPAGE, THP, thp_map
 from tests.protocol.test_thp_file import collapse, file_map
@@ -119,11 +121,11 @@ def test_a_pinned_thp_stays_and_its_count_is_undercounted(run: Any) -> None:
     run(s, **NUMA)
 
 
-def test_dontneed_cutting_through_a_migrating_pmd_drops_its_entry(run: Any,
-                                                                  monkeypatch: Any) -> None:
-    """MADV_DONTNEED of part of a THP while its pmd is a migration entry: the entry goes
-    (mmsvc does not split pmd migration entries, docs/kernel.md), the migration restores
-    nothing there, and what is left is consistent: the range refaults."""
+def test_dontneed_cutting_through_a_migrating_pmd_splits_its_entry(run: Any,
+                                                                   monkeypatch: Any) -> None:
+    """MADV_DONTNEED of 8 pages of a THP while its pmd is a migration entry: the zap splits
+    the entry into pte migration entries (__split_huge_pmd) and clears its 8; the restore
+    maps the other 504 subpages of the new THP by ptes (uncounted, §3.9)."""
 
     async def s(w: World) -> None:
         p = await w.proc()
@@ -133,11 +135,52 @@ def test_dontneed_cutting_through_a_migrating_pmd_drops_its_entry(run: Any,
                   lambda: w.on(1).madvise(w.mid, p, *w.rng(p, "m", 0, 8),
                                           Advice.MADV_DONTNEED), before=True)
         res = await w.kernel.migrate(w.mid, p, *w.rng(p, "m"), 1)
-        assert res.failed == 0
-        assert not any(pg.present for pg in await w.pages(p, "m"))
+        assert (res.migrated, res.failed) == (1, 0)
+        pages = await w.pages(p, "m")
+        assert [pg.present for pg in pages] == [False] * 8 + [True] * (HPAGE - 8)
+        assert {(pg.pfn, pg.node, pg.mapcount) for pg in pages[8:]} == {
+            (pages[8].pfn, 1, 0)}
         report = await w.kernel.check(w.mid, True)
         assert report.ok, report.violations
-        await w.touch(p, "m", 20, 21)
+        await w.touch(p, "m", 3, 4)  # refaulted: a small page
         assert (await w.kernel.check(w.mid, True)).ok
+        await w.munmap(p, "m")
+        assert (await w.kernel.check(w.mid, True)).ok
+
+    run(s, **NUMA)
+
+
+class CpuDied(BaseException):
+    """The migrating CPU stops dead (SIGKILL of its worker): nothing undone."""
+
+
+def test_a_cpu_dying_with_a_pmd_migration_entry_is_repaired(run: Any,
+                                                             monkeypatch: Any) -> None:
+    """The worker migrating a VM_LOCKED THP dies after its unmap (a pmd migration entry in
+    place, the THP isolated, locked, munlocked): the survivor's recovery maps the THP back
+    by its pmd (`pt_markers` reports the pmd entry) and recounts; after a full drain the
+    checker is green - the THP stays mlocked or is an allowed undercount."""
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await thp_map(w, p, "m", 1, MAP_LOCKED)
+
+        async def dies(*args: Any) -> None:
+            raise CpuDied
+
+        monkeypatch.setattr(w.kernel.thp_migrator, "_move", dies)
+        monkeypatch.setattr(w.kernel.thp_migrator, "_restore", dies)
+        with pytest.raises(CpuDied):
+            await w.kernel.migrate(w.mid, p, *w.rng(p, "m"), 1)
+        survivor = w.on(1)
+        await survivor.drain(w.mid, True)
+        repairs = await survivor.recover_dead_cpu(w.mid, 0)
+        assert repairs["marker_restored"] == 1, repairs
+        pages = await survivor.page_flags(w.mid, p, *w.rng(p, "m"))
+        assert all(pg.present for pg in pages) and pages[0].mapcount == 1
+        report = await survivor.check(w.mid, True)
+        assert report.ok, report.violations
+        await survivor.exit(w.mid, p)
+        assert (await survivor.check(w.mid, True)).ok
 
     run(s, **NUMA)

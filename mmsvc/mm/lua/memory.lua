@@ -627,14 +627,16 @@ register_once('pt_zap', function(keys, args)
       local b = math.min(v1, base + PTRS_PER_PMD) - base
       for i = a, b - 1 do
         local idx, lv, bits = struct.unpack(PTE_FMT, s, i * PTE_SIZE + 1)
-        -- a swap entry goes too, reported for its slot reference (mm/swapfile.py)
-        if band(bits, PTE_PRESENT) ~= 0 or band(bits, PTE_SWAP) ~= 0 then
+        -- a swap entry goes too, reported for its slot reference (mm/swapfile.py); a
+        -- migration entry (or a COW fault's claim) is cleared, not reported: its mapping was
+        -- removed when it was set (zap_pte_range's pte_clear_not_present_full), and the
+        -- restore that finds the pte changed maps nothing (remove_migration_pte).  MIGRATION
+        -- is tested before SWAP: in a subpage's migration entry bit 7 is the subpage number.
+        if band(bits, PTE_PRESENT) ~= 0
+            or (band(bits, PTE_MIGRATION) == 0 and band(bits, PTE_SWAP) ~= 0) then
           out[#out + 1] = base + i; out[#out + 1] = idx; out[#out + 1] = lv; out[#out + 1] = bits
           redis.call('SETRANGE', key, i * PTE_SIZE, zero)
         elseif band(bits, PTE_MIGRATION) ~= 0 then
-          -- a migration entry (or a COW fault's claim) is cleared, not reported: its mapping
-          -- was removed when it was set (zap_pte_range's pte_clear_not_present_full), and
-          -- the restore that finds the pte changed maps nothing (remove_migration_pte)
           redis.call('SETRANGE', key, i * PTE_SIZE, zero)
         end
       end
@@ -729,7 +731,25 @@ register_once('pmd_split', function(keys, args)
   local h = redis.call('GET', hkey)
   if not h then return {} end
   local idx, lv, bits = struct.unpack(PTE_FMT, h)
-  if band(bits, PTE_PRESENT) == 0 then return {} end  -- a pmd migration entry: left whole
+  if band(bits, PTE_PRESENT) == 0 then
+    -- a pmd migration entry (migrate_thp.py): of a file vma (args[2] == 'file') it is just
+    -- cleared, as a file pmd is; of an anonymous one it becomes 512 pte migration entries,
+    -- one per subpage (__split_huge_pmd_locked's migration branch).  Its mapping was
+    -- removed when it was set, so nothing is counted - the restore maps what is left.
+    if args[2] == 'file' then
+      redis.call('DEL', hkey)
+      redis.call('ZREM', M .. ':pmds', pmd)
+      return {}
+    end
+    local parts = {}
+    for i = 0, PTRS_PER_PMD - 1 do
+      parts[#parts + 1] = struct.pack(PTE_FMT, idx, lv, bit.bor(bits, PTE_SUBPAGE,
+                                                             bit.lshift(i, SUBPAGE_SHIFT)))
+    end
+    redis.call('SET', M .. ':pt:' .. pmd, table.concat(parts))
+    redis.call('DEL', hkey)
+    return {}
+  end
   local parts = {}
   for i = 0, PTRS_PER_PMD - 1 do
     parts[#parts + 1] = struct.pack(PTE_FMT, idx, lv,

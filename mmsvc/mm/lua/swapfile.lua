@@ -112,7 +112,8 @@ redis.register_function{function_name = 'pt_swap_read', flags = {'no-writes'},
       local base = tonumber(pm) * PTRS_PER_PMD
       for i = math.max(v0, base) - base, math.min(v1, base + PTRS_PER_PMD) - base - 1 do
         local idx, _, bits = struct.unpack(PTE_FMT, s, i * PTE_SIZE + 1)
-        if bit.band(bits, PTE_PRESENT) == 0 and bit.band(bits, PTE_SWAP) ~= 0 then
+        if bit.band(bits, PTE_PRESENT) == 0 and bit.band(bits, PTE_SWAP) ~= 0
+            and bit.band(bits, PTE_MIGRATION) == 0 then
           out[#out + 1] = base + i; out[#out + 1] = idx
         end
       end
