@@ -22,12 +22,17 @@ A pmd migration entry that a munmap / mprotect / MADV_DONTNEED cuts through is s
 __split_huge_pmd does it: an anonymous one into 512 pte migration entries (the zap then
 clears the ones in its range; the restore maps the others back as subpage ptes), a file one
 is just cleared (a file pmd is not replaced by ptes: refaulted later).  Fork does not copy a
-migration entry to the child.  Legacy machines keep refusing THP migration (``failed``).
+migration entry to the child.  Legacy (5.17): the unmap's page_remove_rmap clears PG_mlocked
+with the last mapping (clear_page_mlock) and remove_migration_pmd mlocks the new THP in a
+VM_LOCKED vma (mlock_vma_page, rechecked under the PTL).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from mmsvc.mm.huge_memory import thp_mappings
+from mmsvc.mm.legacy import mlock_under_ptl
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
 from mmsvc.mm.migrate import COPIED_FLAGS, MIGRATE_PASSES, MigrateStats
@@ -80,9 +85,6 @@ class ThpMigrate:
     async def migrate_thp(self, m: Machine, lv: int, idx: int, target_lv: int,
                           stats: MigrateStats) -> None:
         """Move THP (lv, idx) to lruvec target_lv; stats count it once (a folio)."""
-        if str(m.cfg.protocol) == "legacy":
-            stats.failed += 1  # not emulated for the legacy design
-            return
         if not (await self.swap.run(m, lv, [["I", idx]])).isolated:
             stats.busy += 1
             return
@@ -158,6 +160,12 @@ class ThpMigrate:
             vma = await vma_now(self.store, mp.mm_key, pte.vpn, mp.vma)
             ops = page_add_rmap_ops(m, vma, nidx) if pte.is_pmd else [["m", nidx]]
             await self.swap.run(m, nlv, ops)
+            if pte.is_pmd and vma.locked and str(m.cfg.protocol) == "legacy":
+                # legacy remove_migration_pmd: mlock_vma_page(new) in a VM_LOCKED vma, under
+                # the PTL a munlock walk takes too (rechecked: mlock_under_ptl)
+                restored = Pte(pte.vpn, nidx, nlv, pte.bits)
+                await mlock_under_ptl(self.store, self.swap, m, nlv, nidx,
+                                      replace(mp, pte=restored))
             if pte.is_pmd and mode == MigrationDrain.AFTER_EACH_LOCKED_UNMAP and vma.locked:
                 await self.swap.lru_add_drain(m)  # §4.2.3
         if mode == MigrationDrain.RMAP_WALK_LEVEL:

@@ -184,3 +184,33 @@ def test_a_cpu_dying_with_a_pmd_migration_entry_is_repaired(run: Any,
         assert (await survivor.check(w.mid, True)).ok
 
     run(s, **NUMA)
+
+
+def test_legacy_thp_migration_mlocks_the_new_thp_again(run: Any) -> None:
+    """Legacy (5.17): the unmap's page_remove_rmap takes the THP's last mapping and
+    clear_page_mlock clears PG_mlocked (cleared 512); remove_migration_pmd mlocks the new
+    THP in the VM_LOCKED vma (mlocked 512), culled at putback: mlocked and unevictable on
+    node 1, nr_mlock as before."""
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await thp_map(w, p, "m", 1, MAP_LOCKED)
+        await w.drain()
+        before = await w.delta()
+        assert before["nr_mlock"] == HPAGE
+        res = await w.kernel.migrate(w.mid, p, *w.rng(p, "m"), 1)
+        assert (res.migrated, res.failed) == (1, 0)
+        await w.drain()
+        after = await w.delta()
+        d = diff(after, before)
+        assert (d["cleared"], d["mlocked"]) == (HPAGE, HPAGE), d
+        new = (await w.pages(p, "m"))[0]
+        assert (new.node, new.mlocked, new.unevictable, new.mapcount) == (1, True, True, 1)
+        assert after["nr_mlock"] == HPAGE
+        report = await w.kernel.check(w.mid, True)
+        assert report.ok, report.violations
+        await w.munmap(p, "m")
+        assert (await w.delta())["nr_mlock"] == 0
+        assert (await w.kernel.check(w.mid, True)).ok
+
+    run(s, **NUMA, protocol="legacy")
