@@ -72,9 +72,14 @@ async def thp_mappings(store: RedisStore, m: Machine, lv: int, idx: int,
     return out
 
 
+_SUBPAGE_NUMBER = int(PTEBit.SUBPAGE) | ~((1 << SUBPAGE_SHIFT) - 1)
+
+
 def _entry(lv: int, idx: int, pte: Pte) -> Pte:
-    """The migration entry set_pte_at puts in place of a subpage's pte (try_to_migrate_one)."""
-    return Pte(pte.vpn, idx, lv, int(PTEBit.MIGRATION) | (pte.bits & PTEBit.WRITE))
+    """The migration entry set_pte_at puts in place of a subpage's pte (try_to_migrate_one),
+    keeping the subpage's number: recovery after a CPU death mid-split needs it."""
+    return Pte(pte.vpn, idx, lv, int(PTEBit.MIGRATION)
+               | (pte.bits & (int(PTEBit.WRITE) | _SUBPAGE_NUMBER)))
 
 
 class HugeMemory:

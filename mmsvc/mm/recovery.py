@@ -36,13 +36,41 @@ from mmsvc.mm.gup import pin_refs
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs
 from mmsvc.mm.mm_struct import Pte, load_mm, pt_install
-from mmsvc.mm.page import PG, Page, PTEBit
+from mmsvc.mm.page import PG, SUBPAGE_SHIFT, Page, PTEBit
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.swapfile import swap_info
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
 
 STALE_FLAGS = int(PG.LOCKED | PG.FROZEN)
+
+
+PageKey = tuple[int, bool, int, int]  # lruvec, anonymous, mapping, index
+
+
+def _page_keys(pages: dict[PageRef, Page]) -> dict[PageKey, int]:
+    return {(lv, p.has(PG.ANON), p.mapping, p.index): idx for (lv, idx), p in pages.items()}
+
+
+def _marker_target(marker: Pte, pages: dict[PageRef, Page],
+                   by_key: dict[PageKey, int]) -> Pte | None:
+    """The pte a dead CPU's migration entry (or COW claim) maps again: its page, present,
+    with what the entry kept (write, a THP subpage's number).  A subpage's entry whose THP
+    was split since (split_huge_page died between the split and the remap) maps the small
+    page that subpage became - the head, or the tail at the head's index + the number.
+    None: the page is gone (the entry is dropped)."""
+    page = pages.get((marker.lv, marker.idx))
+    if page is None:
+        return None
+    keep = marker.bits & ~int(PTEBit.MIGRATION)
+    if not marker.is_subpage or page.has(PG.HEAD):
+        return Pte(marker.vpn, marker.idx, marker.lv, int(PTEBit.PRESENT) | keep)
+    small = int(PTEBit.PRESENT) | (marker.bits & int(PTEBit.WRITE))
+    sub = marker.bits >> SUBPAGE_SHIFT
+    if sub == 0:
+        return Pte(marker.vpn, marker.idx, marker.lv, small)
+    tail = by_key.get((marker.lv, page.has(PG.ANON), page.mapping, page.index + sub))
+    return None if tail is None else Pte(marker.vpn, tail, marker.lv, small)
 
 
 async def _fix_pmd_marker(store: RedisStore, mm_key: str, marker: Pte, alive: bool) -> int:
@@ -68,6 +96,7 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
                 pages[(lv, idx)] = p
 
     # Page tables first: markers of dead COW claims and migrations, then every mapping.
+    by_key = _page_keys(pages)
     mapcounts: Counter[PageRef] = Counter()
     pte_maps: Counter[PageRef] = Counter()
     locked: Counter[PageRef] = Counter()
@@ -81,9 +110,8 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
                 fixed["marker_restored" if (lv, idx) in pages else "marker_dropped"] += \
                     await _fix_pmd_marker(store, mm.key, marker, (lv, idx) in pages)
                 continue
-            if (lv, idx) in pages:
-                # present again with what the entry kept (write, a subpage's number)
-                back = Pte(vpn, idx, lv, int(PTEBit.PRESENT) | (bits & ~int(PTEBit.MIGRATION)))
+            back = _marker_target(marker, pages, by_key)
+            if back is not None:
                 fixed["marker_restored"] += not await pt_install(store, mm.key, [back],
                                                                  {vpn: marker})
             else:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from mmsvc.mm.types import MAP_LOCKED
 from tests.protocol.test_thp import HPAGE, THP, thp_map
 from tests.protocol.world import P, World, sub
@@ -153,3 +155,48 @@ def test_thp_pte_holds_in_locked_vma_keeps_the_thp_whole(run: Any) -> None:
         assert (await w.kernel.vmstat(w.mid))["pswpout"] == 0
 
     run(s, **SWAP, thp_pte_holds_in_locked_vma=True)
+
+
+class CpuDied(BaseException):
+    """The CPU splitting the THP stops dead (SIGKILL of its worker): nothing undone."""
+
+
+@pytest.mark.parametrize("after", ["_unmap_folio", "split"])
+def test_a_cpu_dying_mid_split_is_repaired_by_recovery(run: Any, monkeypatch: Any,
+                                                       after: str) -> None:
+    """Reclaim's split_huge_page dies after unmap_folio (subpage ptes are migration entries
+    naming the THP) or after __split_huge_page too (the THP is 512 small pages, the entries
+    still name the head): the survivor's recovery maps each entry back - to the THP's
+    subpage, or to the small page that subpage became (the entry keeps its number) - and
+    recounts; the checker is green and every page is mapped where it was."""
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        addr = await thp_map(w, p, "m", 1)
+        await w.touch(p, "m", 0, 1)
+        await w.kernel.mprotect(w.mid, p, addr + 8 * P, P, 1)  # the pmd split: 512 ptes
+        huge = w.kernel.vmscan.huge
+        name = "_unmap_folio" if after == "_unmap_folio" else "_remap"
+        real = getattr(huge, name)
+
+        async def dies(*args: Any) -> Any:
+            if after == "_unmap_folio":
+                await real(*args)
+            raise CpuDied
+
+        monkeypatch.setattr(huge, name, dies)
+        with pytest.raises(CpuDied):
+            await w.kernel.reclaim(w.mid, None, None, 32)
+        survivor = w.on(1)
+        await survivor.drain(w.mid, True)
+        repairs = await survivor.recover_dead_cpu(w.mid, 0)
+        assert repairs["marker_restored"] == HPAGE, repairs
+        pages = await survivor.page_flags(w.mid, p, *w.rng(p, "m"))
+        assert all(pg.present for pg in pages)
+        assert len({pg.pfn for pg in pages}) == (1 if after == "_unmap_folio" else HPAGE)
+        report = await survivor.check(w.mid, True)
+        assert report.ok, report.violations
+        await survivor.exit(w.mid, p)
+        assert (await survivor.check(w.mid, True)).ok
+
+    run(s, **SWAP)
