@@ -81,6 +81,16 @@ async def cached_pages(store: RedisStore, m: Machine, fid: int) -> dict[int, Slo
     return out
 
 
+async def drop_reservations(store: RedisStore, fkey: str, owner: str,
+                            indices: list[int]) -> None:
+    """Give up page cache slots ``owner`` reserved (``busy|owner``) but did not fill."""
+    args: list[int | str] = []
+    for i in indices:
+        args += [i, ""]
+    if args:
+        await store.fcall("pc_commit", fkey, owner, *args)
+
+
 def slot_bits(slot: Slot, index: int, bits: int) -> int:
     """The bits of a pte mapping ``index`` through ``slot``: for a file THP, the subpage's
     pte (SUBPAGE, its number in the high bits; never counted, §3.9)."""

@@ -26,12 +26,18 @@ from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages, split_huge_pmd
 from mmsvc.mm.mm_struct import Pte, load_mm, pt_install, pt_read
 from mmsvc.mm.page import PG, PTRS_PER_PMD, SUBPAGE_SHIFT, Page, PTEBit
-from mmsvc.mm.rmap import Mapping, mlock_filter, try_to_unmap_ignore_mlock, vma_now
+from mmsvc.mm.rmap import (
+    Mapping,
+    candidate_pids,
+    mlock_filter,
+    try_to_unmap_ignore_mlock,
+    vma_now,
+)
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.types import MigrationDrain
 from mmsvc.mm.vma import Vma
 from mmsvc.store import keys
-from mmsvc.store.redis_store import RedisStore, text
+from mmsvc.store.redis_store import RedisStore
 
 _PTE_FLAGS = (1 << SUBPAGE_SHIFT) - 1  # a subpage pte's bits below its subpage number
 
@@ -47,11 +53,7 @@ async def thp_mappings(store: RedisStore, m: Machine, lv: int, idx: int,
     address) that maps it in each VMA of its anon_vma or file over the THP's range.  The
     caller holds the anon_vma lock or i_mmap_rwsem."""
     out: list[Mapping] = []
-    if page.has(PG.ANON):
-        raw = list(await store.client.smembers(f"{keys.anon_vma(m.mid, page.mapping)}:pids"))
-    else:
-        raw = list(await store.client.hkeys(f"{keys.file(m.mid, page.mapping)}:immap"))
-    for pid in sorted({int(text(p).split("|")[0]) for p in raw}):
+    for pid in await candidate_pids(store, m, page):
         try:
             mm = await load_mm(store, m, pid)
         except Exception:  # an exited process: nothing of it maps the page
@@ -75,11 +77,17 @@ async def thp_mappings(store: RedisStore, m: Machine, lv: int, idx: int,
 _SUBPAGE_NUMBER = int(PTEBit.SUBPAGE) | ~((1 << SUBPAGE_SHIFT) - 1)
 
 
+def migration_entry_bits(pte: Pte) -> int:
+    """A migration entry's bits in place of pte (set_pte_at / set_pmd_migration_entry): not
+    present, write permission kept for the restore, and a subpage's number (CPU-death
+    recovery maps the entry back by it)."""
+    keep = int(PTEBit.WRITE) | (_SUBPAGE_NUMBER if pte.is_subpage else 0)
+    return int(PTEBit.MIGRATION) | (pte.bits & keep)
+
+
 def _entry(lv: int, idx: int, pte: Pte) -> Pte:
-    """The migration entry set_pte_at puts in place of a subpage's pte (try_to_migrate_one),
-    keeping the subpage's number: recovery after a CPU death mid-split needs it."""
-    return Pte(pte.vpn, idx, lv, int(PTEBit.MIGRATION)
-               | (pte.bits & (int(PTEBit.WRITE) | _SUBPAGE_NUMBER)))
+    """The migration entry set_pte_at puts in place of a subpage's pte (try_to_migrate_one)."""
+    return Pte(pte.vpn, idx, lv, migration_entry_bits(pte))
 
 
 class HugeMemory:

@@ -32,12 +32,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from mmsvc.mm.errors import KernelError, einval
-from mmsvc.mm.filemap import HPAGE_PMD_NR, FilePmd, Slot, parse_slot, pmd_suitable
+from mmsvc.mm.filemap import (
+    HPAGE_PMD_NR,
+    FilePmd,
+    Slot,
+    drop_reservations,
+    parse_slot,
+    pmd_suitable,
+)
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import HPAGE_ORDER, Programs, cache_flags, read_pages
-from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_install, pt_read
+from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read
 from mmsvc.mm.page import PG, PTRS_PER_PMD
-from mmsvc.mm.rmap import Rmap, pte_unmap_ops, vma_now
+from mmsvc.mm.rmap import Rmap, file_mms, pte_unmap_ops, vma_now
 from mmsvc.mm.swap import Op, OutOfFrames, Swap
 from mmsvc.mm.types import MigrationDrain
 from mmsvc.mm.vma import VM, Vma
@@ -240,13 +247,7 @@ class Khugepaged:
         ``migration_drain`` as for migration)."""
         first, last = min(pages.values()), max(pages.values()) + 1
         mode = m.cfg.migration_drain
-        pids = {int(text(p)) for p in
-                await self.store.client.hkeys(f"{keys.file(m.mid, fid)}:immap")}
-        for pid in sorted(pids):
-            try:
-                mm = await load_mm(self.store, m, pid)
-            except KernelError:
-                continue  # exited: nothing of it maps the pages
+        for mm in await file_mms(self.store, m, fid):
             found: list[tuple[Vma, Pte]] = []
             for vma in mm.vmas:
                 lo, hi = max(first, vma.pgoff), min(last, vma.pgoff + vma.pages)
@@ -327,23 +328,13 @@ class Khugepaged:
                                         ["P", idx]])
 
     async def _drop_holes(self, fkey: str, c: Collapse) -> None:
-        args: list[int | str] = []
-        for index in c.holes:
-            args += [index, ""]
-        if args:
-            await self.store.fcall("pc_commit", fkey, c.owner, *args)
+        await drop_reservations(self.store, fkey, c.owner, c.holes)
 
     async def retract_page_tables(self, m: Machine, fid: int, base: int) -> None:
         """retract_page_tables: in every address space that maps [base, base + 512) of the
         file with a whole aligned pmd, the page table the collapse emptied is freed, so
         that the pmd is pmd_none and a fault maps the THP by it."""
-        pids = {int(text(p)) for p in
-                await self.store.client.hkeys(f"{keys.file(m.mid, fid)}:immap")}
-        for pid in sorted(pids):
-            try:
-                mm = await load_mm(self.store, m, pid)
-            except KernelError:
-                continue  # exited
+        for mm in await file_mms(self.store, m, fid):
             pmds = []
             for vma in mm.vmas:
                 if vma.file == fid and vma.pgoff <= base < vma.pgoff + vma.pages:

@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from mmsvc.locks import Held, Locks
 from mmsvc.mm.errors import KernelError
-from mmsvc.mm.filemap import FilePmd, Slot, map_ops, parse_slot, slot_bits
+from mmsvc.mm.filemap import FilePmd, Slot, drop_reservations, map_ops, parse_slot, slot_bits
 from mmsvc.mm.machine import FileInfo, Machine, new_id, refresh_files
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap, pte_args
 from mmsvc.mm.page import PG, PTRS_PER_PMD, Page, PTEBit
@@ -619,11 +619,7 @@ class Faults:
 
     async def _drop_reservations(self, fkey: str, owner: str, indices: list[int]) -> None:
         """Give up page cache slots this fault reserved but did not fill."""
-        args: list[int | str] = []
-        for i in indices:
-            args += [i, ""]
-        if args:
-            await self.store.fcall("pc_commit", fkey, owner, *args)
+        await drop_reservations(self.store, fkey, owner, indices)
 
     async def _file_map(
         self, m: Machine, mm: MmState, vma: Vma, fkey: str, owner: str, wanted: list[int],

@@ -61,8 +61,7 @@ class Migrate:
         mode = m.cfg.migration_drain if drain else MigrationDrain.OFF
         drain = mode != MigrationDrain.OFF
         async with self.rmap.locked(m, page):
-            maps = await self.rmap.mappings(m, lv, idx, page)
-            maps = await self._unmap(m, lv, idx, maps, mode)
+            maps = await self._unmap(m, lv, idx, await self._mappings(m, lv, idx, page), mode)
             for attempt in range(MIGRATE_PASSES):
                 page = (await read_pages(self.store, m, [(lv, idx)]))[0]
                 if await self._freeze(m, lv, idx, page):
@@ -85,6 +84,10 @@ class Migrate:
                                 mlocked=page.has(PG.MLOCKED))
         await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)], ["B", idx, 0]])
         stats.failed += 1
+
+    async def _mappings(self, m: Machine, lv: int, idx: int, page: Page) -> list[Mapping]:
+        """The rmap walk of try_to_migrate (the caller holds the rmap lock)."""
+        return await self.rmap.mappings(m, lv, idx, page)
 
     async def _freeze(self, m: Machine, lv: int, idx: int, page: Page) -> bool:
         """folio_ref_freeze: only the isolation reference and the page cache's remain (a

@@ -31,33 +31,20 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from mmsvc.mm.huge_memory import thp_mappings
+from mmsvc.mm.huge_memory import migration_entry_bits, thp_mappings
 from mmsvc.mm.legacy import mlock_under_ptl
 from mmsvc.mm.machine import Machine
-from mmsvc.mm.memory import read_pages
-from mmsvc.mm.migrate import COPIED_FLAGS, MIGRATE_PASSES, MigrateStats
+from mmsvc.mm.migrate import COPIED_FLAGS, Migrate
 from mmsvc.mm.mm_struct import Pte, pt_install
 from mmsvc.mm.page import AUX_ORDER_MASK, PG, PTRS_PER_PMD, SUBPAGE_SHIFT, Page, PTEBit
-from mmsvc.mm.rmap import Mapping, Rmap, page_add_rmap_ops, page_remove_rmap_ops, vma_now
-from mmsvc.mm.swap import Op, Swap
+from mmsvc.mm.rmap import Mapping, page_add_rmap_ops, page_remove_rmap_ops, vma_now
+from mmsvc.mm.swap import Op
 from mmsvc.mm.types import MigrationDrain
 from mmsvc.store import keys
-from mmsvc.store.redis_store import RedisStore
 
 _PMD = int(PTEBit.PMD)
 _MIGRATION = int(PTEBit.MIGRATION)
 _WRITE = int(PTEBit.WRITE)
-
-
-_SUBPAGE_BITS = int(PTEBit.SUBPAGE) | ~((1 << SUBPAGE_SHIFT) - 1)
-
-
-def _entry_bits(pte: Pte) -> int:
-    """The migration entry's bits: not present, write permission kept (for the restore);
-    a subpage's entry keeps its subpage number too (CPU-death recovery restores it)."""
-    if pte.is_subpage:
-        return _MIGRATION | (pte.bits & (_WRITE | _SUBPAGE_BITS))
-    return _MIGRATION | (pte.bits & _WRITE)
 
 
 def _subpage_entries(pte: Pte, idx: int, lv: int, nidx: int, nlv: int,
@@ -74,47 +61,12 @@ def _subpage_entries(pte: Pte, idx: int, lv: int, nidx: int, nlv: int,
     return new, expect
 
 
-class ThpMigrate:
-    """migrate_pages for THP heads, on behalf of one CPU."""
+class ThpMigrate(Migrate):
+    """migrate_pages for THP heads, on behalf of one CPU: Migrate.migrate_page's isolation,
+    passes and failure path, with a THP's rmap walk, entries, restore and new page."""
 
-    def __init__(self, store: RedisStore, swap: Swap, rmap: Rmap) -> None:
-        self.store = store
-        self.swap = swap
-        self.rmap = rmap
-
-    async def migrate_thp(self, m: Machine, lv: int, idx: int, target_lv: int,
-                          stats: MigrateStats) -> None:
-        """Move THP (lv, idx) to lruvec target_lv; stats count it once (a folio)."""
-        if not (await self.swap.run(m, lv, [["I", idx]])).isolated:
-            stats.busy += 1
-            return
-        if (await self.swap.run(m, lv, [["O", idx]])).failed:
-            await self.swap.run(m, lv, [["B", idx, 0]])
-            stats.failed += 1
-            return
-        page = (await read_pages(self.store, m, [(lv, idx)]))[0]
-        mode = m.cfg.migration_drain
-        async with self.rmap.locked(m, page):
-            maps = await self._unmap(m, lv, idx, await thp_mappings(self.store, m, lv, idx,
-                                                                    page), mode)
-            for attempt in range(MIGRATE_PASSES):
-                expected = 1 + (1 if page.has(PG.PAGECACHE) else 0)
-                if not (await self.swap.run(m, lv, [["R", idx, expected]])).failed:
-                    try:
-                        await self._move(m, lv, idx, page, target_lv, maps, mode)
-                    except BaseException:
-                        await self.swap.run(m, lv, [["F", idx, 0, int(PG.FROZEN)]])
-                        await self._restore(m, lv, idx, maps, (lv, idx), mode)
-                        await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)],
-                                                    ["B", idx, 0]])
-                        raise
-                    stats.migrated += 1
-                    return
-                if mode != MigrationDrain.OFF and attempt + 1 < MIGRATE_PASSES:
-                    await self.swap.lru_add_drain(m)
-            await self._restore(m, lv, idx, maps, (lv, idx), mode)
-        await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)], ["B", idx, 0]])
-        stats.failed += 1
+    async def _mappings(self, m: Machine, lv: int, idx: int, page: Page) -> list[Mapping]:
+        return await thp_mappings(self.store, m, lv, idx, page)
 
     async def _unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
                      mode: MigrationDrain) -> list[Mapping]:
@@ -122,13 +74,14 @@ class ThpMigrate:
         done: list[Mapping] = []
         for mp in maps:
             pte = mp.pte
+            entry = migration_entry_bits(pte)
             if pte.is_pmd:  # set_pmd_migration_entry
                 stored = pte.bits & ~_PMD
                 if not int(await self.store.fcall("pmd_install", mp.mm_key, pte.pmd, idx, lv,
-                                                  _entry_bits(pte), pte.idx, pte.lv, stored)):
+                                                  entry, pte.idx, pte.lv, stored)):
                     continue
-            elif await pt_install(self.store, mp.mm_key,
-                                  [Pte(pte.vpn, idx, lv, _entry_bits(pte))], {pte.vpn: pte}):
+            elif await pt_install(self.store, mp.mm_key, [Pte(pte.vpn, idx, lv, entry)],
+                                  {pte.vpn: pte}):
                 continue
             done.append(mp)
             vma = await vma_now(self.store, mp.mm_key, pte.vpn, mp.vma)
@@ -142,13 +95,14 @@ class ThpMigrate:
         return done
 
     async def _restore(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
-                       new: tuple[int, int], mode: MigrationDrain) -> None:
+                       new: tuple[int, int], mode: MigrationDrain, *,
+                       mlocked: bool = False) -> None:
         """remove_migration_pmd / remove_migration_pte: each entry that is still there maps
         ``new`` (or the old THP again) with its old bits; the vma's flags as stored now."""
         nlv, nidx = new
         for mp in maps:
             pte = mp.pte
-            entry = _entry_bits(pte)
+            entry = migration_entry_bits(pte)
             if pte.is_pmd:
                 if not int(await self.store.fcall("pmd_install", mp.mm_key, pte.pmd, nidx, nlv,
                                                   pte.bits & ~_PMD, idx, lv, entry)):

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
 from mmsvc.locks import Locks
+from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_install, pt_read, vma_at
 from mmsvc.mm.page import PG, Page, PTEBit
@@ -100,12 +101,25 @@ async def _rmap_targets(store: RedisStore, m: Machine, page: Page) -> list[Page]
             for av, ix in await stable_node_items(store, m, page.mapping)]
 
 
-async def _candidate_pids(store: RedisStore, m: Machine, page: Page) -> list[int]:
+async def candidate_pids(store: RedisStore, m: Machine, page: Page) -> list[int]:
+    """The processes whose vmas may map page: its anon_vma's, or its file's i_mmap."""
     if page.has(PG.ANON):
         raw = await store.client.smembers(f"{keys.anon_vma(m.mid, page.mapping)}:pids")
         return sorted(int(p) for p in raw)
     fields = await store.client.hkeys(f"{keys.file(m.mid, page.mapping)}:immap")
     return sorted({int(text(f)) for f in fields})
+
+
+async def file_mms(store: RedisStore, m: Machine, fid: int) -> list[MmState]:
+    """The live address spaces in file fid's i_mmap, in pid order (exited ones skipped)."""
+    pids = {int(text(f)) for f in await store.client.hkeys(f"{keys.file(m.mid, fid)}:immap")}
+    out: list[MmState] = []
+    for pid in sorted(pids):
+        try:
+            out.append(await load_mm(store, m, pid))
+        except KernelError:
+            continue  # exited: its VMAs are gone
+    return out
 
 
 def _covers(vma: Vma, page: Page) -> int | None:
@@ -138,7 +152,7 @@ class Rmap:
         out: list[Mapping] = []
         seen: set[tuple[int, int]] = set()
         for target in await _rmap_targets(self.store, m, page):
-            for pid in await _candidate_pids(self.store, m, target):
+            for pid in await candidate_pids(self.store, m, target):
                 try:
                     mm: MmState = await load_mm(self.store, m, pid)
                 except Exception:  # an exited process: nothing of it maps the page

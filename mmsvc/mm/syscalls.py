@@ -491,7 +491,7 @@ class Kernel:
                         stats.migrated += 1
                         continue
                     if (lv, idx) in thps:  # a THP moves whole (migrate_thp.py)
-                        await self.thp_migrator.migrate_thp(m, lv, idx, target, stats)
+                        await self.thp_migrator.migrate_page(m, lv, idx, target, stats)
                         continue
                     await self.migrator.migrate_page(m, lv, idx, target, stats)
             finally:
