@@ -6,6 +6,7 @@ removes each pte through page_remove_rmap, whose munlock hook does the work.
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
 from dataclasses import replace
 
 from mmsvc.locks import Locks
@@ -15,7 +16,7 @@ from mmsvc.mm.memory import Faults, Programs, split_huge_pmds_around, zap_range
 from mmsvc.mm.mlock import MAX_POPULATE_PAGES, Mlock, too_many_pages
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, save
 from mmsvc.mm.page import PTRS_PER_PMD, PTEBit
-from mmsvc.mm.rmap import anon_vma_add
+from mmsvc.mm.rmap import anon_vma_add, vma_rmap_lock_keys
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.swapfile import copy_swap_ptes
 from mmsvc.mm.types import (
@@ -318,7 +319,8 @@ class Mmap:
         await save(self.store, mm)
 
     async def dup_mmap(self, m: Machine, parent: MmState, child: MmState) -> None:
-        """fork: VMAs copied without VM_LOCKED/VM_LOCKONFAULT (§1.7.4); anon ptes shared COW."""
+        """fork: VMAs copied without VM_LOCKED/VM_LOCKONFAULT (§1.7.4); the page tables of
+        VMAs with an anon_vma copied, their anon pages shared COW."""
         for vma in parent.vmas:
             cid = await new_id(self.store, m.mid, "vma")
             cv = Vma(cid, vma.start, vma.end, vma.flags & ~VM_LOCKED_MASK, vma.file, vma.pgoff)
@@ -333,30 +335,46 @@ class Mmap:
             child.replace_vmas([], [cv])
             if cv.file:
                 await self._i_mmap_link(m, child, cv)
-            if vma.shared:
-                continue  # copy_page_range(): shared mappings fault again in the child
-            # copy_nonpresent_pte: swap entries shared, one more slot reference each
-            await copy_swap_ptes(self.store, m, parent.key, child.key, vma.start, vma.end)
-            ptes = await pt_read(self.store, parent.key, vma.start, vma.end, walk=True)
-            if not ptes:
+            if vma.shared or not vma.anon_vma:
+                # vma_needs_copy(): only an anon_vma means page tables that a fault cannot
+                # rebuild; shared mappings and private file ones never written (no COW page
+                # yet) fault again in the child
                 continue
-            progs = Programs.empty()
-            small = {v: p for v, p in ptes.items() if not p.is_pmd}
-            cow = [Pte(p.vpn, p.idx, p.lv, p.bits & ~int(PTEBit.WRITE)) for p in small.values()]
-            for p in small.values():
-                if not p.bits & PTEBit.ZERO:
-                    # page_dup_rmap: no mlock work (§1.7.4); a THP subpage: a pte mapping
-                    progs.add(p.lv, ["m" if p.is_subpage else "M", p.idx])
-            for p in ptes.values():
-                if p.is_pmd and p.vpn % PTRS_PER_PMD == 0:
-                    # copy_huge_pmd: both pmds write-protected, one more compound mapping
-                    progs.add(p.lv, ["M", p.idx])
-                    bits = int(p.bits & ~(PTEBit.WRITE | PTEBit.PMD))
-                    await self.store.fcall("pmd_install", parent.key, p.pmd, p.idx, p.lv, bits,
-                                           p.idx, p.lv, int(p.bits & ~PTEBit.PMD))
-                    await self.store.fcall("pmd_install", child.key, p.pmd, p.idx, p.lv, bits,
-                                           0, 0, 0)
-            await progs.execute(self.swap, m)
-            await pt_install(self.store, parent.key, cow, small)
-            await pt_install(self.store, child.key, cow, {})
+            async with AsyncExitStack() as stack:
+                # The rmap locks of the vma, for write (anon_vma_fork and the child's i_mmap
+                # insertion take them): a migration (or a THP split) holds its page's rmap
+                # lock from the first migration entry to the last restore, so the copy
+                # never meets a migration entry.  Linux instead copies the entries
+                # (copy_nonpresent_pte) for remove_migration_ptes' rmap walk to find.
+                for key in vma_rmap_lock_keys(m, vma):
+                    await stack.enter_async_context(self.locks.hold(key, "w"))
+                await self._copy_page_range(m, parent, child, vma)
         await save(self.store, child)
+
+    async def _copy_page_range(self, m: Machine, parent: MmState, child: MmState,
+                               vma: Vma) -> None:
+        """copy_page_range of a private vma with an anon_vma."""
+        # copy_nonpresent_pte: swap entries shared, one more slot reference each
+        await copy_swap_ptes(self.store, m, parent.key, child.key, vma.start, vma.end)
+        ptes = await pt_read(self.store, parent.key, vma.start, vma.end, walk=True)
+        if not ptes:
+            return
+        progs = Programs.empty()
+        small = {v: p for v, p in ptes.items() if not p.is_pmd}
+        cow = [Pte(p.vpn, p.idx, p.lv, p.bits & ~int(PTEBit.WRITE)) for p in small.values()]
+        for p in small.values():
+            if not p.bits & PTEBit.ZERO:
+                # page_dup_rmap: no mlock work (§1.7.4); a THP subpage: a pte mapping
+                progs.add(p.lv, ["m" if p.is_subpage else "M", p.idx])
+        for p in ptes.values():
+            if p.is_pmd and p.vpn % PTRS_PER_PMD == 0:
+                # copy_huge_pmd: both pmds write-protected, one more compound mapping
+                progs.add(p.lv, ["M", p.idx])
+                bits = int(p.bits & ~(PTEBit.WRITE | PTEBit.PMD))
+                await self.store.fcall("pmd_install", parent.key, p.pmd, p.idx, p.lv, bits,
+                                       p.idx, p.lv, int(p.bits & ~PTEBit.PMD))
+                await self.store.fcall("pmd_install", child.key, p.pmd, p.idx, p.lv, bits,
+                                       0, 0, 0)
+        await progs.execute(self.swap, m)
+        await pt_install(self.store, parent.key, cow, small)
+        await pt_install(self.store, child.key, cow, {})

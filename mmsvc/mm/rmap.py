@@ -74,6 +74,16 @@ def rmap_lock_key(m: Machine, page: Page) -> str:
     return f"{keys.file(m.mid, page.mapping)}:i_mmap_rwsem"
 
 
+def vma_rmap_lock_keys(m: Machine, vma: Vma) -> list[str]:
+    """The rmap locks under which walkers find the pages vma maps: the anon_vma locks of
+    its chain (its own pages and those it shares with fork relatives) and its file's
+    i_mmap_rwsem, in one global order (sorted keys) so that two holders never deadlock."""
+    out = [f"{keys.anon_vma(m.mid, av)}:lock" for av in (vma.anon_vma, *vma.anon_parents) if av]
+    if vma.file:
+        out.append(f"{keys.file(m.mid, vma.file)}:i_mmap_rwsem")
+    return sorted(out)
+
+
 async def anon_vma_add(store: RedisStore, m: Machine, avid: int, pid: int) -> None:
     """anon_vma_prepare / anon_vma_fork: pid's VMAs may map pages of this anon_vma."""
     await store.client.sadd(f"{keys.anon_vma(m.mid, avid)}:pids", pid)
