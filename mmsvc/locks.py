@@ -35,6 +35,8 @@ class Held:
     wait_us: float
     granted_at: float
     stats: str | None = None  # statistics kept for a family of locks (page locks)
+    # what a ``peek`` acquisition read with the grant (None: queued, not read)
+    peeked: list[bytes] | None = field(default=None, repr=False, compare=False)
     renewal: asyncio.TimerHandle | None = field(default=None, repr=False, compare=False)
 
 
@@ -100,13 +102,20 @@ class Locks:
                                    time.perf_counter(), stats))
         return None
 
-    async def acquire(self, key: str, mode: str = "w", stats: str | None = None) -> Held:
+    async def acquire(self, key: str, mode: str = "w", stats: str | None = None,
+                      peek: tuple[str, str] | None = None) -> Held:
+        """Take the lock, queued behind its holders.  ``peek`` (kind, key of the lock's
+        slot): an uncontended grant also reads that set's members in the same round trip
+        (Held.peeked); a queued one leaves the read to the caller."""
         wid = uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
-        res = await self.store.fcall("lk_acquire", key, mode, self.cpu, wid, self.lease_ms)
+        extra = ("peek", *peek) if peek else ()
+        res = await self.store.fcall("lk_acquire", key, mode, self.cpu, wid, self.lease_ms,
+                                     *extra)
         if int(res[0]) == 1:
             return self.track(Held(key, mode, int(res[1]), False, int(res[2]), 0.0,
-                                   time.perf_counter(), stats))
+                                   time.perf_counter(), stats,
+                                   peeked=list(res[3:]) if peek else None))
         tok, bounce = await self._wait(key, wid)
         now = time.perf_counter()
         return self.track(Held(key, mode, int(tok), True, int(bounce), (now - t0) * 1e6, now,
@@ -182,9 +191,10 @@ class Locks:
 
     @asynccontextmanager
     async def hold(
-        self, key: str, mode: str = "w", stats: str | None = None
+        self, key: str, mode: str = "w", stats: str | None = None,
+        peek: tuple[str, str] | None = None,
     ) -> AsyncIterator[Held]:
-        held = await self.acquire(key, mode, stats)
+        held = await self.acquire(key, mode, stats, peek)
         try:
             yield held
         finally:

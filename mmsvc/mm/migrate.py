@@ -60,8 +60,9 @@ class Migrate:
         # §10.1 migration_drain: where the local mlock batch is drained ([11/13]).
         mode = m.cfg.migration_drain if drain else MigrationDrain.OFF
         drain = mode != MigrationDrain.OFF
-        async with self.rmap.locked(m, page):
-            maps = await self._unmap(m, lv, idx, await self._mappings(m, lv, idx, page), mode)
+        async with self.rmap.locked(m, page) as pids:
+            maps = await self._unmap(m, lv, idx, await self._mappings(m, lv, idx, page, pids),
+                                     mode)
             for attempt in range(MIGRATE_PASSES):
                 page = (await read_pages(self.store, m, [(lv, idx)]))[0]
                 if await self._freeze(m, lv, idx, page):
@@ -85,9 +86,11 @@ class Migrate:
         await self.swap.run(m, lv, [["F", idx, 0, int(PG.LOCKED)], ["B", idx, 0]])
         stats.failed += 1
 
-    async def _mappings(self, m: Machine, lv: int, idx: int, page: Page) -> list[Mapping]:
-        """The rmap walk of try_to_migrate (the caller holds the rmap lock)."""
-        return await self.rmap.mappings(m, lv, idx, page)
+    async def _mappings(self, m: Machine, lv: int, idx: int, page: Page,
+                        pids: list[int] | None) -> list[Mapping]:
+        """The rmap walk of try_to_migrate (the caller holds the rmap lock, whose
+        acquisition may have read the candidate processes: ``pids``)."""
+        return await self.rmap.mappings(m, lv, idx, page, pids)
 
     async def _freeze(self, m: Machine, lv: int, idx: int, page: Page) -> bool:
         """folio_ref_freeze: only the isolation reference and the page cache's remain (a

@@ -65,7 +65,8 @@ class ThpMigrate(Migrate):
     """migrate_pages for THP heads, on behalf of one CPU: Migrate.migrate_page's isolation,
     passes and failure path, with a THP's rmap walk, entries, restore and new page."""
 
-    async def _mappings(self, m: Machine, lv: int, idx: int, page: Page) -> list[Mapping]:
+    async def _mappings(self, m: Machine, lv: int, idx: int, page: Page,
+                        pids: list[int] | None) -> list[Mapping]:
         return await thp_mappings(self.store, m, lv, idx, page)
 
     async def _unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping],

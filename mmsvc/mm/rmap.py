@@ -111,13 +111,18 @@ async def _rmap_targets(store: RedisStore, m: Machine, page: Page) -> list[Page]
             for av, ix in await stable_node_items(store, m, page.mapping)]
 
 
+def _candidates_key(m: Machine, page: Page) -> tuple[str, str]:
+    """Where candidate_pids reads (kind, key): in the slot of the page's rmap lock."""
+    if page.has(PG.ANON):
+        return "smembers", f"{keys.anon_vma(m.mid, page.mapping)}:pids"
+    return "hkeys", f"{keys.file(m.mid, page.mapping)}:immap"
+
+
 async def candidate_pids(store: RedisStore, m: Machine, page: Page) -> list[int]:
     """The processes whose vmas may map page: its anon_vma's, or its file's i_mmap."""
-    if page.has(PG.ANON):
-        raw = await store.client.smembers(f"{keys.anon_vma(m.mid, page.mapping)}:pids")
-        return sorted(int(p) for p in raw)
-    fields = await store.client.hkeys(f"{keys.file(m.mid, page.mapping)}:immap")
-    return sorted({int(text(f)) for f in fields})
+    kind, key = _candidates_key(m, page)
+    raw = await (store.client.hkeys(key) if kind == "hkeys" else store.client.smembers(key))
+    return sorted({int(text(p)) for p in raw})
 
 
 async def file_mms(store: RedisStore, m: Machine, fid: int) -> list[MmState]:
@@ -152,17 +157,25 @@ class Rmap:
         self.locks = locks
 
     @asynccontextmanager
-    async def locked(self, m: Machine, page: Page) -> AsyncIterator[None]:
-        """i_mmap_rwsem (or the anon_vma lock) for read, instrumented like every lock."""
-        async with self.locks.hold(rmap_lock_key(m, page), "r"):
-            yield
+    async def locked(self, m: Machine, page: Page) -> AsyncIterator[list[int] | None]:
+        """i_mmap_rwsem (or the anon_vma lock) for read, instrumented like every lock.
+        Yields the walk's candidate processes when they came with the grant (one round
+        trip for both; pass them to ``mappings``), else None."""
+        peek = None if page.has(PG.KSM) else _candidates_key(m, page)
+        async with self.locks.hold(rmap_lock_key(m, page), "r", peek=peek) as held:
+            pids = None if held.peeked is None else sorted(int(p) for p in held.peeked)
+            yield pids
 
-    async def mappings(self, m: Machine, lv: int, idx: int, page: Page) -> list[Mapping]:
-        """Every pte mapping (lv, idx); the caller holds the rmap lock."""
+    async def mappings(self, m: Machine, lv: int, idx: int, page: Page,
+                       pids: list[int] | None = None) -> list[Mapping]:
+        """Every pte mapping (lv, idx); the caller holds the rmap lock (``pids``: the
+        candidates its acquisition read, for a page that is not KSM)."""
         out: list[Mapping] = []
         seen: set[tuple[int, int]] = set()
         for target in await _rmap_targets(self.store, m, page):
-            for pid in await candidate_pids(self.store, m, target):
+            if pids is None or page.has(PG.KSM):
+                pids = await candidate_pids(self.store, m, target)
+            for pid in pids:
                 try:
                     mm: MmState = await load_mm(self.store, m, pid)
                 except Exception:  # an exited process: nothing of it maps the page

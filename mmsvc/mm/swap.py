@@ -52,6 +52,7 @@ class ProgramResult:
     # a fault_fast call: 'miss' (nothing done), 'held' or 'done', and the mmap_lock it took
     fast: str | None = None
     fast_lock: tuple[int, int] = (0, 0)  # token, bounce
+    unfrozen: bool = False  # an "R" (folio_ref_freeze) failed: the program stopped there
 
 
 @dataclass
@@ -253,6 +254,7 @@ class Swap:
             if reason == "offline":
                 cpu_unplugged(self.cpu)
             if reason == "unfrozen":
+                out.unfrozen = True
                 return out  # folio_ref_freeze failed: the rest of the program is not run
             if reason == "lru_locked":
                 # Contended lruvec lock: queue for it, run the rest holding it (fenced).
@@ -355,6 +357,7 @@ def _merge(out: ProgramResult, more: ProgramResult) -> None:
         out.installed = more.installed
     if more.fast is not None:
         out.fast, out.fast_lock = more.fast, more.fast_lock
+    out.unfrozen = out.unfrozen or more.unfrozen
 
 
 def rebase_ops(ops: list[Op], allocs: list[int]) -> list[Op]:

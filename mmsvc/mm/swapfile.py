@@ -67,9 +67,12 @@ async def swap_ptes(store: RedisStore, mm_key: str, start: int, end: int) -> dic
     return {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
-async def get_swap_page(store: RedisStore, m: Machine, lv: int, idx: int) -> int:
-    """add_to_swap's slot: allocated and the page entered in the swap cache; 0 if full."""
-    return int(await store.fcall("swap_alloc", swap_key(m), m.cfg.swap_pages, _ref(lv, idx)))
+async def get_swap_page(store: RedisStore, m: Machine, lv: int, idx: int,
+                        dups: int = 0) -> int:
+    """add_to_swap's slot: allocated and the page entered in the swap cache; 0 if full.
+    ``dups``: swap ptes about to name it (swap_duplicate of each, done at once)."""
+    return int(await store.fcall("swap_alloc", swap_key(m), m.cfg.swap_pages, _ref(lv, idx),
+                                 dups))
 
 
 async def nr_swap_pages(store: RedisStore, m: Machine) -> int:

@@ -44,10 +44,22 @@ from mmsvc.mm.swapfile import (
     swap_pte,
     swapcache_slot,
 )
+from mmsvc.mm.vma import VM, Vma
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
 
 ACTIVATE, KEEP, RECLAIM = "activate", "keep", "reclaim"
+# the outcomes of one pte's try_to_unmap_one (lua/memory.lua ttu_pte)
+TTU_DONE, TTU_RACED, TTU_LOCKED, TTU_MOVED = 0, 1, 2, 3
+
+
+@dataclass
+class Unmapped:
+    """try_to_unmap's outcome: the walk stopped at a VM_LOCKED vma (``locked``), or the
+    freeze that followed the removals in their page program failed (``unfrozen``)."""
+
+    locked: bool = False
+    unfrozen: bool = False
 
 
 @dataclass
@@ -122,8 +134,8 @@ class Vmscan:
         if self._locked(page):
             stats.culled += page.nr_pages
             return ACTIVATE  # "activate_locked": not evictable
-        async with self.rmap.locked(m, page):
-            maps = await self.rmap.mappings(m, lv, idx, page)
+        async with self.rmap.locked(m, page) as pids:
+            maps = await self.rmap.mappings(m, lv, idx, page, pids)
             # §5.2.2: a pte mapping of a THP in a VM_LOCKED vma is treated as unlocked; only
             # a pmd mapping reports VM_LOCKED (the rework's page_referenced_one, S18) - unless
             # thp_pte_holds_in_locked_vma (the [open] alternative: a pte map holds the THP)
@@ -165,34 +177,57 @@ class Vmscan:
                     # activate_locked frees the slot again (PageMlocked): the same verdict
                     stats.culled += page.nr_pages
                     return ACTIVATE
-            slot = 0
+            slot = predup = 0
             if page.has(PG.SWAPBACKED) and page.has(PG.ANON):
-                slot = await self._add_to_swap(m, lv, idx, page)
+                slot, predup = await self._add_to_swap(m, lv, idx, page, len(maps))
                 if not slot:
                     return KEEP  # add_to_swap fails (no swap space) before any unmap
-            mapped = await self._try_to_unmap(m, lv, idx, maps, slot)
-            if mapped < 0:
+            # what follows the unmap runs in the same page program (one round trip): the
+            # freeze of __remove_mapping - pageout is synchronous here, nothing happens to
+            # the page in between - and for a page that goes without writing, its freeing.
+            # A page still mapped (a racing fault) has its mapping's reference too: the
+            # freeze fails, the page is kept, as folio_mapped() keeps it in Linux.
+            then: list[Op] = []
+            if slot:
+                then = [["R", idx, 2]]  # isolation + swap cache
+            elif page.has(PG.ANON):
+                # a lazyfree page (MADV_FREE: anon without PG_swapbacked), now unmapped and
+                # clean: discarded, not written anywhere - if only the isolation reference
+                # is left (folio_ref_freeze(folio, 1))
+                then = [["R", idx, 1], ["F", idx, 0, int(PG.ISOLATED | PG.LOCKED | PG.FROZEN)],
+                        ["P", idx]]
+            elif page.has(PG.PAGECACHE) and not page.has(PG.SWAPBACKED):
+                # __remove_mapping of a clean file page: frozen at reclaim's isolation and
+                # the page cache's references (a fault that took one since keeps it)
+                then = [["R", idx, 2],
+                        ["F", idx, 0, int(PG.PAGECACHE | PG.ISOLATED | PG.LOCKED | PG.FROZEN)],
+                        ["P", idx], ["P", idx]]
+            unmapped = await self._try_to_unmap(m, lv, idx, maps, slot, then, predup)
+            if unmapped.locked:
                 # reclaim_locked_activate off: PAGEREF_RECLAIM, and try_to_unmap_one met the
                 # VM_LOCKED vma, mlocked the page and failed (§5.3): kept, putback culls it
                 stats.culled += page.nr_pages
                 return KEEP
-            if mapped:
-                return KEEP  # still mapped after try_to_unmap (a racing fault): keep it
             if slot:
-                return RECLAIM if await self._swap_out(m, lv, idx, slot) else KEEP
-            if page.has(PG.SWAPBACKED):
+                if unmapped.unfrozen:
+                    return KEEP
+                await self._swap_out(m, lv, idx, slot)
+                return RECLAIM
+            if page.has(PG.SWAPBACKED) and not page.has(PG.ANON):
                 # shmem: unmapped first, then pageout finds no swap: redirtied, activated,
-                # still in the page cache (but no longer mapped)
-                return ACTIVATE
-        if page.has(PG.ANON):
-            # a lazyfree page (MADV_FREE: anon without PG_swapbacked), now unmapped and
-            # clean: discarded, not written anywhere - if only the isolation reference is
-            # left (folio_ref_freeze(folio, 1))
-            res = await self.swap.run(m, lv, [
-                ["R", idx, 1], ["F", idx, 0, int(PG.ISOLATED | PG.LOCKED | PG.FROZEN)],
-                ["P", idx]])
-            return KEEP if res.failed else RECLAIM
-        return RECLAIM if await self._remove_from_cache(m, lv, idx, page) else KEEP
+                # still in the page cache (but no longer mapped) - unless a racing fault
+                # mapped it again: kept
+                return KEEP if await self._mapped(m, lv, idx) else ACTIVATE
+            if not then:
+                # truncated (mm/truncate.py), still held by a pin or a batch entry: no
+                # mapping to remove it from; whoever holds the last reference frees it
+                return KEEP
+            if unmapped.unfrozen:
+                return KEEP
+            if not page.has(PG.ANON):
+                await self.store.fcall("pc_delete", keys.file(m.mid, page.mapping),
+                                       page.index, f"{lv}|{idx}")
+            return RECLAIM
 
     async def _split(self, m: Machine, lv: int, idx: int, page: Page,
                      tails: list[int]) -> tuple[Page, list[Mapping]] | None:
@@ -214,83 +249,89 @@ class Vmscan:
         page = (await read_pages(self.store, m, [(lv, idx)]))[0]
         return page, await self.rmap.mappings(m, lv, idx, page)
 
-    async def _add_to_swap(self, m: Machine, lv: int, idx: int, page: Page) -> int:
+    async def _add_to_swap(self, m: Machine, lv: int, idx: int, page: Page,
+                           nmaps: int) -> tuple[int, int]:
         """add_to_swap: a slot, and the page enters the swap cache (PG_swapcache and the
-        cache's reference); a page still in the swap cache keeps its slot.  0: no swap
-        space (none configured, or full), or a THP (not split for swap here)."""
+        cache's reference); a page still in the swap cache keeps its slot.  Returns the
+        slot - 0: no swap space (none configured, or full), or a THP (not split for swap
+        here) - and how many swap ptes were counted on a new slot already (the
+        swap_duplicate of try_to_unmap_one for each of the ``nmaps`` mappings)."""
         if not m.cfg.swap_pages or page.has(PG.HEAD) or page.has(PG.TAIL):
-            return 0
+            return 0, 0
         if page.has(PG.SWAPCACHE):
-            return await swapcache_slot(self.store, m, lv, idx)
-        slot = await get_swap_page(self.store, m, lv, idx)
+            return await swapcache_slot(self.store, m, lv, idx), 0
+        slot = await get_swap_page(self.store, m, lv, idx, nmaps)
         if slot:
             await self.swap.run(m, lv, [["G", idx], ["F", idx, int(PG.SWAPCACHE), 0]])
-        return slot
+        return slot, nmaps if slot else 0
 
-    async def _swap_out(self, m: Machine, lv: int, idx: int, slot: int) -> bool:
-        """pageout (swap_writepage, synchronous here), then __remove_mapping from the swap
-        cache: freeze at reclaim's isolation + the swap cache's references (a swap-in fault
-        that took one meanwhile keeps the page), the page leaves the swap cache - its slot
-        stays, the swap ptes name it - and the last references go."""
-        if (await self.swap.run(m, lv, [["R", idx, 2]])).failed:
-            return False
+    async def _swap_out(self, m: Machine, lv: int, idx: int, slot: int) -> None:
+        """pageout (swap_writepage, synchronous here) of the page reclaim froze at its
+        isolation + the swap cache's references (a swap-in fault that took one meanwhile
+        kept the page), then the rest of __remove_mapping: the page leaves the swap cache -
+        its slot stays, the swap ptes name it - and the last references go."""
         await delete_from_swap_cache(self.store, m, slot, (lv, idx), written=True)
         await self.swap.run(m, lv, [
             ["F", idx, 0, int(PG.SWAPCACHE | PG.ISOLATED | PG.LOCKED | PG.FROZEN)],
             ["P", idx], ["P", idx]])
-        return True
 
     async def _try_to_unmap(self, m: Machine, lv: int, idx: int, maps: list[Mapping],
-                            slot: int = 0) -> int:
+                            slot: int = 0, then: list[Op] | None = None,
+                            predup: int = 0) -> Unmapped:
         """try_to_unmap_one for each mapping: clear the pte if it still maps the page
         (page_vma_mapped_walk re-checks under the PTL), page_remove_rmap (+ munlock) and put.
         With a swap slot the pte becomes its swap entry, one slot reference each
-        (swap_duplicate before set_pte_at).
-        Returns the page's mapcount afterwards (page_mapped: a racing fault may map it), or
-        -1 when the walk stopped at a VM_LOCKED vma (without TTU_IGNORE_MLOCK, §5.3): that
-        happens only with ``reclaim_locked_activate`` off, else §5.2 kept the page first."""
+        (swap_duplicate before set_pte_at; ``predup``: done for the first mappings when the
+        slot was allocated, a share not used is given back).  The page-program ops of the
+        removals and
+        ``then`` run in one program at the end.
+        ``locked``: the walk stopped at a VM_LOCKED vma (without TTU_IGNORE_MLOCK, §5.3) -
+        only with ``reclaim_locked_activate`` off, else §5.2 kept the page first."""
         ops: list[Op] = []
-        for mp in maps:
-            # Linux reads vm_flags under the PTL here, which an mlock's walk also takes after
-            # storing VM_LOCKED (§3.6): the vma as stored now, not as the rmap walk saw it
-            vma = await vma_now(self.store, mp.mm_key, mp.pte.vpn, mp.vma)
-            if vma.locked:
+        for n, mp in enumerate(maps):
+            if slot and n >= predup:
+                await swap_duplicate(self.store, m, slot)
+            new = swap_pte(mp.pte.vpn, slot) if slot else Pte(mp.pte.vpn, 0, 0, 0)
+            status, vma = await self._ttu_pte(mp, new)
+            if status != TTU_DONE and slot:
+                # this pte's share, and on a stop the shares counted for the rest
+                unused = 1 + (max(0, predup - n - 1) if status == TTU_LOCKED else 0)
+                await swap_duplicate(self.store, m, slot, -unused)
+            if status == TTU_LOCKED:
                 # §5.3: mlock_vma_page(page, vma, false), stop the walk, report failure; the
                 # vmas the walk met before it are unmapped already
                 ops += [["L", idx]] if mlock_filter(vma) else []
                 if ops:
                     await self.swap.run(m, lv, ops)
-                return -1
-            if slot:
-                await swap_duplicate(self.store, m, slot)
-            new = swap_pte(mp.pte.vpn, slot) if slot else Pte(mp.pte.vpn, 0, 0, 0)
-            raced = await pt_install(self.store, mp.mm_key, [new], {mp.pte.vpn: mp.pte})
-            if raced:
-                if slot:
-                    await swap_duplicate(self.store, m, slot, -1)
+                return Unmapped(locked=True)
+            if status == TTU_RACED:
                 continue  # zapped (or remapped) meanwhile by someone else
-            # an mlock may have stored VM_LOCKED and walked this pte since (rmap.vma_now)
-            vma = await vma_now(self.store, mp.mm_key, mp.pte.vpn, vma)
             ops += [*pte_unmap_ops(m, vma, mp.pte), ["P", idx]]
-        if ops:
-            await self.swap.run(m, lv, ops)
-        page = (await read_pages(self.store, m, [(lv, idx)]))[0]
-        return page.mapcount + page.pte_mapcount
+        ops += then or []
+        if not ops:
+            return Unmapped()
+        return Unmapped(unfrozen=(await self.swap.run(m, lv, ops)).unfrozen)
 
-    async def _remove_from_cache(self, m: Machine, lv: int, idx: int, page: Page) -> bool:
-        """__remove_mapping: freeze the refcount at the two references reclaim expects (its
-        isolation and the page cache's: a fault that took one since fails the freeze and the
-        page is kept), then the page leaves the page cache and the last references go.  A
-        fault that looked the page up before it left finds it frozen or freed and retries."""
-        if not page.has(PG.PAGECACHE):
-            # truncated (mm/truncate.py), still held by a pin or a batch entry: no mapping to
-            # remove it from; whoever holds the last reference frees it
-            return False
-        res = await self.swap.run(m, lv, [
-            ["R", idx, 2], ["F", idx, 0, int(PG.PAGECACHE | PG.ISOLATED | PG.LOCKED | PG.FROZEN)],
-            ["P", idx], ["P", idx]])
-        if res.failed:
-            return False
-        fkey = keys.file(m.mid, page.mapping)
-        await self.store.fcall("pc_delete", fkey, page.index, f"{lv}|{idx}")
-        return True
+    async def _ttu_pte(self, mp: Mapping, new: Pte) -> tuple[int, Vma]:
+        """One pte of try_to_unmap_one, with its vma's flags as stored now: Linux reads
+        vm_flags under the PTL, which an mlock's walk also takes after storing VM_LOCKED
+        (§3.6), so the flags are read with the pte, not as the rmap walk saw them (and an
+        mlock that walked this pte since makes page_remove_rmap munlock it: rmap.vma_now).
+        One round trip (``ttu_pte``) while the walk's vma still covers the pte."""
+        old = mp.pte
+        status, raw = await self.store.fcall(
+            "ttu_pte", mp.mm_key, old.vpn, mp.vma.id, int(VM.LOCKED), new.idx, new.lv,
+            new.bits, old.idx, old.lv, old.bits)
+        if int(status) != TTU_MOVED:
+            return int(status), Vma.from_json(raw)
+        vma = await vma_now(self.store, mp.mm_key, old.vpn, mp.vma)
+        if vma.locked:
+            return TTU_LOCKED, vma
+        if await pt_install(self.store, mp.mm_key, [new], {old.vpn: old}):
+            return TTU_RACED, vma
+        return TTU_DONE, await vma_now(self.store, mp.mm_key, old.vpn, vma)
+
+    async def _mapped(self, m: Machine, lv: int, idx: int) -> bool:
+        """page_mapped: a racing fault may have mapped the page again since the unmap."""
+        page = (await read_pages(self.store, m, [(lv, idx)]))[0]
+        return page.mapcount + page.pte_mapcount > 0

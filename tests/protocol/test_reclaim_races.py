@@ -51,27 +51,31 @@ def test_reclaim_sees_the_vm_locked_an_mlock_stored_after_its_rmap_walk(
     run(s)
 
 
-def test_reclaim_munlocks_what_an_mlock_walked_before_its_pte_removal(
+def test_reclaim_gives_back_the_swap_counts_when_an_mlock_comes_before_its_unmap(
         run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An mlock runs after add_to_swap (the slot counted the pte to come) and right before
+    try_to_unmap_one's look at the vma and the pte (one atomic step, lua ttu_pte): reclaim
+    finds VM_LOCKED, mlocks and fails (§5.3); the page stays mapped and mlocked, in the swap
+    cache with its slot, and the slot counts no swap pte (the checker's S1)."""
+
     async def s(w: World) -> None:
-        p = await mapped_file_page(w)
-        # the mlock runs after reclaim's last look at the vma, right before it removes the
-        # pte: the walk mlocked the page, so the removal munlocks it (page_remove_rmap in a
-        # VM_LOCKED vma) and the page leaves with its counts balanced
-        raced = race_once(monkeypatch, vmscan, "pt_install", lambda: w.on(1).mlock(
+        p = await w.proc()
+        await w.mmap(p, "m", 1)
+        await w.touch(p, "m")
+        await w.drain_all()
+        raced = race_once(monkeypatch, vmscan.Vmscan, "_ttu_pte", lambda: w.on(1).mlock(
             w.mid, p, *w.rng(p, "m")), before=True)
         res = await w.kernel.reclaim(w.mid, None, None, 8)
         assert raced, "the mlock did not run"
         await w.drain_all()
-        # unmapped; kept in the page cache: the two batch entries (the mlock's and the
-        # munlock's) held references when reclaim tried to freeze it
-        assert (res.scanned, res.reclaimed) == (1, 0)
-        assert not (await w.pages(p, "m"))[0].present
+        assert (res.scanned, res.reclaimed, res.culled) == (1, 0, 1)
+        page = (await w.pages(p, "m"))[0]
+        assert (page.present, page.mlocked, page.unevictable) == (True, True, True)
         d = await w.delta()
-        assert sub(d, mlocked=1, munlocked=1, cleared=0, nr_mlock=0) == {
-            "mlocked": 1, "munlocked": 1, "cleared": 0, "nr_mlock": 0}
+        assert sub(d, mlocked=1, cleared=0, nr_mlock=1) == {
+            "mlocked": 1, "cleared": 0, "nr_mlock": 1}
 
-    run(s)
+    run(s, swap_pages=8, reclaim_locked_activate=False)
 
 
 def test_legacy_populate_munlocks_a_page_whose_pte_an_rmap_walker_zapped(

@@ -158,14 +158,21 @@ local function lk_purge(L, now, lease_ms)
   end
 end
 
--- lk_acquire(L; mode, cpu, wid, lease_ms[, try]) -> {1, tok, bounce} granted | {0} queued as
--- wid | {-1} busy (try: trylock, nothing queued)
+-- lk_acquire(L; mode, cpu, wid, lease_ms[, try | peek, kind, key]) -> {1, tok, bounce}
+-- granted | {0} queued as wid | {-1} busy (try: trylock, nothing queued).
+-- peek: granted at once, the reply goes on with what the lock protects, read in the same
+-- step (kind 'smembers' or 'hkeys' of key, in L's slot: an rmap walk's candidates).
 register_once('lk_acquire', function(keys, args)
   local L, mode, cpu, wid, lease_ms = keys[1], args[1], tonumber(args[2]), args[3], tonumber(args[4])
   local now = now_ms()
   lk_purge(L, now, lease_ms)
   if lk_free_for(L, mode) then
     local tok, bounce = lk_grant(L, mode, cpu, lease_ms, now)
+    if args[5] == 'peek' then
+      local out = redis.call(args[6] == 'hkeys' and 'HKEYS' or 'SMEMBERS', args[7])
+      table.insert(out, 1, bounce); table.insert(out, 1, tok); table.insert(out, 1, 1)
+      return out
+    end
     return {1, tok, bounce}
   end
   if args[5] == 'try' then

@@ -542,6 +542,25 @@ register_once('pt_install', function(keys, args)
   return pt_install_impl(keys[1], args, 1)
 end)
 
+-- ttu_pte(M; vpn, vma_id, locked_mask, idx, lv, bits, exp_idx, exp_lv, exp_bits)
+--   -> {status, vma_json}
+-- try_to_unmap_one's step under the PTL: the vma's flags are read with the pte, so the flags
+-- seen before the removal (a VM_LOCKED vma stops the walk, §5.3) and after it (the munlock
+-- hook of page_remove_rmap) are one read; then the pte is replaced if it is still the one
+-- expected.  status 0: replaced, 1: the pte changed (raced), 2: VM_LOCKED (nothing done),
+-- 3: the vma no longer covers vpn (split or moved: the caller looks it up and goes slowly).
+register_once('ttu_pte', function(keys, args)
+  local M, vpn = keys[1], tonumber(args[1])
+  local raw = redis.call('HGET', M .. ':vma', args[2])
+  if not raw then return {3, ''} end
+  local v = cjson.decode(raw)
+  if not (v.start <= vpn and vpn < v['end']) then return {3, raw} end
+  if bit.band(v.flags, tonumber(args[3])) ~= 0 then return {2, raw} end
+  local conflicts = pt_install_impl(M, {args[1], args[4], args[5], args[6], args[7], args[8],
+                                        args[9]}, 1)
+  return {#conflicts > 0 and 1 or 0, raw}
+end)
+
 -- pt_install_unlock(M; tok, contended, bounce, wait_us, hold_us, lease_ms, entries...):
 -- the last step of a fault: install the ptes, then release mmap_lock, in one round trip.
 register_once('pt_install_unlock', function(keys, args)

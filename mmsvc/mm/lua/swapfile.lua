@@ -12,10 +12,12 @@ function SWP.release(K, slot)
   redis.call('RPUSH', K .. ':free', slot)
 end
 
--- swap_alloc(K; total, ref) -> slot, or 0 when the area is full: get_swap_page +
--- add_to_swap_cache of page ref (add_to_swap, §5).
+-- swap_alloc(K; total, ref[, dups]) -> slot, or 0 when the area is full: get_swap_page +
+-- add_to_swap_cache of page ref (add_to_swap, §5).  dups: the swap_duplicate of each of the
+-- page's mappings that reclaim's try_to_unmap is about to replace (one round trip less per
+-- page; a pte that raced undoes its share with swap_dup).
 register_once('swap_alloc', function(keys, args)
-  local K, total, ref = keys[1], tonumber(args[1]), args[2]
+  local K, total, ref, dups = keys[1], tonumber(args[1]), args[2], tonumber(args[3] or '0')
   if redis.call('HEXISTS', K .. ':rev', ref) == 1 then
     return redis.error_reply('EEXIST page ' .. ref .. ' is in the swap cache already')
   end
@@ -26,7 +28,7 @@ register_once('swap_alloc', function(keys, args)
     slot = tostring(top + 1)
     redis.call('HSET', K, 'top', slot)
   end
-  redis.call('HSET', K .. ':map', slot, 0)
+  redis.call('HSET', K .. ':map', slot, dups)
   redis.call('HSET', K .. ':cache', slot, ref)
   redis.call('HSET', K .. ':rev', ref, slot)
   return tonumber(slot)
