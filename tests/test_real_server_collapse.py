@@ -52,3 +52,38 @@ async def test_collapse_over_grpc(redis_server: EmbeddedRedis) -> None:
                 await call
             assert err.value.errno == errno
         assert await k.vmstat(m) == vm
+
+
+@pytest.mark.asyncio
+async def test_anonymous_collapse_over_grpc(redis_server: EmbeddedRedis) -> None:
+    """collapse_huge_page of 512 mlocked anonymous pages, the Linux 6.18 counts (the
+    conformance trace collapse_anon_mlocked); a range without page table is EINVAL."""
+    from mmsvc.mm.types import MAP_ANONYMOUS, MAP_PRIVATE
+
+    async with (
+        embedded_server(redis_url=redis_server.url) as server,
+        AsyncMmsvcClient(f"127.0.0.1:{server.port}") as k,
+    ):
+        m = await k.create_machine(MachineConfig(thp=True, thp_anon_fault=False,
+                                                 frames_per_node=8192, mlock_batch_len=31,
+                                                 lru_add_batch_len=31, populate_drain=True))
+        pid = await k.create_process(m)
+        length = HPAGE * 4096
+        flags = MAP_PRIVATE | MAP_ANONYMOUS
+        addr = await k.mmap(m, pid, MmapArgs(2 * length, 3, flags, addr=HINT))
+        await k.fault(m, pid, addr, 300 * 4096, True)
+        await k.mlock(m, pid, addr, length)
+        before = await k.vmstat(m)
+        await k.madvise(m, pid, addr, length, Advice.MADV_COLLAPSE)
+        vm = await k.vmstat(m)
+        assert {e: vm[f"unevictable_pgs_{e}"] - before[f"unevictable_pgs_{e}"]
+                for e in ("stranded", "munlocked", "rescued", "mlocked", "culled")} == {
+            "stranded": 16, "munlocked": 496, "rescued": 496, "mlocked": HPAGE,
+            "culled": HPAGE}
+        pages = await k.page_flags(m, pid, addr, length)
+        assert len({p.pfn for p in pages}) == 1 and pages[0].mlock_count == 1
+        with pytest.raises(MmsvcError) as err:
+            await k.madvise(m, pid, addr + length, length, Advice.MADV_COLLAPSE)
+        assert err.value.errno == "EINVAL"  # SCAN_PMD_NULL: nothing faulted there
+        await k.drain(m, True)
+        assert not (await k.check(m, True)).violations

@@ -245,6 +245,8 @@ class Replayer:
         name = self.trace.get("name", "")
         cfg = MachineConfig(
             thp=bool(self.trace.get("thp", False)),  # the format's extension "thp": true
+            # as on a host with THP enabled=madvise: anonymous THPs only by MADV_COLLAPSE
+            thp_anon_fault=False,
             mlock_batch_len=self.batch_size,
             lru_add_batch_len=self.batch_size,
             name=f"replay:{name}"[:256],

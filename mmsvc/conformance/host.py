@@ -44,20 +44,31 @@ def check_host() -> None:
 
 
 SHMEM_THP = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+ANON_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _setting(path: str, what: str) -> str:
+    try:
+        with open(path) as f:
+            setting = f.read()
+    except OSError as exc:
+        raise HostUnsupported(f"no {what} THP support ({path}): {exc}") from exc
+    return setting[setting.find("[") + 1:setting.find("]")]
 
 
 def check_thp_host() -> None:
-    """A trace with "thp": true (MADV_COLLAPSE of tmpfs pages) needs file THPs that appear
-    only when the trace makes them: shmem_enabled ``never`` or ``advise`` - with ``always``
-    the prefill would already write huge pages, with ``deny`` MADV_COLLAPSE is refused."""
-    try:
-        with open(SHMEM_THP) as f:
-            setting = f.read()
-    except OSError as exc:
-        raise HostUnsupported(f"no shmem THP support ({SHMEM_THP}): {exc}") from exc
-    chosen = setting[setting.find("[") + 1:setting.find("]")]
+    """A trace with "thp": true (MADV_COLLAPSE) needs THPs that appear only when the trace
+    makes them: shmem_enabled ``never`` or ``advise`` - with ``always`` the prefill would
+    already write huge pages, with ``deny`` MADV_COLLAPSE is refused - and anonymous
+    ``enabled`` not ``always`` (write faults would map THPs; mmsvc's replay makes small
+    pages there, its ``thp_anon_fault`` off)."""
+    chosen = _setting(SHMEM_THP, "shmem")
     if chosen not in ("never", "advise"):
         raise HostUnsupported(f"shmem_enabled is [{chosen}]: THP traces need never or advise")
+    chosen = _setting(ANON_THP, "anonymous")
+    if chosen == "always":
+        raise HostUnsupported("transparent_hugepage/enabled is [always]: THP traces need "
+                              "madvise or never")
 
 
 def choose_cpus(scenario: int | None = None, driver: int | None = None) -> Cpus:

@@ -1,4 +1,5 @@
-"""mm/khugepaged.c: collapse_file, as madvise(MADV_COLLAPSE) runs it (spec §3.10, S32, 12/13).
+"""mm/khugepaged.c: collapse_file, as madvise(MADV_COLLAPSE) runs it (spec §3.10, S32, 12/13);
+anonymous memory: collapse_huge_page (khugepaged_anon.py).
 
 collapse_file turns the 512 small pages of an aligned range of a shmem file into one THP:
 
@@ -40,8 +41,9 @@ from mmsvc.mm.filemap import (
     parse_slot,
     pmd_suitable,
 )
+from mmsvc.mm.khugepaged_anon import AnonCollapse
 from mmsvc.mm.machine import Machine
-from mmsvc.mm.memory import HPAGE_ORDER, Programs, cache_flags, read_pages
+from mmsvc.mm.memory import HPAGE_ORDER, Faults, Programs, cache_flags, read_pages
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read
 from mmsvc.mm.page import PG, PTRS_PER_PMD
 from mmsvc.mm.rmap import Rmap, file_mms, pte_unmap_ops, vma_now
@@ -85,12 +87,14 @@ def _by_lv(taken: list[_Taken]) -> dict[int, list[_Taken]]:
 
 
 class Khugepaged:
-    def __init__(self, store: RedisStore, swap: Swap, rmap: Rmap, drain_all: DrainAll) -> None:
+    def __init__(self, store: RedisStore, swap: Swap, rmap: Rmap, drain_all: DrainAll,
+                 faults: Faults) -> None:
         self.store = store
         self.swap = swap
         self.rmap = rmap
         self.drain_all = drain_all
         self.pmds = FilePmd(store, swap)
+        self.anon = AnonCollapse(store, swap, rmap, faults)
 
     async def madvise_collapse(self, m: Machine, mm: MmState, vma: Vma, start: int,
                                end: int) -> None:
@@ -99,8 +103,8 @@ class Khugepaged:
         if not m.cfg.thp:
             raise einval("MADV_COLLAPSE: transparent hugepages are off on this machine")
         if vma.is_anon:
-            raise einval("MADV_COLLAPSE of anonymous memory (collapse_huge_page) is not "
-                         "emulated")
+            await self._collapse_anon(m, mm, vma, start, end)
+            return
         if not m.file_by_id(vma.file).shmem and vma.flags & VM.WRITE:
             # CONFIG_READ_ONLY_THP_FOR_FS: a regular file collapses only while nobody has it
             # open for writing - approximated here by a mapping without PROT_WRITE
@@ -123,6 +127,29 @@ class Khugepaged:
                 continue
             await self.retract_page_tables(m, vma.file, index)
             await self.pmds.map_pmd(m, mm, vma, pmd, write=False)
+        if failure is not None:
+            raise failure
+
+    async def _collapse_anon(self, m: Machine, mm: MmState, vma: Vma, start: int,
+                             end: int) -> None:
+        """collapse_huge_page for each aligned 2 MiB of [start, end) (khugepaged_anon.py),
+        after lru_add_drain_all(); a failure is remembered and the next pmd tried, except an
+        allocation failure (SCAN_ALLOC_HUGE_PAGE_FAIL ends the call: ENOMEM)."""
+        if vma.shared:
+            raise einval("MADV_COLLAPSE of a shared anonymous mapping")  # pragma: no cover
+        first, last = -(-start // PTRS_PER_PMD), end // PTRS_PER_PMD
+        if first >= last:
+            return
+        await self.swap.lru_add_drain(m)
+        await self.drain_all(m)
+        failure: KernelError | None = None
+        for pmd in range(first, last):
+            try:
+                await self.anon.collapse(m, mm, vma, pmd)
+            except KernelError as exc:
+                if exc.errno == "ENOMEM":
+                    raise
+                failure = exc
         if failure is not None:
             raise failure
 

@@ -290,7 +290,8 @@ class Faults:
             if in_pmd and in_pmd[0].is_pmd and not in_pmd[0].bits & PTEBit.WRITE:
                 await split_huge_pmd(self.store, self.swap, m, mm, vma, pmd)
                 continue
-            if in_pmd or base < vma.start or base + PTRS_PER_PMD > vma.end:
+            if (in_pmd or base < vma.start or base + PTRS_PER_PMD > vma.end
+                    or not m.cfg.thp_anon_fault):  # enabled=madvise: no THP at fault
                 continue
             full = await pt_read(self.store, mm.key, base, base + PTRS_PER_PMD)
             if full:

@@ -118,7 +118,7 @@ class Kernel:
         self.vmscan = Vmscan(store, self.swap, self.rmap)
         self.migrator = Migrate(store, self.swap, self.rmap)
         self.thp_migrator = ThpMigrate(store, self.swap, self.rmap)
-        self.khugepaged = Khugepaged(store, self.swap, self.rmap, self.drain_all)
+        self.khugepaged = Khugepaged(store, self.swap, self.rmap, self.drain_all, self.faults)
         self.madv = Madvise(store, self.swap, self.faults, self.mlocks, self.vmscan,
                             self.khugepaged)
         self.truncator = Truncate(store, self.swap, self.locks, self.rmap)
@@ -346,7 +346,10 @@ class Kernel:
         populate = advice in (Advice.MADV_POPULATE_READ, Advice.MADV_POPULATE_WRITE)
         if populate and end - start > MAX_RANGE_PAGES:
             raise einval(too_many_pages(end - start, "populate"))
-        async with self._mm(machine, pid, "r") as (m, mm):  # madvise_need_mmap_write: no
+        # madvise_need_mmap_write: no - but MADV_COLLAPSE's collapse_huge_page of anonymous
+        # memory takes the mmap_lock for write (khugepaged_anon.py)
+        mode = "w" if advice == Advice.MADV_COLLAPSE else "r"
+        async with self._mm(machine, pid, mode) as (m, mm):
             await self.madv.madvise(m, mm, start, end, Advice(advice))
 
     # ---------------------------------------------------------------- mlock family -------

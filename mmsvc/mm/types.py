@@ -123,6 +123,9 @@ class MachineConfig:
     stat_refresh_drains_all: bool = False  # [Hugh->Babka 11/13]: vmstat drains every CPU first
     new_anon_checks_vm_special: bool = True  # §2.9; off: VM_LOCKED alone -> mlock_new_page
     thp_pte_holds_in_locked_vma: bool = False  # §5.2.2 [open]: on, pte maps hold a THP (S18)
+    # THP enabled=always: an anonymous write fault on an empty aligned pmd allocates a THP;
+    # off: enabled=madvise with no MADV_HUGEPAGE - small pages, THPs only by MADV_COLLAPSE
+    thp_anon_fault: bool = True
 
 
 @dataclass(frozen=True)

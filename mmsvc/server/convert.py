@@ -69,6 +69,7 @@ TUNABLES_FROM_PB: dict[str, dict[int, object]] = {
     "stat_refresh_drains_all": _SWITCH,
     "new_anon_checks_vm_special": _SWITCH,
     "thp_pte_holds_in_locked_vma": _SWITCH,
+    "thp_anon_fault": _SWITCH,
 }
 
 

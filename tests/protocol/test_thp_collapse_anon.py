@@ -1,0 +1,146 @@
+"""MADV_COLLAPSE of anonymous memory: collapse_huge_page (mmsvc/mm/khugepaged_anon.py).
+
+The counts of the successful collapses are the host kernel's (tests/conformance traces
+``collapse_anon_*``, recorded on Linux 6.18); these tests cover what the host cannot show:
+failures that must change nothing, swap entries read in first, and a collapse racing others.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mmsvc.mm.errors import KernelError
+from mmsvc.mm.types import MAP_ANONYMOUS, MAP_PRIVATE, Advice, MmapArgs
+from mmsvc.store import keys
+from tests.protocol.test_thp import HINT, HPAGE
+from tests.protocol.world import P, World
+
+COLLAPSE = Advice.MADV_COLLAPSE
+# THPs only by MADV_COLLAPSE (as on a host with THP enabled=madvise)
+CFG = {"thp": True, "thp_anon_fault": False, "frames_per_node": 8192}
+
+
+async def anon_map(w: World, pid: int, name: str, pmds: int = 1) -> int:
+    addr = await w.kernel.mmap(w.mid, pid, MmapArgs(pmds * HPAGE * P, 3,
+                                                    MAP_PRIVATE | MAP_ANONYMOUS, addr=HINT))
+    assert addr == HINT
+    w.maps[(pid, name)] = (addr, pmds * HPAGE)
+    return addr
+
+
+async def huge_pmd(w: World, pid: int) -> bool:
+    return bool(await w.store.client.exists(f"{keys.mm(w.mid, pid)}:hpmd:{HINT // P // HPAGE}"))
+
+
+async def state(w: World, pid: int) -> list[tuple[Any, ...]]:
+    return [(pg.present, pg.pfn, pg.mapcount, pg.refcount, pg.lru_list, pg.mlocked, pg.locked)
+            for pg in await w.pages(pid, "m")]
+
+
+def test_collapse_replaces_small_pages_by_a_pmd_mapped_thp(run: Any) -> None:
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await anon_map(w, p, "m")
+        await w.touch(p, "m", 0, 64)
+        await w.kernel.madvise(w.mid, p, *w.rng(p, "m"), COLLAPSE)
+        assert await huge_pmd(w, p)
+        pages = await w.pages(p, "m")
+        assert all(pg.present for pg in pages)
+        assert len({pg.pfn for pg in pages}) == 1  # the THP (its head's flags) everywhere
+        await w.drain_all()
+        d = await w.delta()
+        assert d["inactive_anon"] == HPAGE  # the small pages were freed
+        # collapsed already: SCAN_PMD_MAPPED, success without a change
+        await w.kernel.madvise(w.mid, p, *w.rng(p, "m"), COLLAPSE)
+
+    run(s, **CFG)
+
+
+def test_a_pinned_page_fails_the_collapse_and_changes_nothing(run: Any) -> None:
+    """SCAN_PAGE_COUNT: a GUP pin is a reference beyond the mappings' - EAGAIN, and the
+    pages taken before it are put back unlocked."""
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await anon_map(w, p, "m")
+        await w.touch(p, "m")
+        await w.mlock(p, "m")
+        await w.kernel.pin(w.mid, p, *w.rng(p, "m", 300, 301), True)
+        await w.drain_all()
+        before, counts = await state(w, p), await w.delta()
+        with pytest.raises(KernelError) as exc:
+            await w.kernel.madvise(w.mid, p, *w.rng(p, "m"), COLLAPSE)
+        assert exc.value.errno == "EAGAIN"
+        await w.drain_all()
+        assert not await huge_pmd(w, p)
+        assert await state(w, p) == before
+        assert await w.delta() == counts
+
+    run(s, **CFG)
+
+
+def test_swap_entries_are_read_in_before_the_collapse(run: Any) -> None:
+    """__collapse_huge_page_swapin: MADV_COLLAPSE has no max_ptes_swap; each swap entry is
+    faulted in first, then the pmd collapses."""
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await anon_map(w, p, "m")
+        await w.touch(p, "m")
+        await w.kernel.madvise(w.mid, p, *w.rng(p, "m", 0, 100), Advice.MADV_PAGEOUT)
+        assert sum(pg.present for pg in await w.pages(p, "m")) == HPAGE - 100
+        await w.kernel.madvise(w.mid, p, *w.rng(p, "m"), COLLAPSE)
+        assert await huge_pmd(w, p)
+        assert all(pg.present for pg in await w.pages(p, "m"))
+
+    run(s, **CFG, swap_pages=256)
+
+
+def test_no_thp_frame_is_enomem_and_changes_nothing(run: Any) -> None:
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await anon_map(w, p, "m")
+        await w.touch(p, "m")
+        await w.drain_all()
+        before = await state(w, p)
+        with pytest.raises(KernelError) as exc:
+            await w.kernel.madvise(w.mid, p, *w.rng(p, "m"), COLLAPSE)
+        assert exc.value.errno == "ENOMEM"
+        assert await state(w, p) == before
+        assert not await huge_pmd(w, p)
+
+    run(s, thp=True, thp_anon_fault=False, frames_per_node=HPAGE + 200)
+
+
+def test_a_pte_mapped_thp_is_refused(run: Any) -> None:
+    """A THP mapped by ptes (its pmd split by an mprotect of part of it): the collapse of
+    such a range (Linux copies the subpages) is not emulated - EINVAL, nothing changed."""
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await anon_map(w, p, "m")
+        await w.touch(p, "m", 0, 1)  # THP enabled=always: a THP at the first write
+        await w.kernel.mprotect(w.mid, p, *w.rng(p, "m", 0, 1), 1)
+        await w.kernel.mprotect(w.mid, p, *w.rng(p, "m", 0, 1), 3)
+        assert not await huge_pmd(w, p)
+        before = await state(w, p)
+        with pytest.raises(KernelError) as exc:
+            await w.kernel.madvise(w.mid, p, *w.rng(p, "m"), COLLAPSE)
+        assert exc.value.errno == "EINVAL"
+        assert await state(w, p) == before
+
+    run(s, thp=True, frames_per_node=8192)
+
+
+def test_legacy_has_no_madv_collapse(run: Any) -> None:
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await anon_map(w, p, "m")
+        await w.touch(p, "m", 0, 1)
+        with pytest.raises(KernelError) as exc:
+            await w.kernel.madvise(w.mid, p, *w.rng(p, "m"), COLLAPSE)
+        assert exc.value.errno == "EINVAL"
+
+    run(s, **CFG, protocol="legacy")
