@@ -1,9 +1,10 @@
 """mm/filemap.c, the Python side: page cache slots and file THPs mapped by their pmd.
 
 The page cache of a file is a hash of slots (``lua/filemap.lua``): ``"lv|idx"`` for a small
-page, ``"busy|owner"`` while a fault reads a page in, and ``"lv|head|base"`` in each of the
+page, ``"busy|owner"`` while a fault reads a page in, ``"lv|head|base"`` in each of the
 512 slots of a file THP (khugepaged.py makes them; ``base`` is the head's index, so that a
-lookup knows which subpage it found without reading the record).
+lookup knows which subpage it found without reading the record), and for a shmem page that
+reclaim swapped out ``"swap|slot"`` (``"busy|owner|slot"`` while a fault reads it back).
 
 A file THP is mapped like an anonymous one (spec §3.9): by a pmd when the vma can hold it
 (``do_set_pmd`` / ``filemap_map_pmd``: the aligned 2 MiB of the vma map the THP's aligned
@@ -60,14 +61,27 @@ class Slot:
 
 
 def parse_slot(raw: str | bytes) -> Slot | None:
-    """A slot's value; None while a page is being read in (``busy|owner``)."""
+    """A slot's value; None while a page is being read in (``busy|owner``) or for a
+    swapped-out shmem page (``swap|slot``: swap_entry)."""
     val = text(raw)
-    if val.startswith("busy|"):
+    if val.startswith(("busy|", "swap|")):
         return None
     parts = val.split("|")
     if len(parts) == 3:
         return Slot(int(parts[0]), int(parts[1]), int(parts[2]))
     return Slot(int(parts[0]), int(parts[1]))
+
+
+def swap_entry(raw: str | bytes) -> int | None:
+    """The swap slot of a swapped-out shmem page's entry (``swap|slot``: the xarray's swap
+    value entry, or ``busy|owner|slot`` while a fault reads it back), else None."""
+    val = text(raw)
+    if val.startswith("swap|"):
+        return int(val[5:])
+    parts = val.split("|")
+    if parts[0] == "busy" and len(parts) == 3:
+        return int(parts[2])
+    return None
 
 
 async def cached_pages(store: RedisStore, m: Machine, fid: int) -> dict[int, Slot]:

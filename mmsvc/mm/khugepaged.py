@@ -166,15 +166,24 @@ class Khugepaged:
         mapping_flags = int(looked.pop())
         small: list[tuple[int, Slot]] = []
         thps: set[Slot] = set()
-        for index, raw in zip(range(base, base + HPAGE_PMD_NR), looked, strict=True):
-            val = text(raw)
+        values = [text(raw) for raw in looked]
+        reserved = [index for index, val in zip(range(base, base + HPAGE_PMD_NR), values,
+                                                 strict=True)
+                    if val == "new" or val.startswith("swapin|")]
+        for index, val in zip(range(base, base + HPAGE_PMD_NR), values, strict=True):
             if val == "new":
                 c.holes.append(index)
-            elif val in ("busy", "eof"):
-                await self._drop_holes(fkey, c)
+            elif val in ("busy", "eof") or val.startswith("swapin|"):
+                # every slot the lookup reserved goes back (a swap entry is put back)
+                await drop_reservations(self.store, fkey, c.owner, reserved)
                 if val == "eof":
                     raise einval("MADV_COLLAPSE: the file was truncated (SCAN_TRUNCATED)")
-                raise KernelError("EAGAIN", "a page of the range is being read in")
+                if val == "busy":
+                    raise KernelError("EAGAIN", "a page of the range is being read in")
+                # collapse_file would read it back (shmem_get_folio): not emulated
+                raise KernelError("EAGAIN", "MADV_COLLAPSE: a page of the range is swapped "
+                                            "out (its read-back by collapse_file is not "
+                                            "emulated)")
             elif (slot := parse_slot(val)) is not None and slot.is_thp:
                 thps.add(slot)
             elif slot is not None:

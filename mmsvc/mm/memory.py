@@ -34,6 +34,7 @@ from mmsvc.mm.swapfile import (
     add_to_swap_cache,
     free_swap_and_cache,
     lookup_swap_cache,
+    shmem_swapin_done,
     swap_count,
     swap_pte,
     swap_ptes,
@@ -520,19 +521,26 @@ class Faults:
         # the mapping's flags with the reservations: SHM_LOCK's PG_UNEVICTABLE_MAPPING (shm.py)
         mapping_flags = int(looked.pop())
         cache: dict[int, Slot | None] = {}
+        swapped: dict[int, int] = {}  # file index -> the swap slot its page is read back from
+        reserved = [i for i, v in zip(indices, looked, strict=True)
+                    if v == b"new" or v.startswith(b"swapin|")]
         for index, val in zip(indices, looked, strict=True):
             s = val.decode()
             if s == "eof":
                 # i_size shrank under us (ftruncate on another CPU, mm/truncate.py): refresh
                 # the cached size and fault again, which then raises SIGBUS where it must
-                await self._drop_reservations(fkey, owner, [
-                    i for i, v in zip(indices, looked, strict=True) if v == b"new"])
+                await self._drop_reservations(fkey, owner, reserved)
                 await self._resized(m, f)
                 raise FaultRace("file truncated during the fault")
             if s == "busy":
-                await self._drop_reservations(fkey, owner, [
-                    i for i, v in zip(indices, looked, strict=True) if v == b"new"])
+                await self._drop_reservations(fkey, owner, reserved)
                 raise FaultRace("page cache page is being read in by another task")
+            if s.startswith("swapin|"):
+                # shmem_swapin_folio: a swapped-out shmem page, read back into a new page
+                # (pswpin) that takes the swap entry's place in the page cache
+                swapped[index] = int(s[7:])
+                cache[index] = None
+                continue
             cache[index] = None if s == "new" else parse_slot(s)
         around_idx = sorted({vma.linear_index(v) for v in around} - set(cache))
         mine = [i for i, v in cache.items() if v is None]
@@ -555,7 +563,8 @@ class Faults:
             raise
         try:
             return await self._file_map(m, mm, vma, fkey, owner, wanted, around, cache,
-                                        around_cache, write, cow, ptes, mapping_flags)
+                                        around_cache, write, cow, ptes, mapping_flags,
+                                        swapped)
         except BaseException:
             await self._drop_reservations(fkey, owner, mine)
             raise
@@ -626,7 +635,7 @@ class Faults:
         self, m: Machine, mm: MmState, vma: Vma, fkey: str, owner: str, wanted: list[int],
         around: set[int], cache: dict[int, Slot | None],
         around_cache: dict[int, Slot], write: bool, cow: bool, ptes: dict[int, Pte],
-        mapping_flags: int = 0,
+        mapping_flags: int = 0, swapped: dict[int, int] | None = None,
     ) -> int:
         lv = mm.lv
         progs = Programs.empty()
@@ -713,7 +722,7 @@ class Faults:
                                 originals)
             await self._map_file_pages(m, mm, vma, fkey, owner, done, new_cache,
                                        stop.allocated, {v: p for v, p in expect.items()
-                                                        if v in vpns}, ptes)
+                                                        if v in vpns}, ptes, swapped)
             await self._legacy_cow(m, vma, [old for v, old in cow_old.items() if v in vpns])
             raise KernelError("ENOMEM", stop.message) from stop
         except BaseException:
@@ -721,7 +730,7 @@ class Faults:
             await self._release(m, grabbed)
             raise
         mapped = await self._map_file_pages(m, mm, vma, fkey, owner, installs, new_cache,
-                                            allocs, expect, ptes)
+                                            allocs, expect, ptes, swapped)
         await self._legacy_cow(m, vma, list(cow_old.values()))
         return mapped
 
@@ -737,15 +746,22 @@ class Faults:
         self, m: Machine, mm: MmState, vma: Vma, fkey: str, owner: str,
         installs: list[tuple[int, tuple[int, int] | int, int]], new_cache: dict[int, int],
         allocs: list[int], expect: dict[int, Pte], ptes: dict[int, Pte],
+        swapped: dict[int, int] | None = None,
     ) -> int:
-        """Publish the pages read into the page cache, then set the ptes (finish_fault)."""
+        """Publish the pages read into the page cache, then set the ptes (finish_fault).
+        A page read back from swap (``swapped``) frees its swap entry once published."""
         lv = mm.lv
         publish: list[int | str] = []
+        read_back: list[int] = []
         for index, slot in new_cache.items():
             if slot <= len(allocs):
                 publish += [index, f"{lv}|{allocs[slot - 1]}"]
+                if swapped and index in swapped:
+                    read_back.append(swapped[index])
         if publish:
             await self.store.fcall("pc_commit", fkey, owner, *publish)
+        if read_back:
+            await shmem_swapin_done(self.store, self.swap, m, read_back)
         new_ptes = []
         for vpn, ref, bits in installs:
             if isinstance(ref, tuple):

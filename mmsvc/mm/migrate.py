@@ -17,12 +17,18 @@ from mmsvc.mm.errors import KernelError
 from mmsvc.mm.legacy import mlock_under_ptl
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
-from mmsvc.mm.mm_struct import Pte, pt_install
+from mmsvc.mm.mm_struct import Pte
 from mmsvc.mm.page import PG, Page, PTEBit
-from mmsvc.mm.rmap import Mapping, Rmap, page_add_rmap_ops, page_remove_rmap_ops, vma_now
+from mmsvc.mm.rmap import (
+    TTU_DONE,
+    Mapping,
+    Rmap,
+    page_add_rmap_ops,
+    page_remove_rmap_ops,
+    set_pte_reading_vma,
+)
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.types import MigrationDrain
-from mmsvc.mm.vma import Vma
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
 
@@ -108,9 +114,10 @@ class Migrate:
         done: list[Mapping] = []
         for mp in maps:
             entry = Pte(mp.pte.vpn, idx, lv, int(PTEBit.MIGRATION) | (mp.pte.bits & PTEBit.WRITE))
-            if await pt_install(self.store, mp.mm_key, [entry], {mp.pte.vpn: mp.pte}):
+            # the flags as stored when the pte goes (an mlock may have walked it since)
+            status, vma = await set_pte_reading_vma(self.store, mp, entry, mp.pte)
+            if status != TTU_DONE:
                 continue
-            vma = await vma_now(self.store, mp.mm_key, mp.pte.vpn, mp.vma)
             done.append(mp)
             await self.swap.run(m, lv, [*page_remove_rmap_ops(m, vma, idx), ["P", idx]])
             if mode == MigrationDrain.AFTER_EACH_LOCKED_UNMAP and vma.locked:
@@ -131,12 +138,12 @@ class Migrate:
         the checker's X3)."""
         nlv, nidx = new
         for mp in maps:
-            mp = replace(mp, vma=await self._vma_now(mp))
             entry = Pte(mp.pte.vpn, idx, lv, int(PTEBit.MIGRATION) | (mp.pte.bits & PTEBit.WRITE))
             restored = Pte(mp.pte.vpn, nidx, nlv, mp.pte.bits)
-            raced = await pt_install(self.store, mp.mm_key, [restored], {mp.pte.vpn: entry})
-            if raced:
+            status, vma = await set_pte_reading_vma(self.store, mp, restored, entry)
+            if status != TTU_DONE:
                 continue  # the mapping was zapped meanwhile
+            mp = replace(mp, vma=vma)
             ops = page_add_rmap_ops(m, mp.vma, nidx)  # counts the mapping again (§4.2.4)
             if mlocked and not mp.vma.locked:
                 ops.append(["F", nidx, int(PG.RESTORED_MLOCKED), 0])
@@ -150,10 +157,6 @@ class Migrate:
                 await self.swap.lru_add_drain(m)  # §4.2.3
         if mode == MigrationDrain.RMAP_WALK_LEVEL:
             await self.swap.lru_add_drain(m)
-
-    async def _vma_now(self, mp: Mapping) -> Vma:
-        """The restore's view of the pte's vma (rmap.vma_now), read when the entry goes."""
-        return await vma_now(self.store, mp.mm_key, mp.pte.vpn, mp.vma)
 
     async def _move(self, m: Machine, lv: int, idx: int, old: Page, target_lv: int,
                     maps: list[Mapping], mode: MigrationDrain) -> None:

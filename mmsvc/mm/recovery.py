@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import Counter
 
 from mmsvc.mm.checker import PageRef, batch_entries, count_mappings, load_lruvec
-from mmsvc.mm.filemap import parse_slot
+from mmsvc.mm.filemap import parse_slot, swap_entry
 from mmsvc.mm.gup import pin_refs
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs
@@ -125,6 +125,11 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
         fkey = keys.file(m.mid, f.fid)
         for raw_index, raw_val in (await store.client.hgetall(f"{fkey}:pc")).items():
             val = text(raw_val)
+            if swap_entry(val) is not None:
+                if val.startswith("busy|"):  # a dead fault was reading it back: undone
+                    await store.fcall("pc_commit", fkey, val.split("|")[1], text(raw_index), "")
+                    fixed["pagecache_swapin_dropped"] += 1
+                continue  # a swapped-out shmem page: its slot holds it
             slot = parse_slot(val)
             if slot is not None:
                 cp = pages.get(slot.ref)

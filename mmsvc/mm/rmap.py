@@ -66,6 +66,29 @@ async def vma_now(store: RedisStore, mm_key: str, vpn: int, seen: Vma) -> Vma:
     return await vma_at(store, mm_key, vpn) or seen
 
 
+async def set_pte_reading_vma(store: RedisStore, mp: Mapping, new: Pte, expect: Pte, *,
+                              stop_if: int = 0) -> tuple[int, Vma]:
+    """An rmap walker's pte change under the PTL, with its vma's flags as stored at that
+    moment (vma_now), in one atomic step (lua ``ttu_pte``) while the vma the walk saw still
+    covers the pte.  Returns (TTU_DONE, TTU_RACED: the pte was not ``expect``, or
+    TTU_STOPPED: the vma has a flag of ``stop_if`` - nothing set then -, the vma)."""
+    status, raw = await store.fcall(
+        "ttu_pte", mp.mm_key, new.vpn, mp.vma.id, int(stop_if), int(new.idx), int(new.lv),
+        int(new.bits), int(expect.idx), int(expect.lv), int(expect.bits))
+    if int(status) != TTU_MOVED:
+        return int(status), Vma.from_json(raw)
+    vma = await vma_now(store, mp.mm_key, new.vpn, mp.vma)
+    if vma.flags & stop_if:
+        return TTU_STOPPED, vma
+    if await pt_install(store, mp.mm_key, [new], {new.vpn: expect}):
+        return TTU_RACED, vma
+    return TTU_DONE, await vma_now(store, mp.mm_key, new.vpn, vma)
+
+
+# the outcomes of lua ttu_pte: set, the pte raced, the vma has a stop_if flag, the vma moved
+TTU_DONE, TTU_RACED, TTU_STOPPED, TTU_MOVED = 0, 1, 2, 3
+
+
 def rmap_lock_key(m: Machine, page: Page) -> str:
     if page.has(PG.KSM):  # rmap_walk_ksm: the stable node's rmap items (mm/ksm.py)
         return f"{stable_node_key(m, page.mapping)}:lock"

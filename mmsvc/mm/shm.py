@@ -155,7 +155,7 @@ class Shm:
             for k, v in raw.items():
                 index, val = int(k), text(v)
                 if val.startswith("busy|"):
-                    busy = True
+                    busy = True  # being read in (or back from swap)
                 elif index not in seen and (slot := parse_slot(val)) is not None:
                     if slot.ref not in thps:
                         ready.append((slot.lookup_index(index), slot.lv, slot.idx))

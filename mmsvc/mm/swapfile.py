@@ -4,7 +4,9 @@ A machine has ``swap_pages`` slots (0: no swap, and then nothing here is ever ca
 store side is ``lua/swapfile.lua`` under the machine's tag (``{m<id>}:swap*``):
 
 * a slot's count is the number of swap ptes naming it (swap_map[]; fork shares an entry:
-  swap_duplicate), the swap cache maps a slot to the page read in or being written out
+  swap_duplicate) - or 1 for a swapped-out shmem page, whose page cache slot names it
+  (``swap|slot``: vmscan.py writes shmem pages out, memory.py reads them back, truncation
+  frees the entry) -; the swap cache maps a slot to the page read in or being written out
   (SWAP_HAS_CACHE, PG_swapcache, one page reference);
 * reclaim (vmscan.py) allocates a slot and adds the page to the swap cache (add_to_swap),
   replaces each pte by a swap entry (try_to_unmap_one), writes the page (pswpout) and frees it
@@ -23,6 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from mmsvc.mm.filemap import swap_entry
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.mm_struct import Pte, load_mm, pt_install
 from mmsvc.mm.page import PG, Page, PTEBit
@@ -165,6 +168,16 @@ async def copy_swap_ptes(store: RedisStore, m: Machine, parent_key: str, child_k
     await pt_install(store, child_key, [swap_pte(v, s) for v, s in entries.items()], {})
 
 
+async def shmem_swapin_done(store: RedisStore, swap: Swap, m: Machine,
+                            slots: list[int]) -> None:
+    """shmem_swapin_folio's end for pages read back from these slots and published in the
+    page cache: pswpin counted, each page cache swap entry's count freed (swap_free; a slot
+    left with only a swap cache page - a reclaim still writing it out - goes with it)."""
+    flat = await store.fcall("swap_read", swap_key(m), *slots)
+    for i in range(0, len(flat), 2):
+        await try_to_free_swap(store, swap, m, int(flat[i]), _parse(flat[i + 1]))
+
+
 async def swap_info(store: RedisStore, m: Machine) -> SwapInfo:
     """The area's state for views (meminfo, vmstat) and the checker (§8.5)."""
     k = swap_key(m)
@@ -180,6 +193,18 @@ async def swap_info(store: RedisStore, m: Machine) -> SwapInfo:
                     h.get("pswpout", 0), slots, cached)
 
 
+async def shmem_swap_entries(store: RedisStore, m: Machine) -> list[int]:
+    """The swap slots that page caches name (swapped-out shmem pages, being read back or
+    not): each holds one count of its slot, as a swap pte does."""
+    out: list[int] = []
+    for f in list(m.files.values()):  # the registry may be refreshed meanwhile
+        for raw in (await store.client.hgetall(f"{keys.file(m.mid, f.fid)}:pc")).values():
+            slot = swap_entry(raw)
+            if slot is not None:
+                out.append(slot)
+    return out
+
+
 async def check_swap(store: RedisStore, m: Machine, live: dict[PageRef, Page],
                      v: list[str]) -> set[PageRef]:
     """§8.5 for the swap area (S1-S3); returns the pages the swap cache holds (one reference
@@ -193,10 +218,11 @@ async def check_swap(store: RedisStore, m: Machine, live: dict[PageRef, Page],
         mm = await load_mm(store, m, pid, allow_dead=True)
         for vma in mm.vmas:
             ptes.update((await swap_ptes(store, mm.key, vma.start, vma.end)).values())
+    ptes.update(await shmem_swap_entries(store, m))  # a swapped-out shmem page's entry
     for slot in sorted(ptes.keys() | info.counts.keys()):
         if ptes[slot] != info.counts.get(slot, 0) or slot not in info.counts:
             v.append(f"S1 swap slot {slot}: count {info.counts.get(slot, 'free')} != "
-                     f"{ptes[slot]} swap ptes")
+                     f"{ptes[slot]} swap ptes and shmem swap entries")
     for slot in sorted(info.cache.keys() - info.counts.keys()):
         v.append(f"S2 swap slot {slot}: in the swap cache but not allocated")
     cached = set(info.cache.values())

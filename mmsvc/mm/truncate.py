@@ -29,7 +29,7 @@ import time
 
 from mmsvc.locks import Locks
 from mmsvc.mm.errors import KernelError, einval
-from mmsvc.mm.filemap import FilePmd, Slot, parse_slot
+from mmsvc.mm.filemap import FilePmd, Slot, parse_slot, swap_entry
 from mmsvc.mm.huge_memory import HugeMemory, thp_mappings
 from mmsvc.mm.machine import FileInfo, Machine, refresh_files
 from mmsvc.mm.memory import Programs, read_pages, split_huge_pmd, zap_range
@@ -37,6 +37,7 @@ from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_install, pt_read
 from mmsvc.mm.page import PG, PTRS_PER_PMD, Page, PTEBit
 from mmsvc.mm.rmap import Rmap, pte_unmap_ops, try_to_unmap_ignore_mlock, vma_now
 from mmsvc.mm.swap import Swap
+from mmsvc.mm.swapfile import free_swap_and_cache
 from mmsvc.mm.vma import Vma
 from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
@@ -176,6 +177,13 @@ class Truncate:
             raw = await self.store.client.hget(f"{fkey}:pc", index)
             if raw is None:
                 return 0  # gone meanwhile (reclaim freed it)
+            swapped = swap_entry(raw)
+            if swapped is not None and text(raw).startswith("swap|"):
+                # shmem_undo_range: a swapped-out page's entry goes (shmem_free_swap)
+                if int(await self.store.fcall("pc_swap_drop", fkey, index, swapped)):
+                    await free_swap_and_cache(self.store, self.swap, m, [swapped])
+                    return 0
+                continue  # read back meanwhile: look again
             slot = parse_slot(raw)
             if slot is not None:
                 lv, idx = slot.ref

@@ -9,10 +9,13 @@ shrink_folio_list for each isolated page:
 * an anonymous page, with swap space (``swap_pages``): add_to_swap, try_to_unmap puts a swap
   entry in each pte, pageout writes it, and it leaves the swap cache and is freed
   (mm/swapfile.py).  Without swap space (none, or all slots taken) anonymous pages are kept and
-  the anon lists are not even scanned, as Linux does; tmpfs pages are never swapped here.
-* an anonymous THP mapped only by ptes is split first (S18, §5.2.5: mm/huge_memory.py): its
-  subpages, small pages now, go through this list like the others - the head at once, the
-  tails after it.  A THP with a pmd mapping is kept (TTU_SPLIT_HUGE_PMD is not emulated).
+  the anon lists are not even scanned, as Linux does.
+* a shmem page (tmpfs, SysV shm: on the anon lists) is unmapped, then shmem_writeout moves
+  it from the page cache to the swap cache - its slot in the page cache names the swap entry
+  - and it is written and freed; with no swap slot left it is redirtied and activated.
+* an anonymous THP is split first (S18, §5.2.5: mm/huge_memory.py; a pmd-mapped one too,
+  TTU_SPLIT_HUGE_PMD), a file THP too (S17): the subpages, small pages now, go through this
+  list like the others - the head at once, the tails after it.
 Access bits are not emulated: mapped pages count as unreferenced.
 """
 
@@ -25,15 +28,18 @@ from mmsvc.mm.huge_memory import HugeMemory
 from mmsvc.mm.legacy import mlock_under_ptl
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs, read_pages
-from mmsvc.mm.mm_struct import Pte, pt_install
+from mmsvc.mm.mm_struct import Pte
 from mmsvc.mm.page import LRU, PG, Page
 from mmsvc.mm.rmap import (
+    TTU_DONE,
+    TTU_RACED,
+    TTU_STOPPED,
     Mapping,
     Rmap,
     mlock_filter,
     pte_unmap_ops,
+    set_pte_reading_vma,
     still_locked_mapping,
-    vma_now,
 )
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.swapfile import (
@@ -49,8 +55,6 @@ from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore
 
 ACTIVATE, KEEP, RECLAIM = "activate", "keep", "reclaim"
-# the outcomes of one pte's try_to_unmap_one (lua/memory.lua ttu_pte)
-TTU_DONE, TTU_RACED, TTU_LOCKED, TTU_MOVED = 0, 1, 2, 3
 
 
 @dataclass
@@ -202,6 +206,11 @@ class Vmscan:
                 then = [["R", idx, 2],
                         ["F", idx, 0, int(PG.PAGECACHE | PG.ISOLATED | PG.LOCKED | PG.FROZEN)],
                         ["P", idx], ["P", idx]]
+            elif page.has(PG.PAGECACHE) and m.cfg.swap_pages:
+                # shmem with swap space: frozen at the same two references before
+                # shmem_writeout moves it from the page cache to the swap cache (a lookup
+                # meanwhile finds it frozen and retries; one that took a reference keeps it)
+                then = [["R", idx, 2]]
             unmapped = await self._try_to_unmap(m, lv, idx, maps, slot, then, predup)
             if unmapped.locked:
                 # reclaim_locked_activate off: PAGEREF_RECLAIM, and try_to_unmap_one met the
@@ -214,6 +223,10 @@ class Vmscan:
                 await self._swap_out(m, lv, idx, slot)
                 return RECLAIM
             if page.has(PG.SWAPBACKED) and not page.has(PG.ANON):
+                if then:
+                    if unmapped.unfrozen:
+                        return KEEP
+                    return await self._shmem_writeout(m, lv, idx, page)
                 # shmem: unmapped first, then pageout finds no swap: redirtied, activated,
                 # still in the page cache (but no longer mapped) - unless a racing fault
                 # mapped it again: kept
@@ -265,6 +278,30 @@ class Vmscan:
             await self.swap.run(m, lv, [["G", idx], ["F", idx, int(PG.SWAPCACHE), 0]])
         return slot, nmaps if slot else 0
 
+    async def _shmem_writeout(self, m: Machine, lv: int, idx: int, page: Page) -> str:
+        """shmem_writeout of a shmem page reclaim froze, unmapped: a swap slot (none left:
+        unfrozen, redirtied, activated), then the page moves from the page cache to the
+        swap cache - its page cache slot names the swap entry (``swap|slot``, one count of
+        the slot), the cache's reference becomes the swap cache's - and is written and
+        freed as an anonymous page is (_swap_out).  A fault reads it back later
+        (memory.py, shmem_swapin_folio); truncation frees the entry (truncate.py)."""
+        slot = await get_swap_page(self.store, m, lv, idx, 1)
+        if not slot:
+            await self.swap.run(m, lv, [["F", idx, 0, int(PG.FROZEN)]])
+            return ACTIVATE
+        await self.swap.run(m, lv, [["F", idx, int(PG.SWAPCACHE), int(PG.PAGECACHE)]])
+        fkey = keys.file(m.mid, page.mapping)
+        if not int(await self.store.fcall("pc_swapout", fkey, page.index, f"{lv}|{idx}", slot)):
+            # cannot happen while the page is frozen and locked (lookups and truncation
+            # back off): undone all the same, the page kept
+            await delete_from_swap_cache(self.store, m, slot, (lv, idx))
+            await swap_duplicate(self.store, m, slot, -1)
+            await self.swap.run(m, lv, [["F", idx, int(PG.PAGECACHE),
+                                         int(PG.SWAPCACHE | PG.FROZEN)]])
+            return KEEP
+        await self._swap_out(m, lv, idx, slot)
+        return RECLAIM
+
     async def _swap_out(self, m: Machine, lv: int, idx: int, slot: int) -> None:
         """pageout (swap_writepage, synchronous here) of the page reclaim froze at its
         isolation + the swap cache's references (a swap-in fault that took one meanwhile
@@ -295,9 +332,9 @@ class Vmscan:
             status, vma = await self._ttu_pte(mp, new)
             if status != TTU_DONE and slot:
                 # this pte's share, and on a stop the shares counted for the rest
-                unused = 1 + (max(0, predup - n - 1) if status == TTU_LOCKED else 0)
+                unused = 1 + (max(0, predup - n - 1) if status == TTU_STOPPED else 0)
                 await swap_duplicate(self.store, m, slot, -unused)
-            if status == TTU_LOCKED:
+            if status == TTU_STOPPED:
                 # §5.3: mlock_vma_page(page, vma, false), stop the walk, report failure; the
                 # vmas the walk met before it are unmapped already
                 ops += [["L", idx]] if mlock_filter(vma) else []
@@ -317,19 +354,8 @@ class Vmscan:
         vm_flags under the PTL, which an mlock's walk also takes after storing VM_LOCKED
         (§3.6), so the flags are read with the pte, not as the rmap walk saw them (and an
         mlock that walked this pte since makes page_remove_rmap munlock it: rmap.vma_now).
-        One round trip (``ttu_pte``) while the walk's vma still covers the pte."""
-        old = mp.pte
-        status, raw = await self.store.fcall(
-            "ttu_pte", mp.mm_key, old.vpn, mp.vma.id, int(VM.LOCKED), new.idx, new.lv,
-            new.bits, old.idx, old.lv, old.bits)
-        if int(status) != TTU_MOVED:
-            return int(status), Vma.from_json(raw)
-        vma = await vma_now(self.store, mp.mm_key, old.vpn, mp.vma)
-        if vma.locked:
-            return TTU_LOCKED, vma
-        if await pt_install(self.store, mp.mm_key, [new], {old.vpn: old}):
-            return TTU_RACED, vma
-        return TTU_DONE, await vma_now(self.store, mp.mm_key, old.vpn, vma)
+        A VM_LOCKED vma stops the walk before the pte changes (§5.3)."""
+        return await set_pte_reading_vma(self.store, mp, new, mp.pte, stop_if=int(VM.LOCKED))
 
     async def _mapped(self, m: Machine, lv: int, idx: int) -> bool:
         """page_mapped: a racing fault may have mapped the page again since the unmap."""

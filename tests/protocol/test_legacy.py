@@ -198,16 +198,28 @@ def test_legacy_walks_skip_a_page_migrated_after_its_pte_was_read(
 def test_legacy_migration_restore_racing_the_munlock_of_its_vma(
         run: Any, monkeypatch: Any) -> None:
     """Legacy remove_migration_pte mlocks the new page for a VM_LOCKED vma (§9.3.5); p1's
-    munlock clears VM_LOCKED and walks past the migration entry in between.  Linux checks
-    VM_LOCKED under the PTL; here the restore read the vma first, so it rechecks after the
-    mlock and undoes it: before the fix the new page stayed PG_mlocked with no locked
-    mapping (Q4 on the fuzzer's legacy machine)."""
-    from mmsvc.mm.migrate import Migrate
+    munlock clears VM_LOCKED and walks the restored pte before that mlock.  Linux checks
+    VM_LOCKED and mlocks under the PTL; here the restore read the vma with the pte (one
+    step) but mlocks after it, so it rechecks after the mlock and undoes it: before the fix
+    the new page stayed PG_mlocked with no locked mapping (Q4 on the fuzzer's legacy
+    machine)."""
+    import mmsvc.mm.migrate as migrate
+    from mmsvc.mm.page import PTEBit
 
     async def s(w: World) -> None:
         p1, p2 = await w.sharers(mlock=(0,))
-        raced = race_once(monkeypatch, Migrate, "_vma_now", lambda: w.munlock(p1, "m", cpu=1),
-                          when=lambda vma: bool(vma.locked))
+        real = migrate.set_pte_reading_vma
+        raced: list[int] = []
+
+        async def restore_then_munlock(store: Any, mp: Any, new: Any, expect: Any,
+                                       **kw: Any) -> Any:
+            status, vma = await real(store, mp, new, expect, **kw)
+            if not raced and not new.bits & PTEBit.MIGRATION and vma.locked:
+                raced.append(1)  # the restore of p1's pte: the munlock walks it now
+                await w.munlock(p1, "m", cpu=1)
+            return status, vma
+
+        monkeypatch.setattr(migrate, "set_pte_reading_vma", restore_then_munlock)
         res = await w.kernel.migrate(w.mid, p2, *w.rng(p2, "m"), 1)
         assert raced and res.migrated == 1
         await w.drain_all()

@@ -199,7 +199,7 @@ def test_checker_reports_a_slot_count_that_disagrees_with_the_swap_ptes(run: Any
         await w.store.client.hincrby(key, "1", 1)
         report = await w.kernel.check(w.mid, True)
         assert [x for x in report.violations if x.startswith("S1")] == [
-            "S1 swap slot 1: count 2 != 1 swap ptes"]
+            "S1 swap slot 1: count 2 != 1 swap ptes and shmem swap entries"]
         await w.store.client.hincrby(key, "1", -1)
 
     run(s, swap_pages=8)

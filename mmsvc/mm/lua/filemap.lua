@@ -1,15 +1,18 @@
 -- mm/filemap.c + the i_mmap tree: a file's page cache and its rmap (file slot F).
 --
 -- F:pc    hash  index -> "lv|idx" (a page in the cache) or "busy|<owner>" (being read in,
---               the emulated locked page: other faulters retry)
+--               the emulated locked page: other faulters retry), "swap|<slot>" (a shmem
+--               page swapped out: the xarray's swap value entry, shmem_writeout) or
+--               "busy|<owner>|<slot>" (being read back from that slot)
 -- F:immap hash  "<pid>|<vma>" -> "pgoff|npages"  (the i_mmap interval tree, spec §1.8)
 -- F:isize string  the file's size in pages once truncated (mm/truncate.py; else the registry's)
 -- F:as    hash  "flags" -> the mapping's flags (AS_UNEVICTABLE as PG_UNEVICTABLE_MAPPING: shm.lua)
 
 -- pc_lookup(F; owner, index...) -> per index: "lv|idx", "busy", or "new" (now reserved by owner)
--- or "eof": at or beyond i_size (F:isize, set once the file was truncated: mm/truncate.py), read
--- in the same step, so a fault racing a truncation never reads a page in beyond the new end
--- (filemap_fault's i_size check: SIGBUS)
+-- or "swapin|<slot>" (a swapped-out shmem page, now reserved by owner to be read back: a
+-- dropped reservation puts the swap entry back) or "eof": at or beyond i_size (F:isize, set
+-- once the file was truncated: mm/truncate.py), read in the same step, so a fault racing a
+-- truncation never reads a page in beyond the new end (filemap_fault's i_size check: SIGBUS)
 local function pc_lookup(keys, args)
   local F, owner = keys[1], args[1]
   local out = {}
@@ -21,8 +24,14 @@ local function pc_lookup(keys, args)
     elseif not v then
       redis.call('HSET', F .. ':pc', args[i], 'busy|' .. owner)
       out[#out + 1] = 'new'
+    elseif string.sub(v, 1, 5) == 'swap|' then
+      redis.call('HSET', F .. ':pc', args[i], 'busy|' .. owner .. '|' .. string.sub(v, 6))
+      out[#out + 1] = 'swapin|' .. string.sub(v, 6)
     elseif string.sub(v, 1, 5) == 'busy|' then
-      if string.sub(v, 6) == owner then out[#out + 1] = 'new' else out[#out + 1] = 'busy' end
+      local who, slot = string.match(v, '^busy|([^|]+)|?(%d*)$')
+      if who ~= owner then out[#out + 1] = 'busy'
+      elseif slot ~= '' then out[#out + 1] = 'swapin|' .. slot
+      else out[#out + 1] = 'new' end
     else
       out[#out + 1] = v
     end
@@ -47,23 +56,44 @@ redis.register_function{function_name = 'pc_peek', flags = {'no-writes'},
     local out = {}
     for i = 1, #args do
       local v = redis.call('HGET', keys[1] .. ':pc', args[i])
-      if v and string.sub(v, 1, 5) == 'busy|' then v = false end
+      if v and (string.sub(v, 1, 5) == 'busy|' or string.sub(v, 1, 5) == 'swap|') then
+        v = false  -- fault-around maps only pages (filemap_map_pages skips value entries)
+      end
       out[i] = v or false
     end
     return out
   end}
 
--- pc_commit(F; owner, index, "lv|idx" | "", ...): publish pages read in (or drop reservations).
+-- pc_commit(F; owner, index, "lv|idx" | "", ...): publish pages read in (or drop reservations:
+-- a slot reserved to be read back from swap holds its swap entry again).
 register_once('pc_commit', function(keys, args)
   local F, owner = keys[1], args[1]
   for i = 2, #args, 2 do
     local cur = redis.call('HGET', F .. ':pc', args[i])
-    if cur == 'busy|' .. owner then
-      if args[i + 1] == '' then redis.call('HDEL', F .. ':pc', args[i])
-      else redis.call('HSET', F .. ':pc', args[i], args[i + 1]) end
+    local mine = cur == 'busy|' .. owner
+    local slot = cur and string.match(cur, '^busy|' .. owner .. '|(%d+)$')
+    if mine or slot then
+      if args[i + 1] ~= '' then redis.call('HSET', F .. ':pc', args[i], args[i + 1])
+      elseif slot then redis.call('HSET', F .. ':pc', args[i], 'swap|' .. slot)
+      else redis.call('HDEL', F .. ':pc', args[i]) end
     end
   end
   return 1
+end)
+
+-- pc_swapout(F; index, "lv|idx", slot) -> 1, or 0 when the slot no longer holds that page:
+-- shmem_writeout's shmem_delete_from_page_cache, the page's slot now names its swap entry.
+register_once('pc_swapout', function(keys, args)
+  if redis.call('HGET', keys[1] .. ':pc', args[1]) ~= args[2] then return 0 end
+  redis.call('HSET', keys[1] .. ':pc', args[1], 'swap|' .. args[3])
+  return 1
+end)
+
+-- pc_swap_drop(F; index, slot) -> 1, or 0 when the slot holds something else: truncation of
+-- a swapped-out shmem page (shmem_free_swap: the caller frees the swap entry).
+register_once('pc_swap_drop', function(keys, args)
+  if redis.call('HGET', keys[1] .. ':pc', args[1]) ~= 'swap|' .. args[2] then return 0 end
+  return redis.call('HDEL', keys[1] .. ':pc', args[1])
 end)
 
 -- pc_delete(F; index, "lv|idx"): the page leaves the page cache (__filemap_remove_folio),

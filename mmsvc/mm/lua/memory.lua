@@ -542,13 +542,15 @@ register_once('pt_install', function(keys, args)
   return pt_install_impl(keys[1], args, 1)
 end)
 
--- ttu_pte(M; vpn, vma_id, locked_mask, idx, lv, bits, exp_idx, exp_lv, exp_bits)
+-- ttu_pte(M; vpn, vma_id, stop_mask, idx, lv, bits, exp_idx, exp_lv, exp_bits)
 --   -> {status, vma_json}
--- try_to_unmap_one's step under the PTL: the vma's flags are read with the pte, so the flags
--- seen before the removal (a VM_LOCKED vma stops the walk, §5.3) and after it (the munlock
--- hook of page_remove_rmap) are one read; then the pte is replaced if it is still the one
--- expected.  status 0: replaced, 1: the pte changed (raced), 2: VM_LOCKED (nothing done),
--- 3: the vma no longer covers vpn (split or moved: the caller looks it up and goes slowly).
+-- An rmap walker's step under the PTL (try_to_unmap_one, try_to_migrate_one,
+-- remove_migration_pte): the vma's flags are read with the pte, so the flags seen before the
+-- change (reclaim: a VM_LOCKED vma stops the walk, §5.3) and after it (the munlock hook of
+-- page_remove_rmap) are one read; then the pte is replaced if it is still the one expected.
+-- status 0: replaced, 1: the pte changed (raced), 2: the vma has a flag of stop_mask
+-- (nothing done), 3: the vma no longer covers vpn (split or moved: the caller looks it up
+-- and goes the slow way).
 register_once('ttu_pte', function(keys, args)
   local M, vpn = keys[1], tonumber(args[1])
   local raw = redis.call('HGET', M .. ':vma', args[2])

@@ -49,8 +49,7 @@ end)
 -- that went (zap, swap-in).  A slot whose count reaches 0 is freed, unless a page is still in
 -- the swap cache for it: those are returned, the caller deletes the page from the swap cache
 -- (try_to_free_swap), which frees the slot.
-register_once('swap_free', function(keys, args)
-  local K = keys[1]
+local function swap_free_impl(K, args)
   local need = {}
   for _, slot in ipairs(args) do need[slot] = (need[slot] or 0) + 1 end
   for slot, n in pairs(need) do
@@ -71,6 +70,20 @@ register_once('swap_free', function(keys, args)
     end
   end
   return out
+end
+register_once('swap_free', function(keys, args) return swap_free_impl(keys[1], args) end)
+
+-- swap_read(K; slot...): a shmem page read back from each slot (shmem_swapin_folio: pswpin),
+-- then the page cache's swap entry freed (swap_free: the slot goes when nothing else names
+-- it).  Returns what swap_free returns.
+register_once('swap_read', function(keys, args)
+  for _, slot in ipairs(args) do
+    if tonumber(redis.call('HGET', keys[1] .. ':map', slot) or '0') < 1 then
+      return redis.error_reply('EINVAL swap slot ' .. slot .. ' is not allocated')
+    end
+  end
+  redis.call('HINCRBY', keys[1], 'pswpin', #args)
+  return swap_free_impl(keys[1], args)
 end)
 
 -- swap_cache_add(K; slot, ref) -> the swap cache's page for slot: ref when added now (the
