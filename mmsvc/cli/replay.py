@@ -247,6 +247,8 @@ class Replayer:
             thp=bool(self.trace.get("thp", False)),  # the format's extension "thp": true
             # as on a host with THP enabled=madvise: anonymous THPs only by MADV_COLLAPSE
             thp_anon_fault=False,
+            # the linux-6.18 profile (populate drains): Linux 6.5+'s large-folio mlock rules
+            large_folio_mlock=self.populate_drain,
             mlock_batch_len=self.batch_size,
             lru_add_batch_len=self.batch_size,
             name=f"replay:{name}"[:256],

@@ -23,6 +23,7 @@ from mmsvc.mm.page import (
     Page,
     PTEBit,
 )
+from mmsvc.mm.rmap import large_folio_rules
 from mmsvc.mm.swapfile import check_swap
 from mmsvc.mm.types import CheckReport
 from mmsvc.mm.vma import VM
@@ -69,23 +70,29 @@ async def batch_entries(store: RedisStore,
 
 
 async def count_mappings(store: RedisStore, mm: MmState, mapcounts: Counter[PageRef],
-                         pte_maps: Counter[PageRef], locked: Counter[PageRef]) -> None:
+                         pte_maps: Counter[PageRef], locked: Counter[PageRef],
+                         large_folio: bool = False) -> None:
     """Add mm's mappings from its page tables: pte mappings of small pages and pmds of THPs
     (mapcounts), pte mappings of THP subpages (pte_maps), and M(p): those in VM_LOCKED vmas
-    outside a VM_IO window (locked)."""
+    outside a VM_IO window (locked) - with ``large_folio`` (Linux 6.5+ rules) each such vma
+    whose ptes map part of a THP counts once for it too (its mlock walk counted it once)."""
     for vma in mm.vmas:
+        in_locked_vma: set[PageRef] = set()
         for pte in (await pt_read(store, mm.key, vma.start, vma.end)).values():
             ref = (pte.lv, pte.idx)
             if pte.bits & PTEBit.ZERO:
                 continue
             if pte.is_subpage:  # a pte mapping of a THP subpage: never counted (§3.9)
                 pte_maps[ref] += 1
+                if large_folio and (vma.flags & (VM.LOCKED | VM.IO)) == VM.LOCKED:
+                    in_locked_vma.add(ref)
                 continue
             if pte.is_pmd and pte.vpn % PTRS_PER_PMD:
                 continue  # one pmd mapping, reported for each of its 512 pages
             mapcounts[ref] += 1
             if (vma.flags & (VM.LOCKED | VM.IO)) == VM.LOCKED:
                 locked[ref] += 1
+        locked.update(in_locked_vma)
 
 
 async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> CheckReport:
@@ -128,7 +135,8 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
         if quiescent and mm.geti("alive") and mm.geti("locked_vm") != mm.locked_pages_total:  # Q7
             v.append(f"Q7 pid {pid}: locked_vm {mm.geti('locked_vm')} != "
                      f"{mm.locked_pages_total} pages in VM_LOCKED vmas")
-        await count_mappings(store, mm, mapcounts, pte_maps, locked_maps)
+        await count_mappings(store, mm, mapcounts, pte_maps, locked_maps,
+                             large_folio_rules(m))
 
     # A1 / A3 per lruvec (one zone per node: nr_mlock summed per node).
     mlock_by_node: Counter[int] = Counter()

@@ -28,6 +28,7 @@ from mmsvc.mm.rmap import (
     page_add_rmap_ops,
     page_remove_rmap_ops,
     pte_unmap_ops,
+    zap_ops,
 )
 from mmsvc.mm.swap import FastFault, InstallAfter, Op, OutOfFrames, Swap, rebase_ops
 from mmsvc.mm.swapfile import (
@@ -931,10 +932,10 @@ async def zap_range(
     removed = [p for p in removed if not p.is_swap]
     rmap = Programs.empty()
     puts = Programs.empty()
-    for p in removed:
-        if p.bits & PTEBit.ZERO:
-            continue
-        rmap.add(p.lv, *pte_unmap_ops(m, vma, p))  # §3.4.1 (a pmd: compound)
+    real = sorted((p for p in removed if not p.bits & PTEBit.ZERO), key=lambda p: p.vpn)
+    for lv, ops in zap_ops(m, vma, real):  # §3.4.1 (a pmd: compound)
+        rmap.add(lv, *ops)
+    for p in real:
         puts.add(p.lv, ["P", p.idx])
     await rmap.execute(swap, m)
     await puts.execute(swap, m)

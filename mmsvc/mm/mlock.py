@@ -16,8 +16,9 @@ from mmsvc.mm.errors import KernelError, einval
 from mmsvc.mm.legacy import Legacy
 from mmsvc.mm.machine import Machine, new_id
 from mmsvc.mm.memory import Faults, Programs, split_huge_pmds_around
-from mmsvc.mm.mm_struct import MmState, pt_walk, save
-from mmsvc.mm.page import PTRS_PER_PMD, PTEBit
+from mmsvc.mm.mm_struct import MmState, Pte, pt_walk, save
+from mmsvc.mm.page import PTRS_PER_PMD, SUBPAGE_SHIFT, PTEBit
+from mmsvc.mm.rmap import large_folio_rules, subpage_runs
 from mmsvc.mm.swap import MASS_WALK, Swap
 from mmsvc.mm.types import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, MLOCK_ONFAULT, PAGE_SHIFT
 from mmsvc.mm.vma import VM, VM_LOCKED_MASK, VM_SPECIAL, Vma
@@ -153,9 +154,13 @@ class Mlock:
 
     async def _walk_vma(self, m: Machine, mm: MmState, vma: Vma, lock: bool) -> None:
         zero = int(PTEBit.ZERO)  # an int: IntFlag arithmetic per pte is slow
+        large = large_folio_rules(m)
         async for ptes in pt_walk(self.store, mm.key, vma.start, vma.end, WALK_CHUNK):
             progs = Programs.empty()
             seen_pmds: set[int] = set()
+            if large:
+                sub = [ptes.pop(v) for v in sorted(ptes) if ptes[v].is_subpage]
+                self._walk_pte_mapped_thps(vma, lock, sub, progs)
             for vpn in sorted(ptes):
                 p = ptes[vpn]
                 if p.bits & zero or p.is_subpage:
@@ -170,6 +175,22 @@ class Mlock:
                                  vma.file if vma.file else -1])
             await progs.execute(self.swap, m)
         await self.swap.lru_add_drain(m)
+
+    @staticmethod
+    def _walk_pte_mapped_thps(vma: Vma, lock: bool, ptes: list[Pte], progs: Programs) -> None:
+        """``large_folio_mlock`` (Linux 6.5+ mlock_pte_range with folio_mlock_step and
+        allow_mlock_munlock): a THP mapped by ptes is mlocked once when one run of
+        consecutive ptes inside this (VM_LOCKED) vma maps all its pages; a munlock walk
+        munlocks it once per run, however much of it the run maps."""
+        for run in subpage_runs(ptes):
+            first = run[0]
+            number = first.bits >> SUBPAGE_SHIFT
+            index = vma.linear_index(first.vpn - number)  # the head's: walk_target checks it
+            target = vma.file if vma.file else -1
+            if not lock:
+                progs.add(first.lv, ["K", first.idx, index, target])
+            elif number == 0 and len(run) == PTRS_PER_PMD:
+                progs.add(first.lv, ["L", first.idx, index, target])
 
     async def finish_walk(self, m: Machine, mm: MmState, dead_cpu: int) -> bool:
         """Finish the mlock/munlock walk a dead CPU left (mmap_lock held for write): an mlock

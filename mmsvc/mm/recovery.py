@@ -37,6 +37,7 @@ from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs
 from mmsvc.mm.mm_struct import Pte, load_mm, pt_install
 from mmsvc.mm.page import PG, SUBPAGE_SHIFT, Page, PTEBit
+from mmsvc.mm.rmap import large_folio_rules
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.swapfile import swap_info
 from mmsvc.store import keys
@@ -117,7 +118,7 @@ async def reconcile(store: RedisStore, swap: Swap, m: Machine) -> Counter[str]:
             else:
                 fixed["marker_dropped"] += not await pt_install(
                     store, mm.key, [Pte(vpn, 0, 0, 0)], {vpn: marker})
-        await count_mappings(store, mm, mapcounts, pte_maps, locked)
+        await count_mappings(store, mm, mapcounts, pte_maps, locked, large_folio_rules(m))
 
     # Page caches: reservations of dead faults, entries naming pages that are gone.
     cache: set[PageRef] = set()

@@ -16,7 +16,7 @@ from mmsvc.locks import Locks
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_install, pt_read, vma_at
-from mmsvc.mm.page import PG, Page, PTEBit
+from mmsvc.mm.page import PG, PTRS_PER_PMD, SUBPAGE_SHIFT, Page, PTEBit
 from mmsvc.mm.swap import Op, Swap
 from mmsvc.mm.types import FinalClearance, MigrationDrain, MunlockHookPosition
 from mmsvc.mm.vma import VM, VM_SPECIAL, Vma
@@ -271,12 +271,56 @@ def page_remove_rmap_ops(m: Machine, vma: Vma, ref: int) -> list[list[int | str]
     return [*remove, ["K", ref]]
 
 
+def large_folio_rules(m: Machine) -> bool:
+    """Linux 6.5+'s large-folio mlock rules (machine setting ``large_folio_mlock``)."""
+    return m.cfg.large_folio_mlock and not _legacy(m)
+
+
 def pte_unmap_ops(m: Machine, vma: Vma, pte: Pte) -> list[list[int | str]]:
     """page_remove_rmap for whatever the pte maps: a THP subpage's pte mapping is never
-    counted (§3.9); a pmd mapping or a small page goes through the hook."""
+    counted (§3.9) - with ``large_folio_mlock`` its removal from a VM_LOCKED vma munlocks
+    the THP (Linux 6.5+ __folio_remove_rmap: munlock_vma_folio at every level); a pmd
+    mapping or a small page goes through the hook."""
     if pte.is_subpage:
+        if large_folio_rules(m) and munlock_filter(vma):
+            return [["u", pte.idx], ["K", pte.idx]]
         return [["u", pte.idx]]
     return page_remove_rmap_ops(m, vma, pte.idx)
+
+
+def subpage_runs(ptes: list[Pte]) -> list[list[Pte]]:
+    """The ptes (ascending vpn) cut into runs: consecutive ptes mapping consecutive subpages
+    of one THP within one page table (folio_pte_batch, folio_mlock_step) - or one pte
+    alone (a small page, a pmd, the zero page)."""
+    runs: list[list[Pte]] = []
+    for p in ptes:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and p.is_subpage and last.is_subpage
+                and (p.lv, p.idx) == (last.lv, last.idx) and p.vpn == last.vpn + 1
+                and p.bits >> SUBPAGE_SHIFT == (last.bits >> SUBPAGE_SHIFT) + 1
+                and p.vpn // PTRS_PER_PMD == last.vpn // PTRS_PER_PMD):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
+def zap_ops(m: Machine, vma: Vma, ptes: list[Pte]) -> list[tuple[int, list[list[int | str]]]]:
+    """zap_pte_range's page_remove_rmap calls for removed ptes (ascending vpn): per lruvec,
+    the ops of each; a run of one THP's subpage ptes is one folio_remove_rmap_ptes, so with
+    ``large_folio_mlock`` it munlocks once, after the run (not per pte: a THP two VM_LOCKED
+    vmas mlocked stays mlocked when one of them goes)."""
+    out: list[tuple[int, list[list[int | str]]]] = []
+    for run in subpage_runs(ptes):
+        head = run[0]
+        if head.is_subpage:
+            ops: list[list[int | str]] = [["u", p.idx] for p in run]
+            if large_folio_rules(m) and munlock_filter(vma):
+                ops.append(["K", head.idx])
+            out.append((head.lv, ops))
+        else:
+            out.append((head.lv, pte_unmap_ops(m, vma, head)))
+    return out
 
 
 def new_anon_ops(m: Machine, vma: Vma, ref: int) -> list[list[int | str]]:

@@ -35,7 +35,7 @@ from mmsvc.mm.machine import FileInfo, Machine, refresh_files
 from mmsvc.mm.memory import Programs, read_pages, split_huge_pmd, zap_range
 from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_install, pt_read
 from mmsvc.mm.page import PG, PTRS_PER_PMD, Page, PTEBit
-from mmsvc.mm.rmap import Rmap, pte_unmap_ops, try_to_unmap_ignore_mlock, vma_now
+from mmsvc.mm.rmap import Rmap, try_to_unmap_ignore_mlock, vma_now, zap_ops
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.swapfile import free_swap_and_cache
 from mmsvc.mm.vma import Vma
@@ -139,6 +139,7 @@ class Truncate:
         page_remove_rmap (+ munlock, §3.4) and put the mapping's reference."""
         rmap, puts = Programs.empty(), Programs.empty()
         done = 0
+        gone: dict[tuple[str, int], tuple[Vma, list[Pte]]] = {}  # per address space and vma
         for mm_key, vma, pte in maps:
             if pte.is_pmd:  # a file THP's pmd (zap_huge_pmd)
                 done += await self.pmds.zap_pmd(m, await vma_now(self.store, mm_key, pte.vpn,
@@ -148,8 +149,11 @@ class Truncate:
                 continue  # zapped meanwhile (munmap, reclaim): theirs
             done += 1
             vma = await vma_now(self.store, mm_key, pte.vpn, vma)
-            rmap.add(pte.lv, *pte_unmap_ops(m, vma, pte))
+            gone.setdefault((mm_key, vma.id), (vma, []))[1].append(pte)
             puts.add(pte.lv, ["P", pte.idx])
+        for vma, ptes in gone.values():
+            for lv, ops in zap_ops(m, vma, sorted(ptes, key=lambda p: p.vpn)):
+                rmap.add(lv, *ops)
         await rmap.execute(self.swap, m)
         await puts.execute(self.swap, m)
         return done

@@ -126,6 +126,11 @@ class MachineConfig:
     # THP enabled=always: an anonymous write fault on an empty aligned pmd allocates a THP;
     # off: enabled=madvise with no MADV_HUGEPAGE - small pages, THPs only by MADV_COLLAPSE
     thp_anon_fault: bool = True
+    # Linux 6.5+'s large-folio mlock rules (off: the rework's §3.9, pte maps never counted):
+    # mlock_pte_range mlocks a pte-mapped THP wholly inside the VM_LOCKED vma once, every
+    # pte removal from a VM_LOCKED vma munlocks it (once per run of ptes), reclaim mlocks a
+    # THP wholly pte-mapped in a VM_LOCKED vma instead of splitting it
+    large_folio_mlock: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,15 @@ from mmsvc.mm.huge_memory import HugeMemory
 from mmsvc.mm.legacy import mlock_under_ptl
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import Programs, read_pages
-from mmsvc.mm.mm_struct import Pte
-from mmsvc.mm.page import LRU, PG, Page
+from mmsvc.mm.mm_struct import Pte, pt_read
+from mmsvc.mm.page import LRU, PG, SUBPAGE_SHIFT, Page
 from mmsvc.mm.rmap import (
     TTU_DONE,
     TTU_RACED,
     TTU_STOPPED,
     Mapping,
     Rmap,
+    large_folio_rules,
     mlock_filter,
     pte_unmap_ops,
     set_pte_reading_vma,
@@ -145,6 +146,11 @@ class Vmscan:
             # thp_pte_holds_in_locked_vma (the [open] alternative: a pte map holds the THP)
             holds = str(m.cfg.protocol) == "legacy" or m.cfg.thp_pte_holds_in_locked_vma
             locked = [mp for mp in maps if mp.vma.locked and (not mp.pte.is_subpage or holds)]
+            if large_folio_rules(m) and not locked:
+                # Linux 6.5+ folio_referenced_one: a large folio wholly mapped by the ptes
+                # of a VM_LOCKED vma is mlocked there (a partly mapped one is not)
+                locked = [mp for mp in maps if mp.vma.locked and mp.pte.is_subpage
+                          and await self._wholly_pte_mapped(mp, page)]
             if locked and str(m.cfg.protocol) == "legacy":
                 # §9.7: page_referenced_one reports VM_LOCKED -> PAGEREF_RECLAIM; then
                 # try_to_unmap_one mlocks the page (locked by reclaim) and fails the unmap.
@@ -155,7 +161,8 @@ class Vmscan:
                 # §5.2.1 page_referenced_one: "restore the mlock which got missed" - not
                 # through a pte mapping of a THP (never mlocked, §3.9): then the THP is only
                 # held, activated unsplit and unmlocked (thp_pte_holds_in_locked_vma)
-                mp = next((x for x in locked if not x.pte.is_subpage), None)
+                mp = next((x for x in locked if not x.pte.is_subpage
+                           or large_folio_rules(m)), None)
                 if mp is None:
                     return ACTIVATE
                 if mlock_filter(mp.vma):
@@ -241,6 +248,16 @@ class Vmscan:
                 await self.store.fcall("pc_delete", keys.file(m.mid, page.mapping),
                                        page.index, f"{lv}|{idx}")
             return RECLAIM
+
+    async def _wholly_pte_mapped(self, mp: Mapping, page: Page) -> bool:
+        """Do consecutive ptes of mp's vma map every page of THP ``page``, in order?"""
+        first = mp.pte.vpn - (mp.pte.bits >> SUBPAGE_SHIFT)
+        if first < mp.vma.start or first + page.nr_pages > mp.vma.end:
+            return False
+        ptes = await pt_read(self.store, mp.mm_key, first, first + page.nr_pages)
+        return all((p := ptes.get(first + i)) is not None and p.is_subpage
+                   and (p.lv, p.idx) == (mp.pte.lv, mp.pte.idx)
+                   and p.bits >> SUBPAGE_SHIFT == i for i in range(page.nr_pages))
 
     async def _split(self, m: Machine, lv: int, idx: int, page: Page,
                      tails: list[int]) -> tuple[Page, list[Mapping]] | None:

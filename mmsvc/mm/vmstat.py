@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
+from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import read_pages
-from mmsvc.mm.mm_struct import MmState, Pte, pt_read
-from mmsvc.mm.page import LRU, LRU_NAMES, PG, VMSTAT_EVENTS, Page, PTEBit
+from mmsvc.mm.mm_struct import MmState, Pte, load_mm, pt_read
+from mmsvc.mm.page import (
+    LRU,
+    LRU_NAMES,
+    PG,
+    PTRS_PER_PMD,
+    SUBPAGE_SHIFT,
+    VMSTAT_EVENTS,
+    Page,
+    PTEBit,
+)
+from mmsvc.mm.rmap import candidate_pids
 from mmsvc.mm.swapfile import nr_swap_pages, swap_info
 from mmsvc.mm.types import PageInfo, ProcStatus, SmapsEntry
 from mmsvc.mm.vma import VM, Vma, vm_flag_names
@@ -122,19 +134,55 @@ async def page_flags(store: RedisStore, m: Machine, mm: MmState, start: int,
 
 async def smaps(store: RedisStore, m: Machine, mm: MmState) -> list[SmapsEntry]:
     out = []
+    subpage_maps: dict[tuple[int, int], Counter[int]] = {}
     for vma in mm.vmas:
-        _ptes, pages = await _ptes_and_pages(store, m, mm, vma.start, vma.end)
+        ptes, pages = await _ptes_and_pages(store, m, mm, vma.start, vma.end)
         rss = 0
         pss_locked = 0
         for vpn, page in pages.items():
-            del vpn
             rss += 4096
             if vma.flags & VM.LOCKED:
-                mapcount = max(page.mapcount, 1)
-                pss_locked += (4096 << PSS_SHIFT) // mapcount
+                mapcount = page.mapcount
+                if page.has(PG.HEAD):
+                    # folio_precise_page_mapcount: the THP's pmd mappings + this subpage's
+                    # own ptes (in any address space)
+                    pte = ptes[vpn]
+                    ref = (pte.lv, pte.idx)
+                    if ref not in subpage_maps:
+                        subpage_maps[ref] = await _subpage_pte_maps(store, m, ref, page)
+                    number = vpn - pte.pmd * PTRS_PER_PMD if pte.is_pmd else \
+                        pte.bits >> SUBPAGE_SHIFT
+                    mapcount += subpage_maps[ref][number]
+                pss_locked += (4096 << PSS_SHIFT) // max(mapcount, 1)
         out.append(SmapsEntry(vma.start << 12, vma.end << 12, vma.pages * 4, rss // 1024,
                               pss_locked >> (10 + PSS_SHIFT), vm_flag_names(vma.flags)))
     return out
+
+
+async def _subpage_pte_maps(store: RedisStore, m: Machine, ref: tuple[int, int],
+                            head: Page) -> Counter[int]:
+    """The ptes that map each subpage of THP ``ref``, over every address space its rmap
+    reaches (each subpage's own _mapcount; the pmd mappings are the head's mapcount)."""
+    counts: Counter[int] = Counter()
+    if not head.pte_mapcount:
+        return counts
+    for pid in await candidate_pids(store, m, head):
+        try:
+            other = await load_mm(store, m, pid)
+        except KernelError:
+            continue  # exited
+        for vma in other.vmas:
+            if not (vma.may_map_anon(head.mapping) if head.has(PG.ANON)
+                    else vma.file == head.mapping):
+                continue
+            base = vma.start + (head.index - vma.pgoff)
+            lo, hi = max(base, vma.start), min(base + head.nr_pages, vma.end)
+            if lo >= hi:
+                continue
+            for p in (await pt_read(store, other.key, lo, hi)).values():
+                if p.is_subpage and (p.lv, p.idx) == ref:
+                    counts[p.bits >> SUBPAGE_SHIFT] += 1
+    return counts
 
 
 def proc_status(mm: MmState, rss_pages: int) -> ProcStatus:

@@ -70,6 +70,7 @@ TUNABLES_FROM_PB: dict[str, dict[int, object]] = {
     "new_anon_checks_vm_special": _SWITCH,
     "thp_pte_holds_in_locked_vma": _SWITCH,
     "thp_anon_fault": _SWITCH,
+    "large_folio_mlock": _SWITCH,
 }
 
 

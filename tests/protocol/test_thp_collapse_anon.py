@@ -15,7 +15,7 @@ from mmsvc.mm.errors import KernelError
 from mmsvc.mm.types import MAP_ANONYMOUS, MAP_PRIVATE, Advice, MmapArgs
 from mmsvc.store import keys
 from tests.protocol.test_thp import HINT, HPAGE
-from tests.protocol.world import P, World
+from tests.protocol.world import P, World, sub
 
 COLLAPSE = Advice.MADV_COLLAPSE
 # THPs only by MADV_COLLAPSE (as on a host with THP enabled=madvise)
@@ -144,3 +144,79 @@ def test_legacy_has_no_madv_collapse(run: Any) -> None:
         assert exc.value.errno == "EINVAL"
 
     run(s, **CFG, protocol="legacy")
+
+
+# ----------------------------------------------------------- large_folio_mlock (6.5+) -----
+FOLIO = {**CFG, "large_folio_mlock": True, "swap_pages": 1024}
+
+
+async def pte_mapped_thp(w: World, pid: int) -> None:
+    """A THP (MADV_COLLAPSE) whose pmd an mlock of half of it split: mapped by 512 ptes."""
+    await anon_map(w, pid, "m")
+    await w.touch(pid, "m")
+    await w.kernel.madvise(w.mid, pid, *w.rng(pid, "m"), COLLAPSE)
+    await w.mlock(pid, "m", 0, HPAGE // 2)
+    await w.munlock(pid, "m", 0, HPAGE // 2)
+    assert not await huge_pmd(w, pid)
+
+
+def test_a_zap_of_a_run_of_ptes_munlocks_the_thp_once(run: Any) -> None:
+    """Two VM_LOCKED vmas (a process and its fork child) each mlock a pte-mapped THP: its
+    mlock_count is 2.  The child's munmap removes 512 ptes in one run: one munlock
+    (folio_remove_rmap_ptes), the THP stays mlocked for the parent; the parent's munmap
+    then munlocks it."""
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await pte_mapped_thp(w, p)
+        c = await w.kernel.fork(w.mid, p)
+        w.maps[(c, "m")] = w.maps[(p, "m")]
+        for pid in (p, c):
+            # read-only first: the mlock's populate of a writable private mapping would
+            # break COW and give each process its own small copies
+            await w.kernel.mprotect(w.mid, pid, *w.rng(pid, "m"), 1)
+            await w.mlock(pid, "m")
+        await w.drain_all()
+        page = (await w.pages(p, "m"))[0]
+        assert (page.mlocked, page.mlock_count) == (True, 2)
+        assert sub(await w.delta(), mlocked=HPAGE, culled=HPAGE) == {
+            "mlocked": HPAGE, "culled": HPAGE}
+        await w.munmap(c, "m")
+        await w.drain_all()
+        page = (await w.pages(p, "m"))[0]
+        assert (page.mlocked, page.mlock_count) == (True, 1)
+        assert sub(await w.delta(), munlocked=0) == {"munlocked": 0}
+        await w.munmap(p, "m")
+        await w.drain_all()
+        assert sub(await w.delta(), munlocked=HPAGE, nr_mlock=0) == {
+            "munlocked": HPAGE, "nr_mlock": 0}
+
+    run(s, **FOLIO)
+
+
+@pytest.mark.parametrize("folio", [False, True])
+def test_reclaim_of_a_wholly_pte_mapped_thp_in_a_locked_vma(run: Any, folio: bool) -> None:
+    """A missed mlock (VM_LOCKED stored, no walk) over a pte-mapped THP: with Linux 6.5+'s
+    rules folio_referenced_one mlocks the THP, wholly mapped in the VM_LOCKED vma (culled
+    and mlocked 512, not split); under §3.9 a pte mapping reports nothing and reclaim splits
+    the THP (S18)."""
+    from tests.protocol.test_swap import miss_mlock
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await pte_mapped_thp(w, p)
+        await w.drain_all()
+        await miss_mlock(w, p, "m")
+        res = await w.kernel.reclaim(w.mid, None, None, 16)
+        await w.drain_all()
+        pages = await w.pages(p, "m")
+        if folio:
+            assert (res.reclaimed, res.culled) == (0, HPAGE)
+            assert all(pg.mlocked for pg in pages) and len({pg.pfn for pg in pages}) == 1
+            assert sub(await w.delta(), mlocked=HPAGE) == {"mlocked": HPAGE}
+        else:
+            # split, each small page then found in the VM_LOCKED vma and mlocked (S18)
+            assert len({pg.pfn for pg in pages if pg.present}) == HPAGE
+            assert res.culled == HPAGE and all(pg.mlocked for pg in pages)
+
+    run(s, **{**FOLIO, "large_folio_mlock": folio})

@@ -399,6 +399,7 @@ def test_mlock_batch_scope_mass_only_still_batches_the_walk(run: Any) -> None:
     {"new_anon_checks_vm_special": "no"},
     {"thp_pte_holds_in_locked_vma": "yes"},
     {"thp_anon_fault": "no"},
+    {"large_folio_mlock": 1},
 ])
 def test_unknown_tunable_values_are_einval(protocol_redis: EmbeddedRedis,
                                            bad: dict[str, object]) -> None:
@@ -429,7 +430,8 @@ def test_tunables_survive_the_store_and_the_proto(protocol_redis: EmbeddedRedis)
                         final_clearance=FinalClearance.MAPCOUNT_ZERO,
                         munlock_hook_position=MunlockHookPosition.START,
                         stat_refresh_drains_all=True, new_anon_checks_vm_special=False,
-                        thp_pte_holds_in_locked_vma=True, thp_anon_fault=False)
+                        thp_pte_holds_in_locked_vma=True, thp_anon_fault=False,
+                        large_folio_mlock=True)
     assert convert.machine_config_from_pb(convert.machine_config_to_pb(cfg)) == cfg
     assert convert.machine_config_from_pb(tpb.MachineConfig()) == MachineConfig()
     with pytest.raises(validate.ValidationError):
