@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--profile", choices=("seed", "linux-6.18"), default="seed",
         help="kernel behaviour to emulate: the seed-era rework (batches of 15, populate does "
-             "not drain) or Linux 6.18 (batches of 31, populate drains); default %(default)s",
+             "not drain) or Linux 6.18 (batches of 31, populate drains, large-folio mlock "
+             "rules); default %(default)s",
     )
     replay.add_argument(
         "--set", dest="settings", type=_machine_setting, action="append", default=[],
