@@ -24,6 +24,7 @@ from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap, pte_ar
 from mmsvc.mm.page import PG, PTRS_PER_PMD, Page, PTEBit
 from mmsvc.mm.rmap import (
     anon_vma_add,
+    large_folio_rules,
     new_anon_ops,
     page_add_rmap_ops,
     page_remove_rmap_ops,
@@ -888,7 +889,8 @@ async def split_huge_pmd(store: RedisStore, swap: Swap, m: Machine, mm: MmState 
     """__split_huge_pmd_locked (§3.4.3): the THP's pmd mapping becomes 512 pte mappings of its
     subpages, which are never counted; removing the pmd mapping is "effectively
     page_remove_rmap(page, vma, true)", so a VM_LOCKED vma munlocks the THP (an immediate
-    flush: a THP head).  A file THP's pmd just goes (FilePmd.zap_pmd): no ptes replace it.
+    flush: a THP head) - not with ``large_folio_mlock`` (Linux 6.5+).  A file THP's pmd just
+    goes (FilePmd.zap_pmd): no ptes replace it.
     ``mm``: the address space, or its key (rmap walkers hold no MmState)."""
     mm_key = mm if isinstance(mm, str) else mm.key
     if not vma.is_anon:
@@ -903,7 +905,13 @@ async def split_huge_pmd(store: RedisStore, swap: Swap, m: Machine, mm: MmState 
         return False
     idx, lv = int(res[0]), int(res[1])
     ops: list[Op] = [["m", idx] for _ in range(PTRS_PER_PMD)]
-    ops += [*page_remove_rmap_ops(m, vma, idx), ["P", idx]]
+    remove = page_remove_rmap_ops(m, vma, idx)
+    if large_folio_rules(m):
+        # Linux 6.5+: the mapping moves from the pmd to the ptes without a munlock - the THP
+        # stays mlocked until its ptes go or a munlock walk meets them (the host kernel
+        # keeps an mlocked THP mlocked through an mprotect of part of it)
+        remove = [op for op in remove if op[0] != "K"]
+    ops += [*remove, ["P", idx]]
     await Programs([(lv, ops)]).execute(swap, m)
     return True
 
