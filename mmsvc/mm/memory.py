@@ -21,7 +21,7 @@ from mmsvc.mm.errors import KernelError
 from mmsvc.mm.filemap import FilePmd, Slot, drop_reservations, map_ops, parse_slot, slot_bits
 from mmsvc.mm.machine import FileInfo, Machine, new_id, refresh_files
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read, pt_zap, pte_args
-from mmsvc.mm.page import PG, PTRS_PER_PMD, Page, PTEBit
+from mmsvc.mm.page import PG, PTRS_PER_PMD, SUBPAGE_SHIFT, Page, PTEBit
 from mmsvc.mm.rmap import (
     anon_vma_add,
     large_folio_rules,
@@ -282,8 +282,9 @@ class Faults:
         self, m: Machine, mm: MmState, vma: Vma, start: int, end: int, ptes: dict[int, Pte]
     ) -> tuple[int, dict[int, Pte]]:
         """do_huge_pmd_anonymous_page for each empty, aligned pmd of the VMA that the write
-        fault touches; a write to a write-protected huge pmd (after fork) splits it and falls
-        back to pte COW, as 5.17's do_huge_pmd_wp_page does.  Returns the ptes to go on with."""
+        fault touches; a write to a write-protected huge pmd (after fork) reuses the THP if
+        nothing else references it, else splits the pmd and falls back to pte COW
+        (do_huge_pmd_wp_page).  Returns the ptes to go on with."""
         done = 0
         first, last = start // PTRS_PER_PMD, (end - 1) // PTRS_PER_PMD
         by_pmd = ptes_by_pmd(ptes)
@@ -291,7 +292,8 @@ class Faults:
             base = pmd * PTRS_PER_PMD
             in_pmd = by_pmd.get(pmd, [])
             if in_pmd and in_pmd[0].is_pmd and not in_pmd[0].bits & PTEBit.WRITE:
-                await split_huge_pmd(self.store, self.swap, m, mm, vma, pmd)
+                if not await self._reuse_huge_pmd(m, mm, pmd, in_pmd[0]):
+                    await split_huge_pmd(self.store, self.swap, m, mm, vma, pmd)
                 continue
             if (in_pmd or base < vma.start or base + PTRS_PER_PMD > vma.end
                     or not m.cfg.thp_anon_fault):  # enabled=madvise: no THP at fault
@@ -315,6 +317,47 @@ class Faults:
         return done, ptes
 
 
+    async def _exclusive_thps(self, m: Machine, mm: MmState, wp: list[Pte],
+                              records: dict[int, Page]) -> set[tuple[int, int]]:
+        """Linux 6.18's wp_can_reuse_anon_folio for a large folio (``large_folio_mlock``:
+        the 6.5+ large-folio rules): a write to a read-only pte of a THP subpage reuses it
+        when this address space alone maps the THP, by more than one mapping, and nothing
+        else holds a reference (large mapcount == refcount); under the rework (5.18) a THP
+        subpage is always copied."""
+        out: set[tuple[int, int]] = set()
+        if not large_folio_rules(m):
+            return out
+        seen: set[tuple[int, int]] = set()
+        for pte in wp:
+            ref = (pte.lv, pte.idx)
+            if not pte.is_subpage or ref in seen:
+                continue
+            seen.add(ref)
+            page = records[pte.vpn]
+            total = page.mapcount + page.pte_mapcount
+            if (total <= 1 or page.refcount != total or not page.has(PG.ANON)
+                    or page.has(PG.SWAPCACHE)):
+                continue
+            first = pte.vpn - (pte.bits >> SUBPAGE_SHIFT)
+            mine = sum(1 for p in (await pt_read(self.store, mm.key, first,
+                                                 first + page.nr_pages)).values()
+                       if p.is_subpage and (p.lv, p.idx) == ref)
+            if mine == total:
+                out.add(ref)
+        return out
+
+    async def _reuse_huge_pmd(self, m: Machine, mm: MmState, pmd: int, pte: Pte) -> bool:
+        """do_huge_pmd_wp_page's reuse: a THP whose only reference is this pmd's mapping (the
+        fork relative that shared it has COWed its copy or gone) is made writable in place -
+        the host kernel then mlocks it by the mlock walk instead of copying 512 pages."""
+        page = (await read_pages(self.store, m, [(pte.lv, pte.idx)]))[0]
+        if page.refcount != 1 or page.has(PG.SWAPCACHE) or page.has(PG.KSM):
+            return False  # unlock_fallback
+        bits = int(pte.bits & ~PTEBit.PMD)
+        writable = bits | int(PTEBit.WRITE | PTEBit.DIRTY)
+        return bool(int(await self.store.fcall("pmd_install", mm.key, pmd, pte.idx, pte.lv,
+                                               writable, pte.idx, pte.lv, bits)))
+
     # -------------------------------------------------------------- anonymous private -----
     async def _anon(
         self, m: Machine, mm: MmState, vma: Vma, start: int, end: int, write: bool,
@@ -334,6 +377,7 @@ class Faults:
             await read_pages(self.store, m, [(p.lv, p.idx) for p in to_check]),
             strict=True,
         ))
+        exclusive_thps = await self._exclusive_thps(m, mm, to_check, records)
         spans: list[tuple[int, int]] = []  # each install's ops in progs
         reuse_at: list[int] = []  # progs position of each wp_reuse
         for vpn in range(start, end):
@@ -351,8 +395,9 @@ class Faults:
             if cur is not None and not cur.bits & zero:
                 page = records[vpn]
                 # a KSM page is never reused: do_wp_page copies it (mm/ksm.py, COW break)
-                if (page.mapcount == 1 and page.refcount == 1 and page.has(PG.ANON)
-                        and not page.has(PG.KSM) and not cur.is_subpage):
+                if ((page.mapcount == 1 and page.refcount == 1 and page.has(PG.ANON)
+                        and not page.has(PG.KSM) and not cur.is_subpage)
+                        or (cur.lv, cur.idx) in exclusive_thps):
                     wp_reuse.append(cur)  # do_wp_page: reuse the only reference
                     reuse_at.append(begin)
                     continue
