@@ -1332,7 +1332,7 @@ class Fuzzer:
                               name="fuzz-legacy"),
             tpb.MachineConfig(nodes=2, frames_per_node=8192, memcgs=["root", "a"], thp=True,
                               swap_pages=2048, mlock_batch_len=4, populate_drain=True,
-                              name="fuzz-numa"),
+                              large_folio_mlock=tpb.SWITCH_ON, name="fuzz-numa"),
             tpb.MachineConfig(frames_per_node=4096, mlock_batch_len=1, lru_add_batch_len=1,
                               swap_pages=512, name="fuzz-sync"),
         ]
