@@ -8,8 +8,9 @@ shrink_folio_list for each isolated page:
 * otherwise try_to_unmap; a clean regular-file page then leaves the page cache and is freed.
 * an anonymous page, with swap space (``swap_pages``): add_to_swap, try_to_unmap puts a swap
   entry in each pte, pageout writes it, and it leaves the swap cache and is freed
-  (mm/swapfile.py).  Without swap space (none, or all slots taken) anonymous pages are kept and
-  the anon lists are not even scanned, as Linux does.
+  (mm/swapfile.py).  Without swap space (none, or all slots taken) the anon lists are not
+  even scanned, as Linux does; a page MADV_PAGEOUT hands over fails add_to_swap and is
+  activated (a THP is split first, "fallback to swap normal pages").
 * a shmem page (tmpfs, SysV shm: on the anon lists) is unmapped, then shmem_writeout moves
   it from the page cache to the swap cache - its slot in the page cache names the swap entry
   - and it is written and freed; with no swap slot left it is redirtied and activated.
@@ -192,7 +193,8 @@ class Vmscan:
             if page.has(PG.SWAPBACKED) and page.has(PG.ANON):
                 slot, predup = await self._add_to_swap(m, lv, idx, page, len(maps))
                 if not slot:
-                    return KEEP  # add_to_swap fails (no swap space) before any unmap
+                    # add_to_swap fails (no swap space) before any unmap: activate_locked_split
+                    return ACTIVATE
             # what follows the unmap runs in the same page program (one round trip): the
             # freeze of __remove_mapping - pageout is synchronous here, nothing happens to
             # the page in between - and for a page that goes without writing, its freeing.
@@ -268,14 +270,17 @@ class Vmscan:
         reclaim_locked_activate off): the head as the small page it became, with its
         mappings, or None (not split).  The caller holds the rmap lock."""
         if page.has(PG.ANON):
-            if not m.cfg.swap_pages:
-                return None
+            # with no swap at all too: folio_alloc_swap fails, "Fallback to swap normal
+            # pages" splits it (MADV_PAGEOUT reaches here without swap; the host kernel
+            # splits such a THP), and each subpage then fails alike and is activated
             split = await self.huge.split_huge_page(m, lv, idx)
         else:
             split = await self.huge.split_file_thp(m, lv, idx)
         if split is None:
             return None
-        tails += split
+        # __split_huge_page queues the tails from the last one down (list_add_tail for
+        # i = nr - 1 .. 1): reclaim meets them, and puts them back, in that order
+        tails += reversed(split)
         page = (await read_pages(self.store, m, [(lv, idx)]))[0]
         return page, await self.rmap.mappings(m, lv, idx, page)
 

@@ -185,7 +185,9 @@ def test_without_swap_anon_pages_stay_and_nothing_changes(run: Any) -> None:
         assert present(await w.pages(p, "m")) == [True] * 4  # add_to_swap fails: kept
         await w.drain()  # putback went through the lru_add batch
         vm = await w.kernel.vmstat(w.mid)
-        assert "pswpout" not in vm and (await w.delta())["inactive_anon"] == 4
+        # activate_locked_split: the pages go back to the active list
+        assert "pswpout" not in vm and (await w.delta())["inactive_anon"] == 0
+        assert [pg.lru_list for pg in await w.pages(p, "m")] == ["active_anon"] * 4
         assert (await w.kernel.meminfo(w.mid))["SwapTotal"] == 0
 
     run(s)
