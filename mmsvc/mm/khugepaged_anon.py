@@ -110,38 +110,54 @@ class AnonCollapse:
         return res.allocs[0]
 
     async def _isolate(self, m: Machine, small: list[Pte]) -> None:
-        """__collapse_huge_page_isolate: lock, reference check and isolation of each small
-        page, in address order; on a failure the pages taken are released."""
+        """__collapse_huge_page_isolate, phase by phase for all the small pages (one page
+        program per lruvec per phase; Linux goes page by page - the counts are the same,
+        only a failure leaves fewer pages touched here): lock each (SCAN_PAGE_LOCK), check
+        that its references are its mappings' (+ the swap cache's, SCAN_PAGE_COUNT), isolate
+        it (SCAN_DEL_PAGE_LRU); on a failure the pages taken are released."""
         records = await read_pages(self.store, m, [(p.lv, p.idx) for p in small])
-        taken: list[tuple[Pte, bool]] = []  # locked, and isolated?
+        if any(not page.has(PG.ANON) or page.has(PG.KSM) for page in records):
+            raise einval("MADV_COLLAPSE: not an anonymous page (SCAN_PAGE_ANON)")
+        by_lv: dict[int, list[Pte]] = {}
+        for pte in small:
+            by_lv.setdefault(pte.lv, []).append(pte)
+        locked: list[Pte] = []
+        isolated: set[tuple[int, int]] = set()
         try:
-            for pte, page in zip(small, records, strict=True):
-                if not page.has(PG.ANON) or page.has(PG.KSM):
-                    raise einval("MADV_COLLAPSE: not an anonymous page (SCAN_PAGE_ANON)")
-                if (await self.swap.run(m, pte.lv, [["O", pte.idx]])).failed:
-                    raise KernelError("EAGAIN", "MADV_COLLAPSE: a page of the range is "
-                                                "locked (SCAN_PAGE_LOCK)")
-                taken.append((pte, False))
-                page = (await read_pages(self.store, m, [(pte.lv, pte.idx)]))[0]
-                if page.refcount != page.mapcount + (1 if page.has(PG.SWAPCACHE) else 0):
-                    raise KernelError("EAGAIN", "MADV_COLLAPSE: a page of the range has "
-                                                "references beyond its mappings "
-                                                "(SCAN_PAGE_COUNT)")
-                if not (await self.swap.run(m, pte.lv, [["I", pte.idx]])).isolated:
-                    raise KernelError("EAGAIN", "MADV_COLLAPSE: a page of the range is not "
-                                                "on an LRU (SCAN_DEL_PAGE_LRU)")
-                taken[-1] = (pte, True)
+            busy = 0
+            for lv, ptes in by_lv.items():
+                failed = set((await self.swap.run(m, lv, [["O", p.idx] for p in ptes])).failed)
+                locked += [p for p in ptes if p.idx not in failed]
+                busy += len(failed)
+            if busy:
+                raise KernelError("EAGAIN", "MADV_COLLAPSE: a page of the range is locked "
+                                            "(SCAN_PAGE_LOCK)")
+            pages = await read_pages(self.store, m, [(p.lv, p.idx) for p in small])
+            if any(page.refcount != page.mapcount + (1 if page.has(PG.SWAPCACHE) else 0)
+                   for page in pages):
+                raise KernelError("EAGAIN", "MADV_COLLAPSE: a page of the range has "
+                                            "references beyond its mappings (SCAN_PAGE_COUNT)")
+            for lv, ptes in by_lv.items():
+                res = await self.swap.run(m, lv, [["I", p.idx] for p in ptes])
+                isolated |= {(lv, i) for i in res.isolated}
+            if len(isolated) != len(small):
+                raise KernelError("EAGAIN", "MADV_COLLAPSE: a page of the range is not on an "
+                                            "LRU (SCAN_DEL_PAGE_LRU)")
         except BaseException:
-            await self._release(m, taken)
+            await self._release(m, locked, isolated)
             raise
 
-    async def _release(self, m: Machine, taken: list[tuple[Pte, bool]]) -> None:
+    async def _release(self, m: Machine, locked: list[Pte],
+                       isolated: set[tuple[int, int]]) -> None:
         """release_pte_pages: each page taken unlocked and, if isolated, put back."""
-        for pte, isolated in taken:
-            ops: list[Op] = [["F", pte.idx, 0, int(PG.LOCKED)]]
-            if isolated:
+        by_lv: dict[int, list[Op]] = {}
+        for pte in locked:
+            ops = by_lv.setdefault(pte.lv, [])
+            ops.append(["F", pte.idx, 0, int(PG.LOCKED)])
+            if (pte.lv, pte.idx) in isolated:
                 ops.append(["B", pte.idx, 0])
-            await self.swap.run(m, pte.lv, ops)
+        for lv, ops in by_lv.items():
+            await self.swap.run(m, lv, ops)
 
     async def _copy_succeeded(self, m: Machine, mm: MmState, vma: Vma,
                               ptes: dict[int, Pte]) -> None:
