@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from mmsvc.locks import Held, Locks
 from mmsvc.mm import machine as machines
@@ -97,6 +98,17 @@ def touched_range(addr: int, length: int) -> tuple[int, int]:
 QUIESCE_TRY_SECONDS = 2.0  # Check(drain_all): all-or-none tries before queueing in pid order
 
 
+@dataclass
+class CheckGate:
+    """The quiescent checks of one machine on this CPU: one at a time; ``started`` numbers
+    them, ``done`` is the last one finished and ``report`` its answer."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    started: int = 0
+    done: int = 0
+    report: CheckReport | None = None
+
+
 class Kernel:
     """One CPU of the emulated machines; all state is in the store."""
 
@@ -130,6 +142,7 @@ class Kernel:
         self._seen: dict[tuple[str, int], MmState] = {}
         self.swap.direct_reclaim = self._direct_reclaim
         self._machines: dict[str, Machine] = {}
+        self._checks: dict[str, CheckGate] = {}  # quiescent checks, coalesced per machine
 
     async def cpu_online(self) -> None:
         """Join the machine's CPUs (a lease in the store; dead CPUs get taken offline)."""
@@ -713,6 +726,20 @@ class Kernel:
         m = await self._machine_fresh(machine)
         if not drain_all:
             return await check_machine(self.store, m, quiescent=False)
+        # Checks that arrive while one runs share the next one: it starts after all of them
+        # arrived, so its report answers each (N waiting checks cost two, not N quiesces)
+        gate = self._checks.setdefault(m.mid, CheckGate())
+        arrived = gate.started
+        async with gate.lock:
+            if gate.done > arrived and gate.report is not None:
+                return gate.report
+            gate.started += 1
+            mine = gate.started
+            report = await self._check_quiescent(m)
+            gate.done, gate.report = mine, report
+            return report
+
+    async def _check_quiescent(self, m: Machine) -> CheckReport:
         pids = sorted(int(p) for p in
                       await self.store.client.smembers(f"{keys.machine(m.mid)}:procs"))
         held = await self._quiesce(m, pids)

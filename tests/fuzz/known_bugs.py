@@ -55,7 +55,12 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
                 "showed the 6-12 s calls (Reclaim, Mmap, Exit) inside their store round "
                 "trips, not queued on a lock: calls of hundreds of round trips each (reclaim "
                 "reads rmap and vmas per page) on an event loop shared by 32 calls - slow "
-                "rather than stuck; fewer round trips per page would cure it",
+                "rather than stuck; fewer round trips per page would cure it.  Session 7: "
+                "reclaim went from 15 to 9 round trips per page and anonymous MADV_COLLAPSE "
+                "from ~1,500 per pmd to ~10; a run (seed 2030) still ended with drain_all "
+                "Checks of the synchronous machine queued one behind another (each "
+                "quiesces the whole machine for 2-3 s, ten in flight): concurrent Checks "
+                "now share the next one instead of each quiescing the machine",
         regression="",
         category="hang",
     ),

@@ -135,3 +135,32 @@ def test_mlock_with_a_hole_in_the_middle_applies_up_to_the_hole_like_linux(run: 
         assert await w.locked_vm(p) == 2
 
     run(s)
+
+
+def test_concurrent_quiescent_checks_share_the_next_one(run: Any, monkeypatch: Any) -> None:
+    """Checks with drain_all that arrive while one runs are answered by the next one (it
+    starts after all of them arrived): ten concurrent checks quiesce the machine twice."""
+    import asyncio
+
+    from mmsvc.mm.syscalls import Kernel
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await w.mmap(p, "m", 4)
+        await w.touch(p, "m")
+        runs: list[int] = []
+        real = Kernel._check_quiescent
+
+        async def counted(self: Any, m: Any) -> Any:
+            runs.append(1)
+            await asyncio.sleep(0.05)  # long enough for the others to arrive meanwhile
+            return await real(self, m)
+
+        monkeypatch.setattr(Kernel, "_check_quiescent", counted)
+        reports = await asyncio.gather(*(w.kernel.check(w.mid, True) for _ in range(10)))
+        assert all(r.ok and r.quiescent for r in reports)
+        assert len(runs) == 2
+        await w.kernel.check(w.mid, True)  # a check arriving later runs its own
+        assert len(runs) == 3
+
+    run(s)
