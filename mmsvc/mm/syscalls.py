@@ -203,6 +203,7 @@ class Kernel:
     async def delete_machine(self, machine: str) -> None:
         await machines.delete_machine(self.store, machine)
         self._machines.pop(machine, None)
+        self._checks.pop(machine, None)
 
     async def machine_config(self, machine: str) -> MachineConfig:
         return (await self.machine(machine)).cfg
