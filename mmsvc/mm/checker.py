@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mmsvc.mm.filemap import cached_pages
+from mmsvc.mm.filemap import page_cache
 from mmsvc.mm.gup import pin_refs
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.mm_struct import MmState, load_mm, pt_read
@@ -110,12 +110,15 @@ async def check_machine(store: RedisStore, m: Machine, *, quiescent: bool) -> Ch
     # References each page must hold: mappings, page cache, batch entries (A6).
     batch_refs, _lru_pending = await batch_entries(store, m)
     pins = await pin_refs(store, m)  # GUP pins' references (mm/gup.py)
-    # swap slots vs swap ptes, the swap cache's pages (S1-S3, mm/swapfile.py)
-    swapcache = await check_swap(store, m, live, v) if m.cfg.swap_pages else set()
+    caches = {f: await page_cache(store, m, f.fid) for f in list(m.files.values())}
+    # swap slots vs swap ptes and shmem entries, the swap cache's pages (S1-S3, swapfile.py)
+    shmem_entries = [e for _, swapped in caches.values() for e in swapped]
+    swapcache = (await check_swap(store, m, live, v, shmem_entries) if m.cfg.swap_pages
+                 else set())
     pending = sum(batch_refs.values())
     cache_refs: set[PageRef] = set()
-    for f in list(m.files.values()):
-        for index, slot in (await cached_pages(store, m, f.fid)).items():
+    for f, (slots, _) in caches.items():
+        for index, slot in slots.items():
             cache_refs.add(slot.ref)  # a file THP holds one reference for all its slots
             cp = pages.get(slot.ref)
             if slot.is_thp and (cp is None or not cp.has(PG.HEAD) or cp.index != slot.base

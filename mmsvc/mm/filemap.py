@@ -86,13 +86,23 @@ def swap_entry(raw: str | bytes) -> int | None:
 
 async def cached_pages(store: RedisStore, m: Machine, fid: int) -> dict[int, Slot]:
     """Every filled slot of a file's page cache, by index."""
+    return (await page_cache(store, m, fid))[0]
+
+
+async def page_cache(store: RedisStore, m: Machine,
+                     fid: int) -> tuple[dict[int, Slot], list[int]]:
+    """A file's page cache in one read: its filled slots by index, and the swap slots its
+    swapped-out shmem pages' entries name."""
     raw = await store.client.hgetall(f"{keys.file(m.mid, fid)}:pc")
     out: dict[int, Slot] = {}
+    swapped: list[int] = []
     for k, v in raw.items():
         slot = parse_slot(v)
         if slot is not None:
             out[int(text(k))] = slot
-    return out
+        elif (entry := swap_entry(v)) is not None:
+            swapped.append(entry)
+    return out, swapped
 
 
 async def drop_reservations(store: RedisStore, fkey: str, owner: str,

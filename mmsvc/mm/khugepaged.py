@@ -102,10 +102,7 @@ class Khugepaged:
         collapsed; the last failure's errno is returned once the others were tried."""
         if not m.cfg.thp:
             raise einval("MADV_COLLAPSE: transparent hugepages are off on this machine")
-        if vma.is_anon:
-            await self._collapse_anon(m, mm, vma, start, end)
-            return
-        if not m.file_by_id(vma.file).shmem and vma.flags & VM.WRITE:
+        if not vma.is_anon and not m.file_by_id(vma.file).shmem and vma.flags & VM.WRITE:
             # CONFIG_READ_ONLY_THP_FOR_FS: a regular file collapses only while nobody has it
             # open for writing - approximated here by a mapping without PROT_WRITE
             raise einval("MADV_COLLAPSE of a regular file through a writable mapping")
@@ -117,39 +114,24 @@ class Khugepaged:
         await self.drain_all(m)
         failure: KernelError | None = None
         for pmd in range(first, last):
-            index = pmd_suitable(vma, pmd)
-            if index is None:
+            # anonymous memory: collapse_huge_page (khugepaged_anon.py); a file: collapse_file
+            # of the aligned range the pmd maps, then its pmd maps the THP at once
+            index = None if vma.is_anon else pmd_suitable(vma, pmd)
+            if index is None and not vma.is_anon:
                 raise einval("MADV_COLLAPSE: the mapping is not THP-aligned in its file")
             try:
-                await self.collapse_file(m, vma.file, index, mm.lv)
+                if index is None:
+                    await self.anon.collapse(m, mm, vma, pmd)
+                else:
+                    await self.collapse_file(m, vma.file, index, mm.lv)
             except KernelError as exc:
+                if index is None and exc.errno == "ENOMEM":
+                    raise  # SCAN_ALLOC_HUGE_PAGE_FAIL ends an anonymous collapse
                 failure = exc
                 continue
-            await self.retract_page_tables(m, vma.file, index)
-            await self.pmds.map_pmd(m, mm, vma, pmd, write=False)
-        if failure is not None:
-            raise failure
-
-    async def _collapse_anon(self, m: Machine, mm: MmState, vma: Vma, start: int,
-                             end: int) -> None:
-        """collapse_huge_page for each aligned 2 MiB of [start, end) (khugepaged_anon.py),
-        after lru_add_drain_all(); a failure is remembered and the next pmd tried, except an
-        allocation failure (SCAN_ALLOC_HUGE_PAGE_FAIL ends the call: ENOMEM)."""
-        if vma.shared:
-            raise einval("MADV_COLLAPSE of a shared anonymous mapping")  # pragma: no cover
-        first, last = -(-start // PTRS_PER_PMD), end // PTRS_PER_PMD
-        if first >= last:
-            return
-        await self.swap.lru_add_drain(m)
-        await self.drain_all(m)
-        failure: KernelError | None = None
-        for pmd in range(first, last):
-            try:
-                await self.anon.collapse(m, mm, vma, pmd)
-            except KernelError as exc:
-                if exc.errno == "ENOMEM":
-                    raise
-                failure = exc
+            if index is not None:
+                await self.retract_page_tables(m, vma.file, index)
+                await self.pmds.map_pmd(m, mm, vma, pmd, write=False)
         if failure is not None:
             raise failure
 

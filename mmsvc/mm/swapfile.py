@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from mmsvc.mm.filemap import swap_entry
 from mmsvc.mm.machine import Machine
 from mmsvc.mm.mm_struct import Pte, load_mm, pt_install
 from mmsvc.mm.page import PG, Page, PTEBit
@@ -193,23 +192,12 @@ async def swap_info(store: RedisStore, m: Machine) -> SwapInfo:
                     h.get("pswpout", 0), slots, cached)
 
 
-async def shmem_swap_entries(store: RedisStore, m: Machine) -> list[int]:
-    """The swap slots that page caches name (swapped-out shmem pages, being read back or
-    not): each holds one count of its slot, as a swap pte does."""
-    out: list[int] = []
-    for f in list(m.files.values()):  # the registry may be refreshed meanwhile
-        for raw in (await store.client.hgetall(f"{keys.file(m.mid, f.fid)}:pc")).values():
-            slot = swap_entry(raw)
-            if slot is not None:
-                out.append(slot)
-    return out
-
-
 async def check_swap(store: RedisStore, m: Machine, live: dict[PageRef, Page],
-                     v: list[str]) -> set[PageRef]:
+                     v: list[str], shmem_entries: list[int]) -> set[PageRef]:
     """§8.5 for the swap area (S1-S3); returns the pages the swap cache holds (one reference
-    each, A6).  S1: every slot's count is the number of swap ptes naming it, and every swap pte
-    names an allocated slot; S2: the swap cache and PG_swapcache agree; S3: slots in use never
+    each, A6).  S1: every slot's count is the number of swap ptes naming it (and page cache
+    entries of swapped-out shmem pages: ``shmem_entries``), and every swap pte names an
+    allocated slot; S2: the swap cache and PG_swapcache agree; S3: slots in use never
     exceed swap_pages."""
     info = await swap_info(store, m)
     ptes: Counter[int] = Counter()
@@ -218,7 +206,7 @@ async def check_swap(store: RedisStore, m: Machine, live: dict[PageRef, Page],
         mm = await load_mm(store, m, pid, allow_dead=True)
         for vma in mm.vmas:
             ptes.update((await swap_ptes(store, mm.key, vma.start, vma.end)).values())
-    ptes.update(await shmem_swap_entries(store, m))  # a swapped-out shmem page's entry
+    ptes.update(shmem_entries)
     for slot in sorted(ptes.keys() | info.counts.keys()):
         if ptes[slot] != info.counts.get(slot, 0) or slot not in info.counts:
             v.append(f"S1 swap slot {slot}: count {info.counts.get(slot, 'free')} != "

@@ -77,13 +77,10 @@ register_once('swap_free', function(keys, args) return swap_free_impl(keys[1], a
 -- then the page cache's swap entry freed (swap_free: the slot goes when nothing else names
 -- it).  Returns what swap_free returns.
 register_once('swap_read', function(keys, args)
-  for _, slot in ipairs(args) do
-    if tonumber(redis.call('HGET', keys[1] .. ':map', slot) or '0') < 1 then
-      return redis.error_reply('EINVAL swap slot ' .. slot .. ' is not allocated')
-    end
-  end
+  local out = swap_free_impl(keys[1], args)  -- validates every slot before it writes
+  if out.err then return out end
   redis.call('HINCRBY', keys[1], 'pswpin', #args)
-  return swap_free_impl(keys[1], args)
+  return out
 end)
 
 -- swap_cache_add(K; slot, ref) -> the swap cache's page for slot: ref when added now (the
