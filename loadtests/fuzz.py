@@ -1127,10 +1127,12 @@ class ServerProcess:
     """``mmsvc serve`` as a child process, logging JSON to a file."""
 
     def __init__(self, redis_url: str, log_path: Path, workers: int = 1,
-                 log_level: str = "warning") -> None:
+                 log_level: str = "warning", cpus_per_worker: int = 2) -> None:
         self.redis_url = redis_url
         self.log_path = log_path
         self.workers = workers
+        # two CPUs per worker: the machines with task_migrate_permille move tasks between them
+        self.cpus_per_worker = cpus_per_worker
         self.log_level = log_level
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -1145,6 +1147,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mmsvc.cli.main", "serve", "--listen", self.target,
              "--redis", self.redis_url, "--workers", str(self.workers),
+             "--cpus-per-worker", str(self.cpus_per_worker),
              "--log-format", "json", "--log-level", self.log_level],
             stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -1327,12 +1330,14 @@ class Fuzzer:
 
     async def setup(self) -> None:
         configs = [
-            tpb.MachineConfig(frames_per_node=8192, name="fuzz-rework"),
+            tpb.MachineConfig(frames_per_node=8192, task_migrate_permille=300,
+                              name="fuzz-rework"),
             tpb.MachineConfig(frames_per_node=8192, protocol=tpb.PROTOCOL_LEGACY,
                               name="fuzz-legacy"),
             tpb.MachineConfig(nodes=2, frames_per_node=8192, memcgs=["root", "a"], thp=True,
                               swap_pages=2048, mlock_batch_len=4, populate_drain=True,
-                              large_folio_mlock=tpb.SWITCH_ON, name="fuzz-numa"),
+                              large_folio_mlock=tpb.SWITCH_ON, task_migrate_permille=100,
+                              name="fuzz-numa"),
             tpb.MachineConfig(frames_per_node=4096, mlock_batch_len=1, lru_add_batch_len=1,
                               swap_pages=512, name="fuzz-sync"),
         ]

@@ -11,7 +11,9 @@ exit latency and lock_stat (i_mmap_rwsem read holds, page locks, lruvec lock con
     MMSVC_PROTOCOL=legacy locust -f loadtests/locustfile.py --headless ... (same)
 
 Environment: MMSVC_PROTOCOL (rework|legacy), MMSVC_FILE_PAGES (default 64), MMSVC_BATCH
-(mlock batch length, default 15). At the end the machine's lock_stat and vmstat are printed
+(mlock batch length, default 15), MMSVC_TASK_MIGRATE_PERMILLE (default 0: with a server run
+with --cpus-per-worker K > 1, the probability that a task moves between the worker's CPUs at a
+reschedule point, spec §10.1). At the end the machine's lock_stat and vmstat are printed
 and the checker is run (drained); the machine is deleted.
 Locust's master/worker mode (--master / --worker) spreads users over several processes.
 """
@@ -46,6 +48,7 @@ PAGE = 4096
 FILE_PAGES = int(os.environ.get("MMSVC_FILE_PAGES", "64"))
 PROTOCOL = os.environ.get("MMSVC_PROTOCOL", "rework")
 BATCH = int(os.environ.get("MMSVC_BATCH", "15"))
+TASK_MIGRATE_PERMILLE = int(os.environ.get("MMSVC_TASK_MIGRATE_PERMILLE", "0"))
 STATE: dict[str, Any] = {}
 
 
@@ -57,7 +60,8 @@ def _target(host: str | None) -> str:
 def _create_machine(environment: Environment, **_: Any) -> None:
     with MmsvcClient(_target(environment.host)) as k:
         cfg = MachineConfig(protocol=Protocol(PROTOCOL), mlock_batch_len=BATCH,
-                            lru_add_batch_len=BATCH, name=f"locust-{PROTOCOL}")
+                            lru_add_batch_len=BATCH, name=f"locust-{PROTOCOL}",
+                            task_migrate_permille=TASK_MIGRATE_PERMILLE)
         mid = k.create_machine(cfg)
         k.create_file(mid, FileSpec("shared", FILE_PAGES, prefill=True))
         STATE["machine"] = mid

@@ -116,13 +116,15 @@ class DurableRedis:
 
 @dataclass
 class Worker:
-    """``mmsvc serve --workers 1 --cpu-base CPU``: one emulated CPU in its own process."""
+    """``mmsvc serve --workers 1 --cpu-base CPU``: one emulated CPU in its own process (or
+    ``cpus`` of them)."""
 
     cpu: int
     redis_url: str
     port: int
     log_path: Path
     lease_ms: int = 1500
+    cpus: int = 1  # CPUs of the worker: cpu .. cpu+cpus-1 (--cpus-per-worker)
     proc: subprocess.Popen[bytes] | None = None
     _log: Any = None
 
@@ -135,7 +137,8 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mmsvc.cli.main", "serve", "--workers", "1",
              "--cpu-base", str(self.cpu), "--listen", self.target, "--redis", self.redis_url,
-             "--cpu-lease-ms", str(self.lease_ms), "--log-format", "json",
+             "--cpu-lease-ms", str(self.lease_ms), "--cpus-per-worker", str(self.cpus),
+             "--log-format", "json",
              "--log-level", "info"],
             stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})

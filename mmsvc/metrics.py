@@ -201,6 +201,12 @@ class ServerMetrics:
             "mmsvc_worker_cpu", "The emulated CPU this worker process is", registry=self.registry
         )
         self.worker.set(cpu)
+        self.task_migrations = Counter(
+            "mmsvc_task_migrations",
+            "Moves of tasks between this worker's CPUs at reschedule points (spec 10.1)",
+            registry=self.registry,
+        )
+        self._migrations_seen = 0
         self.kernel_stats = KernelStatsCollector()
         self.registry.register(self.kernel_stats)
 
@@ -235,6 +241,10 @@ class ServerMetrics:
 
     async def export_from_kernel(self, kernel: KernelAPI) -> None:
         """Pull vmstat, meminfo and lock_stat of every machine from ``kernel`` once."""
+        moved = getattr(kernel, "task_migrations", None)  # a worker of several CPUs
+        if isinstance(moved, int) and moved > self._migrations_seen:
+            self.task_migrations.inc(moved - self._migrations_seen)
+            self._migrations_seen = moved
         machines = await kernel.list_machines()
         for gone in self.kernel_stats.machines() - set(machines):
             self.forget_machine(gone)

@@ -62,9 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
              "(default %(default)s)",
     )
     serve.add_argument(
+        "--cpus-per-worker", type=_positive_int, default=1, metavar="K",
+        help="emulated CPUs per worker process; a task moves between them at reschedule "
+             "points with the machine's task_migrate_permille (default %(default)s)",
+    )
+    serve.add_argument(
         "--cpu-base", type=_nonnegative_int, default=0, metavar="B",
-        help="worker i is CPU B+i: give each host of a shared store its own range "
-             "(default %(default)s)",
+        help="worker i runs CPUs B+i*K .. B+i*K+K-1: give each host of a shared store its "
+             "own range (default %(default)s)",
     )
     serve.add_argument(
         "--cpu-lease-ms", type=_positive_int, default=None, metavar="MS",
@@ -260,7 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The URL (password included) reaches the workers through the spawn pipe, never argv.
         configs = worker_configs(
             url, args.listen, args.workers, args.metrics_port, args.log_format, args.log_level,
-            cpu_base=args.cpu_base, security=security,
+            cpu_base=args.cpu_base, security=security, cpus_per_worker=args.cpus_per_worker,
         )
         if args.workers == 1:
             worker_main(configs[0])

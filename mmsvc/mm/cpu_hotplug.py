@@ -129,11 +129,16 @@ async def stop_machine(store: RedisStore, cpu: int, gate: StopGate, *, dead: int
                        timeout: float) -> AsyncIterator[bool]:
     """stop_machine(): every live CPU finishes its syscalls in flight and holds new ones
     (they ack through their beat); yields True once all did, False if some did not in time
-    (or another CPU is stopping the machine) - then nothing may be repaired."""
+    (or another CPU's stop did not end in time) - then nothing may be repaired."""
     token = uuid.uuid4().hex[:12]
-    if not await store.client.set(STOP_KEY, token, nx=True, px=int(timeout * 2000)):
-        yield False
-        return
+    # Another CPU stopping the machine (it takes another dead CPU offline: a worker of
+    # several CPUs dies with all of them) goes first; this CPU acks it meanwhile.
+    queued_until = time.monotonic() + timeout
+    while not await store.client.set(STOP_KEY, token, nx=True, px=int(timeout * 2000)):
+        if time.monotonic() > queued_until:
+            yield False
+            return
+        await asyncio.sleep(0.05)
     acks = f"{STOP_KEY}:acks:{token}"
     try:
         await gate.stop()
@@ -195,7 +200,7 @@ async def take_cpu_offline(store: RedisStore, cpu: int, *, lease_ms: int = 30_00
             rep.machines += 1
             dead = Swap(store, Locks(store, cpu))
             if dead.pending(m) or await _has_batches(store, m, cpu):
-                await dead.lru_add_drain(m)  # run by from_cpu, on the dead CPU's behalf
+                await dead.lru_add_drain_cpu(m)  # run by from_cpu, on the dead CPU's behalf
                 rep.batches_drained += 1
             await _mark_offline(store, m, cpu, True)
             touched.append(mid)

@@ -85,6 +85,8 @@ def validate_config(cfg: MachineConfig) -> None:
         raise einval("fault_around_pages must be a power of two")
     if cfg.hpage_pmd_nr != 512:
         raise einval("hpage_pmd_nr must be 512 (x86-64 with 4 KiB pages)")
+    if not 0 <= cfg.task_migrate_permille <= 1000:
+        raise einval("task_migrate_permille must be 0..1000")
     validate_tunables(cfg)
 
 

@@ -122,6 +122,9 @@ class Migrate:
             await self.swap.run(m, lv, [*page_remove_rmap_ops(m, vma, idx), ["P", idx]])
             if mode == MigrationDrain.AFTER_EACH_LOCKED_UNMAP and vma.locked:
                 await self.swap.lru_add_drain(m)  # mlock_drain_local() (11/13)
+            # the rmap walk sleeps on its locks, not under a PTL: between two unmaps the task
+            # may be moved, which is why 11/13 drains after each one (S14, §10.1)
+            await self.swap.cond_resched(m)
         if mode == MigrationDrain.RMAP_WALK_LEVEL:
             await self.swap.lru_add_drain(m)  # "at the upper rmap_walk() level" (§4.1)
         return done

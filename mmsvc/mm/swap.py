@@ -21,7 +21,9 @@ from mmsvc.locks import Locks
 from mmsvc.logging import get_logger
 from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine, reserve_frames
+from mmsvc.mm.sched import TASK, RunQueues
 from mmsvc.mm.types import MlockBatchScope, MlockCountInitCull, MlockCountInitLruAdd
+from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
 
 Op = list[Any]  # a page-program op, see mm_pages in lua/memory.lua
@@ -119,16 +121,75 @@ class OutOfFrames(KernelError):
 DirectReclaim = Callable[[Machine, int, int], Awaitable[int]]
 
 
+@dataclass
+class _WorkerCpus:
+    """What the CPUs of one worker process share: each other, the run queues their tasks
+    move on, and lru_cache_disable()'s count (global in Linux)."""
+
+    swaps: dict[int, Swap] = field(default_factory=dict)
+    runqueues: RunQueues | None = None
+    lru_cache_disabled: int = 0
+
+
 class Swap:
-    """The batches of one CPU on every machine it serves."""
+    """The batches of one CPU on every machine it serves.
+
+    The CPU whose batches a call uses is the one the running task is on (sched.TASK): a
+    task moved at a reschedule point of its syscall goes on with another CPU of this worker
+    (its Swap, ``here()``), whichever kernel object runs the syscall's code."""
 
     def __init__(self, store: RedisStore, locks: Locks) -> None:
         self.store = store
         self.locks = locks
         self.cpu = locks.cpu
         self._batches: dict[str, CpuBatches] = {}
-        self.lru_cache_disabled = 0
+        self._worker = _WorkerCpus(swaps={self.cpu: self})
         self.direct_reclaim: DirectReclaim | None = None
+
+    # --------------------------------------------------------------- this worker's CPUs --
+    def join(self, runqueues: RunQueues, first: Swap | None = None) -> None:
+        """Make this CPU one of a worker's CPUs (``first``: one already in; None: the first)."""
+        if first is not None:
+            self._worker = first._worker
+        self._worker.runqueues = runqueues
+        self._worker.swaps[self.cpu] = self
+        runqueues.add(self.cpu)
+
+    def runqueues(self) -> RunQueues | None:
+        return self._worker.runqueues
+
+    def sibling(self, cpu: int) -> Swap | None:
+        """The Swap of another CPU of this worker process, if it is one."""
+        return self._worker.swaps.get(cpu)
+
+    def sibling_cpus(self) -> list[int]:
+        return sorted(self._worker.swaps)
+
+    def here(self) -> Swap:
+        """The Swap of the CPU the running task is on (this one unless it was moved)."""
+        task = TASK.get()
+        if task is None or task.cpu == self.cpu:
+            return self
+        return self._worker.swaps.get(task.cpu, self)
+
+    async def cond_resched(self, m: Machine) -> None:
+        """A reschedule point (§10.1): with the machine's ``task_migrate_permille`` the task
+        moves to another CPU of this worker and its next page operations queue there.  The
+        CPU joins the machine first, so that lru_add_drain_all() reaches its batches."""
+        rq = self._worker.runqueues
+        task = TASK.get()
+        if rq is None or task is None or not rq.moves(m.cfg.task_migrate_permille):
+            return
+        cpu = rq.move(task)
+        await self.store.client.sadd(f"{keys.machine(m.mid)}:cpus", cpu)
+
+    @property
+    def lru_cache_disabled(self) -> int:
+        return self._worker.lru_cache_disabled
+
+    @lru_cache_disabled.setter
+    def lru_cache_disabled(self, value: int) -> None:
+        self._worker.lru_cache_disabled = value
 
     def batches(self, m: Machine) -> CpuBatches:
         b = self._batches.get(m.mid)
@@ -173,6 +234,9 @@ class Swap:
         """Run a page program on lruvec lv from this CPU, flushing batches where needed.
         With ``install``, the first store call also sets the ptes if the program completes in
         it (``installed`` of the result); otherwise the caller installs them itself."""
+        cpu = self.here()
+        if cpu is not self:
+            return await cpu.run(m, lv, ops, install)
         b = self.batches(m)
         out = ProgramResult()
         total = len(ops)
@@ -296,7 +360,11 @@ class Swap:
         return freed
 
     async def lru_add_drain(self, m: Machine) -> None:
-        """lru_add_drain(): this CPU's lru_add batch first, the mlock batch last (§2.1.5)."""
+        """lru_add_drain(): the running task's CPU's batches (§2.1.5)."""
+        await self.here().lru_add_drain_cpu(m)
+
+    async def lru_add_drain_cpu(self, m: Machine) -> None:
+        """lru_add_drain_cpu(): this CPU's lru_add batch first, the mlock batch last."""
         b = self.batches(m)
         async with b.lock:
             await self._load(m, b)

@@ -54,6 +54,7 @@ from mmsvc.mm.mmap import Mmap, aligned_range
 from mmsvc.mm.page import PG, PTEBit
 from mmsvc.mm.recovery import reconcile
 from mmsvc.mm.rmap import Rmap
+from mmsvc.mm.sched import RunQueues
 from mmsvc.mm.shm import SHM_LOCK, SHM_UNLOCK, Shm, caller_credentials
 from mmsvc.mm.swap import Swap
 from mmsvc.mm.truncate import Truncate, check_size
@@ -112,11 +113,16 @@ class CheckGate:
 class Kernel:
     """One CPU of the emulated machines; all state is in the store."""
 
-    def __init__(self, store: RedisStore, cpu: int) -> None:
+    def __init__(self, store: RedisStore, cpu: int, *, runqueues: RunQueues | None = None,
+                 sibling: Kernel | None = None) -> None:
+        """``runqueues``: this CPU is one of a worker's CPUs (mm/sched.py), joined to
+        ``sibling``'s (None: the worker's first)."""
         self.store = store
         self.cpu = cpu
         self.locks = Locks(store, cpu)
         self.swap = Swap(store, self.locks)
+        if runqueues is not None:
+            self.swap.join(runqueues, sibling.swap if sibling is not None else None)
         self.faults = Faults(store, self.swap)
         self.rmap = Rmap(store, self.locks)
         self.legacy = Legacy(store, self.swap, self.locks, self.rmap)
@@ -187,7 +193,8 @@ class Kernel:
         m = self._machines.get(mid)
         if m is None:
             m = self._machines[mid] = await machines.load_machine(self.store, mid)
-            await self.store.client.sadd(f"{keys.machine(mid)}:cpus", self.cpu)
+            # with this worker's other CPUs: a task placed here may move to one of them
+            await self.store.client.sadd(f"{keys.machine(mid)}:cpus", *self.swap.sibling_cpus())
         return m
 
     async def _machine_fresh(self, mid: str) -> Machine:
@@ -202,6 +209,10 @@ class Kernel:
 
     async def delete_machine(self, machine: str) -> None:
         await machines.delete_machine(self.store, machine)
+        self.forget_machine(machine)
+
+    def forget_machine(self, machine: str) -> None:
+        """Drop what this CPU cached of a deleted machine."""
         self._machines.pop(machine, None)
         self._checks.pop(machine, None)
 
@@ -216,9 +227,10 @@ class Kernel:
         if spec.prefill and spec.pages > MAX_POPULATE_PAGES:
             raise einval(too_many_pages(spec.pages, "prefill"))
         m = await self._machine_fresh(machine)
-        info = await machines.create_file(self.store, m, spec)
-        if spec.prefill:
-            await self._prefill(m, info.fid, info.pages, info.shmem)
+        async with self._machine_op(m):
+            info = await machines.create_file(self.store, m, spec)
+            if spec.prefill:
+                await self._prefill(m, info.fid, info.pages, info.shmem)
 
     async def _prefill(self, m: Machine, fid: int, pages: int, shmem: bool) -> None:
         """write(2) of every page: page cache pages via the lru_add batch, then drained."""
@@ -502,6 +514,7 @@ class Kernel:
                 await self.swap.lru_add_drain(m)
                 await self.drain_all(m)
                 for lv, idx in pages:
+                    await self.swap.cond_resched(m)  # migrate_pages' cond_resched (§10.1)
                     _, memcg = m.lv_identity(lv)
                     target = m.lv_of(node, memcg)
                     if target == lv:
@@ -527,14 +540,26 @@ class Kernel:
         if memcg is not None and memcg not in m.cfg.memcgs:
             raise einval(f"no memcg {memcg!r}")
         total = ShrinkStats()
-        for (n, cg), lv in sorted(m.lruvecs.items(), key=lambda kv: kv[1]):
-            if (node is None or n == node) and (memcg is None or cg == memcg):
-                st = await self.vmscan.shrink_lruvec(m, lv, nr_pages)
-                total.scanned += st.scanned
-                total.reclaimed += st.reclaimed
-                total.culled += st.culled
-                await release_reserve(self.store, m, lv)
+        async with self._machine_op(m):
+            for (n, cg), lv in sorted(m.lruvecs.items(), key=lambda kv: kv[1]):
+                if (node is None or n == node) and (memcg is None or cg == memcg):
+                    st = await self.vmscan.shrink_lruvec(m, lv, nr_pages)
+                    total.scanned += st.scanned
+                    total.reclaimed += st.reclaimed
+                    total.culled += st.culled
+                    await release_reserve(self.store, m, lv)
         return ReclaimResult(total.scanned, total.reclaimed, total.culled)
+
+    @asynccontextmanager
+    async def _machine_op(self, m: Machine) -> AsyncIterator[None]:
+        """A memory operation that takes no mmap_lock (Reclaim, truncation, hole punch, a
+        prefilled file) holds the machine's quiesce lock shared; a quiescent Check takes it
+        exclusively before the mmap_locks, so it never sees one half done (the checker's
+        invariants assume nothing in progress, §8.5: a reclaim in flight has locked pages
+        and swap slots not yet in a pte).  Direct reclaim does not take it: it runs inside
+        a syscall holding an mmap_lock that the Check waits for."""
+        async with self.locks.hold(f"{keys.machine(m.mid)}:quiesce", "r"):
+            yield
 
     async def _direct_reclaim(self, m: Machine, lv: int, need: int) -> int:
         """An allocation found its node empty: reclaim from the node's lruvecs (§5)."""
@@ -554,7 +579,8 @@ class Kernel:
         m = await self._machine_fresh(machine)
         f = self._file_named(m, file)
         check_size(m, size_pages, "size")
-        await self.truncator.ftruncate(m, f, size_pages)
+        async with self._machine_op(m):
+            await self.truncator.ftruncate(m, f, size_pages)
 
     async def punch_hole(self, machine: str, file: str, offset_pages: int, pages: int) -> None:
         """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of pages [offset, +pages)."""
@@ -562,7 +588,8 @@ class Kernel:
         f = self._file_named(m, file)
         if offset_pages < 0 or pages <= 0:
             raise einval("offset must be >= 0 and length > 0")  # fallocate(2) EINVAL
-        await self.truncator.punch_hole(m, f, offset_pages, pages)
+        async with self._machine_op(m):
+            await self.truncator.punch_hole(m, f, offset_pages, pages)
 
     @staticmethod
     def _file_named(m: Machine, name: str) -> machines.FileInfo:
@@ -659,9 +686,11 @@ class Kernel:
         """lru_add_drain_all(): other CPUs' batches are drained from the store, as the kernel
         drains an offline CPU's pagevecs from another CPU."""
         cpus = {int(c) for c in await self.store.client.smembers(f"{keys.machine(m.mid)}:cpus")}
-        for cpu in sorted(cpus - {self.cpu}):
-            other = Swap(self.store, Locks(self.store, cpu))
-            await other.lru_add_drain(m)
+        for cpu in sorted(cpus - {self.swap.here().cpu}):  # not the one the caller drained
+            # a CPU of this worker with its own Swap (its batch mirror and lock), another
+            # worker's from the store
+            other = self.swap.sibling(cpu) or Swap(self.store, Locks(self.store, cpu))
+            await other.lru_add_drain_cpu(m)
 
     # ---------------------------------------------------------------------- views -------
     async def vmstat(self, machine: str) -> dict[str, int]:
@@ -741,16 +770,17 @@ class Kernel:
             return report
 
     async def _check_quiescent(self, m: Machine) -> CheckReport:
-        pids = sorted(int(p) for p in
-                      await self.store.client.smembers(f"{keys.machine(m.mid)}:procs"))
-        held = await self._quiesce(m, pids)
-        try:
-            await self.swap.lru_add_drain(m)
-            await self.drain_all(m)
-            return await check_machine(self.store, m, quiescent=True)
-        finally:
-            for h in reversed(held):
-                await self.locks.release(h)
+        async with self.locks.hold(f"{keys.machine(m.mid)}:quiesce", "w"):  # _machine_op
+            pids = sorted(int(p) for p in
+                          await self.store.client.smembers(f"{keys.machine(m.mid)}:procs"))
+            held = await self._quiesce(m, pids)
+            try:
+                await self.swap.lru_add_drain(m)
+                await self.drain_all(m)
+                return await check_machine(self.store, m, quiescent=True)
+            finally:
+                for h in reversed(held):
+                    await self.locks.release(h)
 
     async def _quiesce(self, m: Machine, pids: list[int]) -> list[Held]:
         """Every process's mmap_lock for write.  First all at once or none, for up to

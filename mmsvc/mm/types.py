@@ -131,6 +131,9 @@ class MachineConfig:
     # pte removal from a VM_LOCKED vma munlocks it (once per run of ptes), reclaim mlocks a
     # THP wholly pte-mapped in a VM_LOCKED vma instead of splitting it
     large_folio_mlock: bool = False
+    # §10.1: the probability (per mille) that a task moves to another CPU of its worker at a
+    # reschedule point (mm/sched.py); 0: tasks stay where they are placed
+    task_migrate_permille: int = 0
 
 
 @dataclass(frozen=True)

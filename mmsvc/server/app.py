@@ -46,8 +46,9 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_POLL_SECONDS = 15.0
 
 
-def redis_kernel_factory(redis_url: str, cpu: int) -> KernelFactory:
-    """The real kernel: ``mmsvc.mm.syscalls.Kernel(store, cpu)`` over a RedisStore.
+def redis_kernel_factory(redis_url: str, cpu: int, cpus: int = 1) -> KernelFactory:
+    """The real kernel: ``mmsvc.mm.syscalls.Kernel(store, cpu)`` over a RedisStore; with
+    ``cpus`` > 1 the CPUs cpu .. cpu+cpus-1 of one worker (server/smp.py).
 
     Imported lazily so that the server layer imports (and its tests run) on its own.
     """
@@ -55,10 +56,15 @@ def redis_kernel_factory(redis_url: str, cpu: int) -> KernelFactory:
     async def factory() -> KernelAPI:
         from mmsvc.mm.syscalls import Kernel
         from mmsvc.server.shield import ShieldedKernel
+        from mmsvc.server.smp import SmpKernel, smp_kernels
         from mmsvc.store.redis_store import RedisStore
 
         store = await RedisStore.connect(redis_url)
-        kernel = Kernel(store, cpu)
+        kernel: Kernel | SmpKernel
+        if cpus > 1:
+            kernel = SmpKernel(smp_kernels(store, list(range(cpu, cpu + cpus))))
+        else:
+            kernel = Kernel(store, cpu)
         await kernel.cpu_online()  # lease + hot-unplug of dead CPUs (mm/cpu_hotplug.py)
         return cast(KernelAPI, ShieldedKernel(kernel))
 

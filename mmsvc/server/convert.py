@@ -94,6 +94,7 @@ _CONFIG_NUMERIC = (
     "lru_add_batch_len",
     "fault_around_pages",
     "hpage_pmd_nr",
+    "task_migrate_permille",
 )
 
 
@@ -145,6 +146,7 @@ def _machine_config_to_pb(cfg: MachineConfig) -> tpb.MachineConfig:
         hpage_pmd_nr=cfg.hpage_pmd_nr,
         name=cfg.name,
         populate_drain=cfg.populate_drain,
+        task_migrate_permille=cfg.task_migrate_permille,
     )
 
 

@@ -49,6 +49,8 @@ class WorkerConfig:
     log_level: str
     #: TLS / mutual TLS / tenant tokens (file paths only: each worker reads the files itself)
     security: ServerSecurity | None = None
+    #: emulated CPUs this worker runs: cpu .. cpu+cpus-1 (server/smp.py)
+    cpus: int = 1
 
 
 def worker_addresses(listen: str, workers: int) -> list[str]:
@@ -69,16 +71,18 @@ def worker_configs(
     *,
     cpu_base: int = 0,
     security: ServerSecurity | None = None,
+    cpus_per_worker: int = 1,
 ) -> list[WorkerConfig]:
     if workers == 1:
         return [
             WorkerConfig(cpu_base, redis_url, listen, (), False, metrics_port, log_format,
-                         log_level, security=security)
+                         log_level, security=security, cpus=cpus_per_worker)
         ]
     private = worker_addresses(listen, workers)
     return [
         WorkerConfig(
-            cpu=cpu_base + i,
+            cpu=cpu_base + i * cpus_per_worker,
+            cpus=cpus_per_worker,
             redis_url=redis_url,
             listen=listen,
             extra_listen=(private[i],),
@@ -94,7 +98,7 @@ def worker_configs(
 
 async def serve_worker(cfg: WorkerConfig) -> None:
     server = await build_server(
-        redis_kernel_factory(cfg.redis_url, cfg.cpu),
+        redis_kernel_factory(cfg.redis_url, cfg.cpu, cfg.cpus),
         cfg.listen,
         cfg.metrics_port,
         extra_listen=cfg.extra_listen,

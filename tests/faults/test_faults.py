@@ -142,10 +142,11 @@ async def churn(k: AsyncMmsvcClient, mid: str, until: float, seen: Counter[str],
 
 
 async def mixed_load(ws: list[Worker], seconds: float,
-                     inject: AsyncIterator[None] | None = None
+                     inject: AsyncIterator[None] | None = None, permille: int = 0,
                      ) -> tuple[Counter[str], dict[int, bool], str, AsyncMmsvcClient, list[str]]:
     ks = [AsyncMmsvcClient(w.target, timeout=45.0) for w in ws]
-    mid = await ks[0].create_machine(MachineConfig(frames_per_node=8192))
+    mid = await ks[0].create_machine(MachineConfig(frames_per_node=8192,
+                                                   task_migrate_permille=permille))
     seen: Counter[str] = Counter()
     alive: dict[int, bool] = {}
     until = time.monotonic() + seconds
@@ -245,6 +246,51 @@ def test_worker_killed_under_mixed_load_is_recovered(durable: DurableRedis,
     assert violations == [], violations[:10]
     assert seen["ok"] > 0, seen
     assert '"cpu_offline"' in w0.log_text()
+
+
+@pytest.fixture
+def smp_workers(durable: DurableRedis, tmp_path: Path) -> Iterator[list[Worker]]:
+    """Two workers of two CPUs each: CPUs 0-1 and 2-3."""
+    base = free_port_range(2)
+    ws = [Worker(2 * i, durable.url, base + i, tmp_path / f"worker{i}.log", LEASE_MS, cpus=2)
+          for i in range(2)]
+    try:
+        for w in ws:
+            w.start()
+        yield ws
+    finally:
+        for w in ws:
+            w.stop()
+
+
+def test_worker_of_two_cpus_killed_under_moving_tasks_is_recovered(
+        durable: DurableRedis, smp_workers: list[Worker]) -> None:
+    """SIGKILL the worker of CPUs 2 and 3 while tasks move between the CPUs of each worker
+    at every other reschedule point (task_migrate_permille 500): the survivor takes both
+    CPUs offline (their batches drained, what their syscalls left half done repaired) and
+    the checker is green."""
+    w0, w1 = smp_workers
+
+    async def kill_w1() -> AsyncIterator[None]:
+        await asyncio.sleep(1.5)
+        w1.kill()
+        yield None
+
+    async def scenario() -> tuple[Counter[str], list[str]]:
+        seen, _alive, mid, k, _ = await mixed_load(smp_workers, 5.0, kill_w1(), permille=500)
+        t0 = time.monotonic()
+        while w0.log_text().count('"cpu_offline"') < 2 and time.monotonic() - t0 < 15:
+            await asyncio.sleep(0.1)
+        violations = (await k.check(mid, True)).violations
+        await k.close()
+        return seen, violations
+
+    seen, violations = asyncio.run(scenario())
+    assert violations == [], violations[:10]
+    assert seen["ok"] > 0, seen
+    assert w0.log_text().count('"cpu_offline"') >= 2
+    # two CPUs offlined at once: the second stop_machine waits for the first, not given up
+    assert "recovery not done" not in w0.log_text()
 
 
 # ------------------------------------------------------------------ worker paused -----------

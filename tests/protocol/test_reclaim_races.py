@@ -10,13 +10,14 @@ page with no VM_LOCKED mapping (Q4) or freed with PG_mlocked (Δcleared).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 import mmsvc.mm.vmscan as vmscan
 from mmsvc.mm.rmap import Rmap
-from mmsvc.mm.types import FileSpec
+from mmsvc.mm.types import CheckReport, FileSpec
 
 from .world import World, race_once, sub
 
@@ -116,3 +117,34 @@ def test_legacy_populate_munlocks_a_page_whose_pte_an_rmap_walker_zapped(
         assert not (await w.pages(p, "m"))[0].present
 
     run(s, protocol="legacy")
+
+
+def test_a_quiescent_check_waits_for_a_reclaim_in_flight(
+        run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Check(drain_all) that arrives while a Reclaim is half way (the page locked, a swap
+    slot counting the pte to come, §5) waits for it: the checker's invariants assume nothing
+    in progress (§8.5), and Reclaim takes no mmap_lock for the check to wait on."""
+
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await w.mmap(p, "m", 1)
+        await w.touch(p, "m")
+        await w.drain_all()
+        checks: list[asyncio.Task[CheckReport]] = []
+        ttu = vmscan.Vmscan._ttu_pte
+
+        async def start_a_check_first(self: vmscan.Vmscan, mp: Any, new: Any) -> Any:
+            if not checks:
+                checks.append(asyncio.create_task(w.kernel.check(w.mid, True)))
+                await asyncio.sleep(0.5)
+                assert not checks[0].done(), "the check ran beside the reclaim"
+            return await ttu(self, mp, new)
+
+        monkeypatch.setattr(vmscan.Vmscan, "_ttu_pte", start_a_check_first)
+        res = await w.kernel.reclaim(w.mid, None, None, 8)
+        assert res.reclaimed == 1 and checks
+        report = await checks[0]
+        assert report.ok, report.violations
+        assert not (await w.pages(p, "m"))[0].present  # swapped out
+
+    run(s, swap_pages=8)

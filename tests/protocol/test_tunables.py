@@ -18,6 +18,7 @@ from mmsvc.mm.errors import KernelError
 from mmsvc.mm.migrate import MigrateStats
 from mmsvc.mm.mm_struct import load_mm
 from mmsvc.mm.page import PG
+from mmsvc.mm.sched import TASK, TaskPlacement
 from mmsvc.mm.types import (
     MCL_FUTURE,
     MCL_ONFAULT,
@@ -156,37 +157,14 @@ async def locked_twice(w: World) -> tuple[int, PageInfo]:
     return p, page
 
 
-async def migrate_without_lru_cache_disable(w: World, page: PageInfo,
-                                            migrator: Any = None) -> MigrateStats:
+async def migrate_without_lru_cache_disable(w: World, page: PageInfo) -> MigrateStats:
     """migrate_pages as compaction or NUMA balancing call it: no lru_cache_disable()
     (move_pages(2) disables the LRU caches, which flushes every entry at once)."""
     m = await w.kernel.machine(w.mid)
     lv, idx = ref(page)
     stats = MigrateStats()
-    await (migrator or w.kernel.migrator).migrate_page(m, lv, idx, m.lv_of(1, "root"), stats)
+    await w.kernel.migrator.migrate_page(m, lv, idx, m.lv_of(1, "root"), stats)
     return stats
-
-
-class TaskMovedAfterFirstMunlock:
-    """The migrating task's CPU: 0 until the first unmap that queued a munlock entry (and its
-    drain, if any: both run under the PTL), 1 from the next page operation on (a reschedule
-    point between the two unmaps, §1.9)."""
-
-    def __init__(self, w: World) -> None:
-        self.cpus = [w.on(0).swap, w.on(1).swap]
-        self.cpu = 0
-        self.moving = False
-
-    async def run(self, m: Any, lv: int, ops: list[list[Any]]) -> Any:
-        if self.moving:
-            self.cpu, self.moving = 1, False
-        res = await self.cpus[self.cpu].run(m, lv, ops)
-        if self.cpu == 0 and any(op[0] == "K" for op in ops):
-            self.moving = True
-        return res
-
-    async def lru_add_drain(self, m: Any) -> None:
-        await self.cpus[self.cpu].lru_add_drain(m)
 
 
 def test_s14_without_migration_drains_the_freeze_fails_every_retry(run: Any) -> None:
@@ -218,25 +196,32 @@ def test_s14_rmap_walk_level_drain_is_enough_when_the_task_stays(run: Any) -> No
 
 
 @pytest.mark.parametrize("mode,migrated", [
-    (MigrationDrain.RMAP_WALK_LEVEL, 0),  # residue on CPU 0 fails the freeze (S14)
+    (MigrationDrain.RMAP_WALK_LEVEL, 0),  # residue on CPU 1 fails the freeze (S14)
     (MigrationDrain.AFTER_EACH_LOCKED_UNMAP, 1),  # 11/13: each unmap drained where it ran
 ])
 def test_s14_task_moved_between_unmaps(run: Any, mode: MigrationDrain, migrated: int) -> None:
+    """The migrating task runs on one of a worker's two CPUs and moves at every reschedule
+    point (task_migrate_permille 1000, §10.1): after the first unmap (CPU 0) the second one
+    queues its munlock on CPU 1, and the walk-level drain runs back on CPU 0."""
+
     async def s(w: World) -> None:
         p, page = await locked_twice(w)
-        await w.on(1).machine(w.mid)  # CPU 1 serves the machine (drain_all reaches it)
-        migrator = w.kernel.migrator
-        migrator.swap = TaskMovedAfterFirstMunlock(w)  # type: ignore[assignment]
-        stats = await migrate_without_lru_cache_disable(w, page, migrator)
+        task = TaskPlacement(0)
+        token = TASK.set(task)
+        try:
+            stats = await migrate_without_lru_cache_disable(w, page)
+        finally:
+            TASK.reset(token)
+        assert task.migrations == 2  # after each of the two unmaps
         assert (stats.migrated, stats.failed) == (migrated, 1 - migrated)
         await w.drain_all()
         now = (await w.pages(p, "a"))[0]
-        # migrated: count rebuilt on the new page; failed: CPU 0's residue munlock ran last
+        # migrated: count rebuilt on the new page; failed: CPU 1's residue munlock ran last
         # (stranded, then rescued by the putback: an allowed undercount)
         assert (now.node, now.mlocked, now.mlock_count) == (
             (1, True, 2) if migrated else (0, False, -1))
 
-    run(s, nodes=2, migration_drain=mode)
+    run(s, nodes=2, migration_drain=mode, task_migrate_permille=1000, worker_cpus=2)
 
 
 # ------------------------------------------------------ migration_newpage_lru_first ------

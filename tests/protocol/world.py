@@ -17,6 +17,7 @@ from mmsvc.mm.types import (
     PageInfo,
     ProcessSpec,
 )
+from mmsvc.server.smp import smp_kernels
 from mmsvc.store.redis_store import RedisStore
 
 P = 4096
@@ -32,13 +33,17 @@ class World:
     kernels: dict[int, Kernel] = field(default_factory=dict)
 
     @classmethod
-    async def create(cls, url: str, **cfg: Any) -> World:
+    async def create(cls, url: str, *, worker_cpus: int = 1, **cfg: Any) -> World:
+        """``worker_cpus`` > 1: CPUs 0.. are one worker's (a task can move between them,
+        mm/sched.py); else CPU 0 alone (``on`` adds CPUs of other workers)."""
         store = await RedisStore.connect(url)
-        kernel = Kernel(store, 0)
+        kernels = smp_kernels(store, list(range(worker_cpus))) if worker_cpus > 1 else [
+            Kernel(store, 0)]
+        kernel = kernels[0]
         conf = {"frames_per_node": 8192, **cfg}
         mid = await kernel.create_machine(MachineConfig(**conf))
         w = cls(store, kernel, mid)
-        w.kernels[0] = kernel
+        w.kernels.update(enumerate(kernels))
         w.base = await kernel.vmstat(mid)
         return w
 

@@ -367,6 +367,7 @@ class MachineConfig(_message.Message):
     THP_PTE_HOLDS_IN_LOCKED_VMA_FIELD_NUMBER: _builtins.int
     THP_ANON_FAULT_FIELD_NUMBER: _builtins.int
     LARGE_FOLIO_MLOCK_FIELD_NUMBER: _builtins.int
+    TASK_MIGRATE_PERMILLE_FIELD_NUMBER: _builtins.int
     nodes: _builtins.int
     """NUMA nodes (default 1)."""
     frames_per_node: _builtins.int
@@ -436,6 +437,12 @@ class MachineConfig(_message.Message):
     inside the VM_LOCKED vma, each removal of a run of its ptes from a VM_LOCKED vma
     munlocks it, and reclaim mlocks one wholly pte-mapped in a VM_LOCKED vma.
     """
+    task_migrate_permille: _builtins.int
+    """Spec §10.1: the probability, per mille, that a task moves to another CPU of its worker
+    at a reschedule point (syscall entry, between page tables of an mlock walk, per VMA of a
+    populate, between the unmaps and the pages of a migration); only a worker serving with
+    --cpus-per-worker > 1 has another CPU to move to (default 0: tasks stay put).
+    """
     @_builtins.property
     def memcgs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Memory cgroups (default ["root"])."""
@@ -469,10 +476,11 @@ class MachineConfig(_message.Message):
         thp_pte_holds_in_locked_vma: Global___Switch.ValueType = ...,
         thp_anon_fault: Global___Switch.ValueType = ...,
         large_folio_mlock: Global___Switch.ValueType = ...,
+        task_migrate_permille: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fault_around_pages", b"fault_around_pages", "final_clearance", b"final_clearance", "frames_per_node", b"frames_per_node", "hpage_pmd_nr", b"hpage_pmd_nr", "large_folio_mlock", b"large_folio_mlock", "lru_add_batch_len", b"lru_add_batch_len", "memcgs", b"memcgs", "migration_drain", b"migration_drain", "migration_newpage_lru_first", b"migration_newpage_lru_first", "mlock_batch_len", b"mlock_batch_len", "mlock_batch_scope", b"mlock_batch_scope", "mlock_count_init_cull", b"mlock_count_init_cull", "mlock_count_init_lru_add", b"mlock_count_init_lru_add", "munlock_hook_position", b"munlock_hook_position", "name", b"name", "new_anon_checks_vm_special", b"new_anon_checks_vm_special", "nodes", b"nodes", "populate_drain", b"populate_drain", "protocol", b"protocol", "reclaim_locked_activate", b"reclaim_locked_activate", "stat_refresh_drains_all", b"stat_refresh_drains_all", "swap_pages", b"swap_pages", "thp", b"thp", "thp_anon_fault", b"thp_anon_fault", "thp_pte_holds_in_locked_vma", b"thp_pte_holds_in_locked_vma", "vm_io_guard", b"vm_io_guard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fault_around_pages", b"fault_around_pages", "final_clearance", b"final_clearance", "frames_per_node", b"frames_per_node", "hpage_pmd_nr", b"hpage_pmd_nr", "large_folio_mlock", b"large_folio_mlock", "lru_add_batch_len", b"lru_add_batch_len", "memcgs", b"memcgs", "migration_drain", b"migration_drain", "migration_newpage_lru_first", b"migration_newpage_lru_first", "mlock_batch_len", b"mlock_batch_len", "mlock_batch_scope", b"mlock_batch_scope", "mlock_count_init_cull", b"mlock_count_init_cull", "mlock_count_init_lru_add", b"mlock_count_init_lru_add", "munlock_hook_position", b"munlock_hook_position", "name", b"name", "new_anon_checks_vm_special", b"new_anon_checks_vm_special", "nodes", b"nodes", "populate_drain", b"populate_drain", "protocol", b"protocol", "reclaim_locked_activate", b"reclaim_locked_activate", "stat_refresh_drains_all", b"stat_refresh_drains_all", "swap_pages", b"swap_pages", "task_migrate_permille", b"task_migrate_permille", "thp", b"thp", "thp_anon_fault", b"thp_anon_fault", "thp_pte_holds_in_locked_vma", b"thp_pte_holds_in_locked_vma", "vm_io_guard", b"vm_io_guard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
