@@ -556,8 +556,9 @@ class Kernel:
         prefilled file) holds the machine's quiesce lock shared; a quiescent Check takes it
         exclusively before the mmap_locks, so it never sees one half done (the checker's
         invariants assume nothing in progress, §8.5: a reclaim in flight has locked pages
-        and swap slots not yet in a pte).  Direct reclaim does not take it: it runs inside
-        a syscall holding an mmap_lock that the Check waits for."""
+        and swap slots not yet in a pte).  The Check takes it after every mmap_lock; none of
+        these operations takes an mmap_lock, and direct reclaim, which runs inside a syscall
+        holding one, does not take this lock."""
         async with self.locks.hold(f"{keys.machine(m.mid)}:quiesce", "r"):
             yield
 
@@ -770,17 +771,19 @@ class Kernel:
             return report
 
     async def _check_quiescent(self, m: Machine) -> CheckReport:
-        async with self.locks.hold(f"{keys.machine(m.mid)}:quiesce", "w"):  # _machine_op
-            pids = sorted(int(p) for p in
-                          await self.store.client.smembers(f"{keys.machine(m.mid)}:procs"))
-            held = await self._quiesce(m, pids)
-            try:
+        pids = sorted(int(p) for p in
+                      await self.store.client.smembers(f"{keys.machine(m.mid)}:procs"))
+        held = await self._quiesce(m, pids)
+        try:
+            # then the operations that take no mmap_lock (_machine_op): taken last, so that
+            # they wait only for the check itself, not for the quiescing of every process
+            async with self.locks.hold(f"{keys.machine(m.mid)}:quiesce", "w"):
                 await self.swap.lru_add_drain(m)
                 await self.drain_all(m)
                 return await check_machine(self.store, m, quiescent=True)
-            finally:
-                for h in reversed(held):
-                    await self.locks.release(h)
+        finally:
+            for h in reversed(held):
+                await self.locks.release(h)
 
     async def _quiesce(self, m: Machine, pids: list[int]) -> list[Held]:
         """Every process's mmap_lock for write.  First all at once or none, for up to
