@@ -8,18 +8,22 @@ MADV_COLLAPSE takes it so) and the vma's anon_vma locks for write:
 1. hpage_collapse_scan_pmd: the vma must have an anon_vma (SCAN_VMA_CHECK: EINVAL) and the
    pmd a page table (SCAN_PMD_NULL: EINVAL) - read-only and zero-page ptes collapse too, as
    on the host kernel; a huge pmd there already is success (SCAN_PMD_MAPPED).  Swap entries
-   are read in first (__collapse_huge_page_swapin: read faults, then a local drain).  A pte
-   of a THP subpage is refused (SCAN_PAGE_COMPOUND: EINVAL - the collapse of pte-mapped
-   THPs is not emulated).  MADV_COLLAPSE has no max_ptes_none/shared/swap limits.
+   are read in first (__collapse_huge_page_swapin: read faults, then a local drain).  Ptes
+   of a THP's subpages (a pte-mapped THP: after mprotect or munmap of part of it, a COW
+   of it after fork) collapse too, as on the host kernel: the THP is one folio of the
+   isolation's compound_pagelist.  MADV_COLLAPSE has no max_ptes_none/shared/swap limits.
 2. The THP is allocated (SCAN_ALLOC_HUGE_PAGE_FAIL: ENOMEM).
-3. __collapse_huge_page_isolate, page by page: lock (SCAN_PAGE_LOCK: EAGAIN), references
-   exactly the mappings' (+ the swap cache's) (SCAN_PAGE_COUNT: EAGAIN), isolate from its
-   LRU - the unevictable one too (SCAN_DEL_PAGE_LRU: EAGAIN).  On a failure the pages taken
-   go back (release_pte_pages: unlocked, put back) and nothing else changed.
+3. __collapse_huge_page_isolate, folio by folio (a large one once): lock (SCAN_PAGE_LOCK:
+   EAGAIN), references exactly the mappings' (+ the swap cache's) (SCAN_PAGE_COUNT: EAGAIN),
+   isolate from its LRU - the unevictable one too (SCAN_DEL_PAGE_LRU: EAGAIN).  On a failure
+   the folios taken go back (release_pte_pages: unlocked, put back), nothing else changed.
 4. The ptes go (pmdp_collapse_flush, then each pte cleared); __collapse_huge_page_copy_
    succeeded for each small page: release_pte_folio (unlock, folio_putback_lru: through the
    lru_add batch), folio_remove_rmap_pte (the munlock hook in a VM_LOCKED vma) and the
-   mapping's reference; the zero page's ptes just go.
+   mapping's reference; for a THP's run of ptes one folio_remove_rmap_ptes (with the
+   large-folio rules, one munlock in a VM_LOCKED vma) and each pte's reference, then the
+   compound_pagelist: unlocked and put back (freed with its isolation reference, the last);
+   the zero page's ptes just go.
 5. The THP: folio_add_new_anon_rmap + folio_add_lru_vma (mlock_new_folio in a VM_LOCKED vma:
    a THP head, flushed at once), mapped by the pmd (the emptied page table freed first).
 """
@@ -33,7 +37,14 @@ from mmsvc.mm.machine import Machine
 from mmsvc.mm.memory import HPAGE_ORDER, THP_FLAGS, Faults, read_pages
 from mmsvc.mm.mm_struct import MmState, Pte, pt_install, pt_read
 from mmsvc.mm.page import PG, PTRS_PER_PMD, PTEBit
-from mmsvc.mm.rmap import Rmap, new_anon_ops, pte_unmap_ops, vma_rmap_lock_keys
+from mmsvc.mm.rmap import (
+    Rmap,
+    new_anon_ops,
+    pte_unmap_ops,
+    subpage_runs,
+    vma_rmap_lock_keys,
+    zap_ops,
+)
 from mmsvc.mm.swap import Op, OutOfFrames, Swap
 from mmsvc.mm.swapfile import swap_ptes
 from mmsvc.mm.vma import VM, Vma
@@ -66,10 +77,10 @@ class AnonCollapse:
             for key in vma_rmap_lock_keys(m, vma):
                 await stack.enter_async_context(self.rmap.locks.hold(key, "w"))
             ptes = await pt_read(self.store, mm.key, base, base + PTRS_PER_PMD, walk=True)
-            pages = self._scan(ptes)
+            folios = self._scan(ptes)
             head = await self._alloc(m, mm, vma, base)
             try:
-                await self._isolate(m, pages)
+                await self._isolate(m, folios)
             except BaseException:
                 await self.swap.run(m, mm.lv, [["P", head]])  # the THP goes back
                 raise
@@ -85,18 +96,16 @@ class AnonCollapse:
 
     @staticmethod
     def _scan(ptes: dict[int, Pte]) -> list[Pte]:
-        """hpage_collapse_scan_pmd's checks of the ptes; returns those of small pages.
-        Nothing needs to be writable, nor present: Linux 6.18 collapses read-only ptes
-        (after fork, mprotect) and a pmd of zero-page ptes alike (the host kernel does)."""
-        small: list[Pte] = []
+        """hpage_collapse_scan_pmd's checks of the ptes; returns one pte per folio: a small
+        page's, or the first of a THP's subpage ptes.  Nothing needs to be writable, nor
+        present: Linux 6.18 collapses read-only ptes (after fork, mprotect), a pmd of
+        zero-page ptes and pte-mapped THPs alike (the host kernel does)."""
+        folios: dict[tuple[int, int], Pte] = {}
         for pte in sorted(ptes.values(), key=lambda p: p.vpn):
             if pte.bits & PTEBit.ZERO:
                 continue
-            if pte.is_subpage or pte.is_pmd:
-                raise einval("MADV_COLLAPSE: the range maps part of a THP by ptes "
-                             "(SCAN_PAGE_COMPOUND: not emulated)")
-            small.append(pte)
-        return small
+            folios.setdefault((pte.lv, pte.idx), pte)
+        return list(folios.values())
 
     async def _alloc(self, m: Machine, mm: MmState, vma: Vma, base: int) -> int:
         """alloc_charge_folio: the new THP, with the allocation's reference."""
@@ -110,11 +119,12 @@ class AnonCollapse:
         return res.allocs[0]
 
     async def _isolate(self, m: Machine, small: list[Pte]) -> None:
-        """__collapse_huge_page_isolate, phase by phase for all the small pages (one page
-        program per lruvec per phase; Linux goes page by page - the counts are the same,
-        only a failure leaves fewer pages touched here): lock each (SCAN_PAGE_LOCK), check
-        that its references are its mappings' (+ the swap cache's, SCAN_PAGE_COUNT), isolate
-        it (SCAN_DEL_PAGE_LRU); on a failure the pages taken are released."""
+        """__collapse_huge_page_isolate, phase by phase for all the folios (one pte each; one
+        page program per lruvec per phase; Linux goes folio by folio - the counts are the
+        same, only a failure leaves fewer touched here): lock each (SCAN_PAGE_LOCK), check
+        that its references are its mappings' (a THP: its pmd and pte mappings; + the swap
+        cache's, SCAN_PAGE_COUNT), isolate it (SCAN_DEL_PAGE_LRU); on a failure the folios
+        taken are released."""
         records = await read_pages(self.store, m, [(p.lv, p.idx) for p in small])
         if any(not page.has(PG.ANON) or page.has(PG.KSM) for page in records):
             raise einval("MADV_COLLAPSE: not an anonymous page (SCAN_PAGE_ANON)")
@@ -133,8 +143,8 @@ class AnonCollapse:
                 raise KernelError("EAGAIN", "MADV_COLLAPSE: a page of the range is locked "
                                             "(SCAN_PAGE_LOCK)")
             pages = await read_pages(self.store, m, [(p.lv, p.idx) for p in small])
-            if any(page.refcount != page.mapcount + (1 if page.has(PG.SWAPCACHE) else 0)
-                   for page in pages):
+            if any(page.refcount != page.mapcount + page.pte_mapcount
+                   + (1 if page.has(PG.SWAPCACHE) else 0) for page in pages):
                 raise KernelError("EAGAIN", "MADV_COLLAPSE: a page of the range has "
                                             "references beyond its mappings (SCAN_PAGE_COUNT)")
             for lv, ptes in by_lv.items():
@@ -169,12 +179,24 @@ class AnonCollapse:
             # ptes: a difference means the store lost our locks
             raise KernelError("EAGAIN", "MADV_COLLAPSE: the page table changed")
         by_lv: dict[int, list[Op]] = {}
-        for pte in sorted(ptes.values(), key=lambda p: p.vpn):
-            if pte.bits & PTEBit.ZERO:
+        compound: list[Pte] = []  # compound_pagelist: the THPs, released after every pte
+        for run in subpage_runs(sorted(ptes.values(), key=lambda p: p.vpn)):
+            first = run[0]
+            if first.bits & PTEBit.ZERO:
                 continue
-            by_lv.setdefault(pte.lv, []).extend([
-                ["F", pte.idx, 0, int(PG.LOCKED)], ["B", pte.idx, 0],
-                *pte_unmap_ops(m, vma, pte), ["P", pte.idx]])
+            ops = by_lv.setdefault(first.lv, [])
+            if not first.is_subpage:
+                ops += [["F", first.idx, 0, int(PG.LOCKED)], ["B", first.idx, 0],
+                        *pte_unmap_ops(m, vma, first), ["P", first.idx]]
+                continue
+            for lv, unmap in zap_ops(m, vma, run):  # folio_remove_rmap_ptes: the run at once
+                by_lv.setdefault(lv, []).extend(unmap)
+            ops += [["P", p.idx] for p in run]
+            if all((c.lv, c.idx) != (first.lv, first.idx) for c in compound):
+                compound.append(first)
+        for pte in compound:
+            by_lv.setdefault(pte.lv, []).extend([["F", pte.idx, 0, int(PG.LOCKED)],
+                                                 ["B", pte.idx, 0]])
         for lv, ops in by_lv.items():
             await self.swap.run(m, lv, ops)
 

@@ -114,22 +114,49 @@ def test_no_thp_frame_is_enomem_and_changes_nothing(run: Any) -> None:
     run(s, thp=True, thp_anon_fault=False, frames_per_node=HPAGE + 200)
 
 
-def test_a_pte_mapped_thp_is_refused(run: Any) -> None:
-    """A THP mapped by ptes (its pmd split by an mprotect of part of it): the collapse of
-    such a range (Linux copies the subpages) is not emulated - EINVAL, nothing changed."""
+async def split_thp(w: World, p: int) -> int:
+    """A THP mapped by ptes (its pmd split by an mprotect of part of it), beside small
+    pages; returns its pfn."""
+    await anon_map(w, p, "m")
+    await w.touch(p, "m", 0, 1)  # THP enabled=always: a THP at the first write
+    await w.kernel.mprotect(w.mid, p, *w.rng(p, "m", 0, 1), 1)
+    await w.kernel.mprotect(w.mid, p, *w.rng(p, "m", 0, 1), 3)
+    assert not await huge_pmd(w, p)
+    return (await w.pages(p, "m"))[0].pfn
+
+
+def test_a_pte_mapped_thp_collapses_into_a_new_one(run: Any) -> None:
+    """The THP is one folio of the isolation (compound_pagelist): its subpages are copied,
+    each pte's rmap and reference go, and its putback frees it (as on the host kernel,
+    trace collapse_anon_pte_mapped_thp)."""
 
     async def s(w: World) -> None:
         p = await w.proc()
-        await anon_map(w, p, "m")
-        await w.touch(p, "m", 0, 1)  # THP enabled=always: a THP at the first write
-        await w.kernel.mprotect(w.mid, p, *w.rng(p, "m", 0, 1), 1)
-        await w.kernel.mprotect(w.mid, p, *w.rng(p, "m", 0, 1), 3)
-        assert not await huge_pmd(w, p)
-        before = await state(w, p)
+        old = await split_thp(w, p)
+        await w.drain_all()
+        await w.kernel.madvise(w.mid, p, *w.rng(p, "m"), COLLAPSE)
+        assert await huge_pmd(w, p)
+        pages = await w.pages(p, "m")
+        assert len({pg.pfn for pg in pages}) == 1 and pages[0].pfn != old
+        await w.drain_all()
+        assert (await w.delta())["inactive_anon"] == HPAGE  # the old THP was freed
+
+    run(s, thp=True, frames_per_node=8192)
+
+
+def test_a_pinned_pte_mapped_thp_fails_the_collapse_and_changes_nothing(run: Any) -> None:
+    async def s(w: World) -> None:
+        p = await w.proc()
+        await split_thp(w, p)
+        await w.kernel.pin(w.mid, p, *w.rng(p, "m", 300, 301), True)
+        await w.drain_all()
+        before, counts = await state(w, p), await w.delta()
         with pytest.raises(KernelError) as exc:
             await w.kernel.madvise(w.mid, p, *w.rng(p, "m"), COLLAPSE)
-        assert exc.value.errno == "EINVAL"
+        assert exc.value.errno == "EAGAIN"  # SCAN_PAGE_COUNT
+        await w.drain_all()
         assert await state(w, p) == before
+        assert await w.delta() == counts
 
     run(s, thp=True, frames_per_node=8192)
 

@@ -93,8 +93,8 @@ local function mm_pages_body(keys, args)
   end
   -- A mirror that disagrees with the store (another CPU drained this one as offline, or
   -- the worker restarted) is reloaded by the caller before anything is done.
-  if (h.mlb_local == 1 and #batch('mlb', cpu) ~= mlb_n)
-      or (h.lab_local == 1 and #batch('lab', cpu) ~= lab_n) then
+  if (h.mlb_local == 1 and batch_len('mlb', cpu) ~= mlb_n)
+      or (h.lab_local == 1 and batch_len('lab', cpu) ~= lab_n) then
     return result({done = 0, reason = 'stale', alloc = allocs, mlb_n = mlb_n, lab_n = lab_n,
                    seq = seq})
   end

@@ -52,13 +52,14 @@ local BDIRTY = {}       -- "which:cpu" -> true when BATCH differs from the store
 -- whole list rewritten per call was a good part of a one-page fault's cost): entries taken
 -- from its front, the stored length, and whether an entry was changed in place.
 local BORIG, BTAKEN, BMOD = {}, {}, {}
+local BLOADED = {}      -- "which:cpu" -> true once BATCH holds the whole part (batch())
 local SINGLES = {}      -- chunk -> records read one by one (a few are cheaper than the chunk)
 
 local function ckey(c) return T .. ':pg:' .. c end
 
 local function begin(tag)
   T = tag; P = {}; PDIRTY = {}; MDIRTY = {}; EV = {}; FREED = 0; CH = {}; SINGLES = {}
-  BATCH = {}; BDIRTY = {}; FREE_PUSHES = {}; BORIG = {}; BTAKEN = {}; BMOD = {}
+  BATCH = {}; BDIRTY = {}; FREE_PUSHES = {}; BORIG = {}; BTAKEN = {}; BMOD = {}; BLOADED = {}
   STATS = {offlru = 0, flushes = 0}
   local raw = redis.call('HGETALL', T .. ':meta')
   META = {}
@@ -80,21 +81,47 @@ local function entry_encode(e)
   return e[1] .. '|' .. e[3]
 end
 
-local function batch(which, cpu)
+-- A batch part is opened with its stored length only (LLEN); its entries are read and
+-- decoded when a flush or mark_residue needs them.  Until then BATCH holds just the entries
+-- this call queued after the BORIG stored ones: a one-page fault queues an entry without
+-- decoding the 14 before it.
+local function batch_open(which, cpu)
   local k = which .. ':' .. cpu
-  local b = BATCH[k]
-  if b == nil then
-    b = redis.call('LRANGE', T .. ':' .. k, 0, -1)
-    for i = 1, #b do b[i] = entry_decode(b[i]) end
-    BATCH[k] = b
-    BORIG[k] = #b
+  if BATCH[k] == nil then
+    BATCH[k] = {}
+    BORIG[k] = redis.call('LLEN', T .. ':' .. k)
     BTAKEN[k] = 0
+  end
+  return k
+end
+
+local function batch_len(which, cpu)
+  local k = batch_open(which, cpu)
+  if BLOADED[k] then return #BATCH[k] end
+  return BORIG[k] + #BATCH[k]
+end
+
+-- The whole batch part, decoded (stored entries, then those queued by this call).
+local function batch(which, cpu)
+  local k = batch_open(which, cpu)
+  local b = BATCH[k]
+  if not BLOADED[k] then
+    local stored = {}
+    if BORIG[k] > 0 then
+      stored = redis.call('LRANGE', T .. ':' .. k, 0, -1)
+      for i = 1, #stored do stored[i] = entry_decode(stored[i]) end
+    end
+    for i = 1, #b do stored[#stored + 1] = b[i] end
+    BATCH[k] = stored
+    BLOADED[k] = true
+    b = stored
   end
   return b, k
 end
 
 local function batch_push(which, cpu, idx, tag, seq)
-  local b, k = batch(which, cpu)
+  local k = batch_open(which, cpu)
+  local b = BATCH[k]
   b[#b + 1] = {idx, tag, seq}
   BDIRTY[k] = true
 end
@@ -224,7 +251,9 @@ local function commit()
     local key = T .. ':' .. k
     local cur, orig, taken = BATCH[k], BORIG[k], BTAKEN[k]
     local first = 1  -- the first entry of cur the store does not hold
-    if BMOD[k] or taken >= orig then
+    if not BLOADED[k] then
+      -- only queued: cur holds just the new entries (nothing taken or changed in place)
+    elseif BMOD[k] or taken >= orig then
       redis.call('DEL', key)
     else
       if taken > 0 then redis.call('LTRIM', key, taken, -1) end
@@ -235,7 +264,13 @@ local function commit()
     for i = 1, #b, 500 do
       redis.call('RPUSH', key, unpack(b, i, math.min(#b, i + 499)))
     end
-    BORIG[k], BTAKEN[k], BMOD[k] = #cur, 0, nil
+    if BLOADED[k] then
+      BORIG[k] = #cur
+    else
+      BORIG[k] = orig + #cur
+      BATCH[k] = {}
+    end
+    BTAKEN[k], BMOD[k] = 0, nil
     -- the CPUs with mlock batch entries in this lruvec (mark_residue looks at the others)
     if #b > 0 and string.sub(k, 1, 4) == 'mlb:' then
       redis.call('SADD', T .. ':mlbcpus', string.sub(k, 5))
