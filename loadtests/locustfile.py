@@ -84,18 +84,19 @@ def _report(environment: Environment, **_: Any) -> None:
         # lock_stat summed per class (per-process locks have one row per process)
         totals: dict[str, list[float]] = {}
         for r in k.lock_stat(mid):
-            t = totals.setdefault(r.lock_class, [0, 0, 0.0, 0.0, 0.0])
+            t = totals.setdefault(r.lock_class, [0, 0, 0.0, 0.0, 0.0, 0])
             t[0] += r.acquisitions
             t[1] += r.contentions
             t[2] += r.waittime_total
             t[3] += r.holdtime_total
             t[4] = max(t[4], r.waittime_max)
-        print(f"  {'lock class':14} {'acquisitions':>12} {'contentions':>11} "
+            t[5] += r.acq_bounces  # taken on another CPU than the previous holder's
+        print(f"  {'lock class':14} {'acquisitions':>12} {'bounces':>8} {'contentions':>11} "
               f"{'wait avg us':>11} {'wait max us':>11} {'hold avg us':>11}")
-        for cls, (acq, cont, wait, hold, wmax) in sorted(totals.items()):
+        for cls, (acq, cont, wait, hold, wmax, bounces) in sorted(totals.items()):
             if acq:
-                print(f"  {cls:14} {int(acq):12} {int(cont):11} {wait / cont if cont else 0:11.1f}"
-                      f" {wmax:11.1f} {hold / acq:11.1f}")
+                print(f"  {cls:14} {int(acq):12} {int(bounces):8} {int(cont):11} "
+                      f"{wait / cont if cont else 0:11.1f} {wmax:11.1f} {hold / acq:11.1f}")
         k.delete_machine(mid)
 
 
