@@ -227,9 +227,9 @@ class Kernel:
         if spec.prefill and spec.pages > MAX_POPULATE_PAGES:
             raise einval(too_many_pages(spec.pages, "prefill"))
         m = await self._machine_fresh(machine)
-        async with self._machine_op(m):
-            info = await machines.create_file(self.store, m, spec)
-            if spec.prefill:
+        info = await machines.create_file(self.store, m, spec)  # checks the request first
+        if spec.prefill:
+            async with self._machine_op(m):  # after the checks: a refusal changes nothing
                 await self._prefill(m, info.fid, info.pages, info.shmem)
 
     async def _prefill(self, m: Machine, fid: int, pages: int, shmem: bool) -> None:

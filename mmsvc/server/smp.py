@@ -32,6 +32,10 @@ def smp_kernels(store: RedisStore, cpus: list[int]) -> list[Kernel]:
     return kernels
 
 
+# Views of a task (/proc/PID/...) are read by another task: they neither place nor move it.
+VIEWS = frozenset({"proc_status", "smaps", "page_flags"})
+
+
 def _takes_pid(fn: Callable[..., Any]) -> bool:
     params = list(inspect.signature(fn).parameters)
     return len(params) >= 2 and params[:2] == ["machine", "pid"]
@@ -62,7 +66,7 @@ class SmpKernel:
         attr = getattr(self.kernels[0], name)
         if not inspect.iscoroutinefunction(attr):
             return attr
-        if _takes_pid(attr):
+        if _takes_pid(attr) and name not in VIEWS:
             return self._task_call(name)
         return self._first_cpu_call(name)
 

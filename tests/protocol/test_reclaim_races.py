@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 
 import mmsvc.mm.vmscan as vmscan
+from loadtests.fuzz import store_digest
+from mmsvc.mm.errors import KernelError
 from mmsvc.mm.rmap import Rmap
 from mmsvc.mm.types import CheckReport, FileSpec
 
@@ -148,3 +150,17 @@ def test_a_quiescent_check_waits_for_a_reclaim_in_flight(
         assert not (await w.pages(p, "m"))[0].present  # swapped out
 
     run(s, swap_pages=8)
+
+
+def test_a_refused_create_file_leaves_the_store_as_it_was(run: Any) -> None:
+    """The quiesce lock of a prefill is taken after the request's checks: a CreateFile
+    refused for its name changes no key (it created the lock's keys, the fuzzer found)."""
+
+    async def s(w: World) -> None:
+        before = await store_digest(w.store.client, w.mid)
+        with pytest.raises(KernelError) as exc:
+            await w.kernel.create_file(w.mid, FileSpec("a|b", 8, prefill=True))
+        assert exc.value.errno == "EINVAL"
+        assert await store_digest(w.store.client, w.mid) == before
+
+    run(s)

@@ -86,6 +86,8 @@ def test_tasks_move_at_syscall_entry_and_a_child_starts_where_its_parent_is(run:
             await k.setrlimit(w.mid, pid, 1 << 20, 1 << 20)  # no reschedule point inside
             where.append(k.runqueues.placements[(w.mid, pid)])
         assert where[0] != where[1] != where[2]  # 2 CPUs: every entry moves the task
+        await k.proc_status(w.mid, pid)  # a view of the task, read by another one
+        assert k.runqueues.placements[(w.mid, pid)] == where[2]
         child = await k.fork(w.mid, pid)
         assert k.runqueues.placements[(w.mid, child)] == k.runqueues.placements[(w.mid, pid)]
         await k.exit(w.mid, child)
