@@ -179,7 +179,7 @@ class AnonCollapse:
             # ptes: a difference means the store lost our locks
             raise KernelError("EAGAIN", "MADV_COLLAPSE: the page table changed")
         by_lv: dict[int, list[Op]] = {}
-        compound: list[Pte] = []  # compound_pagelist: the THPs, released after every pte
+        compound: dict[tuple[int, int], Pte] = {}  # compound_pagelist: released last
         for run in subpage_runs(sorted(ptes.values(), key=lambda p: p.vpn)):
             first = run[0]
             if first.bits & PTEBit.ZERO:
@@ -192,9 +192,8 @@ class AnonCollapse:
             for lv, unmap in zap_ops(m, vma, run):  # folio_remove_rmap_ptes: the run at once
                 by_lv.setdefault(lv, []).extend(unmap)
             ops += [["P", p.idx] for p in run]
-            if all((c.lv, c.idx) != (first.lv, first.idx) for c in compound):
-                compound.append(first)
-        for pte in compound:
+            compound.setdefault((first.lv, first.idx), first)
+        for pte in compound.values():
             by_lv.setdefault(pte.lv, []).extend([["F", pte.idx, 0, int(PG.LOCKED)],
                                                  ["B", pte.idx, 0]])
         for lv, ops in by_lv.items():

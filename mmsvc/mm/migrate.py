@@ -124,7 +124,7 @@ class Migrate:
                 await self.swap.lru_add_drain(m)  # mlock_drain_local() (11/13)
             # the rmap walk sleeps on its locks, not under a PTL: between two unmaps the task
             # may be moved, which is why 11/13 drains after each one (S14, §10.1)
-            await self.swap.cond_resched(m)
+            self.swap.cond_resched(m)
         if mode == MigrationDrain.RMAP_WALK_LEVEL:
             await self.swap.lru_add_drain(m)  # "at the upper rmap_walk() level" (§4.1)
         return done

@@ -159,7 +159,7 @@ class Mlock:
         async for ptes in pt_walk(self.store, mm.key, vma.start, vma.end, WALK_CHUNK):
             if not first:
                 # between page tables, no PTL held: the task may be moved (§10.1, sched.py)
-                await self.swap.cond_resched(m)
+                self.swap.cond_resched(m)
             first = False
             progs = Programs.empty()
             seen_pmds: set[int] = set()
@@ -322,7 +322,7 @@ class Mlock:
                 # GUP without FOLL_FORCE on an inaccessible VMA: -EFAULT (mlock: ENOMEM)
                 raise KernelError("EFAULT", "populate of a PROT_NONE mapping")
             write = (vma.flags & (VM.WRITE | VM.SHARED)) == VM.WRITE  # break COW (§3.7.2)
-            await self.swap.cond_resched(m)  # __get_user_pages' cond_resched (§10.1)
+            self.swap.cond_resched(m)  # __get_user_pages' cond_resched (§10.1)
             try:
                 await self.faults.fault_range(m, mm, vma, a, b, write)
                 if legacy:

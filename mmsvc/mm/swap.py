@@ -23,7 +23,6 @@ from mmsvc.mm.errors import KernelError
 from mmsvc.mm.machine import Machine, reserve_frames
 from mmsvc.mm.sched import TASK, RunQueues
 from mmsvc.mm.types import MlockBatchScope, MlockCountInitCull, MlockCountInitLruAdd
-from mmsvc.store import keys
 from mmsvc.store.redis_store import RedisStore, text
 
 Op = list[Any]  # a page-program op, see mm_pages in lua/memory.lua
@@ -172,16 +171,15 @@ class Swap:
             return self
         return self._worker.swaps.get(task.cpu, self)
 
-    async def cond_resched(self, m: Machine) -> None:
+    def cond_resched(self, m: Machine) -> None:
         """A reschedule point (§10.1): with the machine's ``task_migrate_permille`` the task
-        moves to another CPU of this worker and its next page operations queue there.  The
-        CPU joins the machine first, so that lru_add_drain_all() reaches its batches."""
+        moves to another CPU of this worker and its next page operations queue there.  (Every
+        CPU of the worker is in the machine's CPU set already, Kernel.machine: so
+        lru_add_drain_all() reaches the batches of the one it moves to.)"""
         rq = self._worker.runqueues
         task = TASK.get()
-        if rq is None or task is None or not rq.moves(m.cfg.task_migrate_permille):
-            return
-        cpu = rq.move(task)
-        await self.store.client.sadd(f"{keys.machine(m.mid)}:cpus", cpu)
+        if rq is not None and task is not None and rq.moves(m.cfg.task_migrate_permille):
+            rq.move(task)
 
     @property
     def lru_cache_disabled(self) -> int:

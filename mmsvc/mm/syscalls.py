@@ -99,6 +99,11 @@ def touched_range(addr: int, length: int) -> tuple[int, int]:
 QUIESCE_TRY_SECONDS = 2.0  # Check(drain_all): all-or-none tries before queueing in pid order
 
 
+def quiesce_key(m: Machine) -> str:
+    """The lock a quiescent Check takes against operations without an mmap_lock."""
+    return f"{keys.machine(m.mid)}:quiesce"
+
+
 @dataclass
 class CheckGate:
     """The quiescent checks of one machine on this CPU: one at a time; ``started`` numbers
@@ -514,7 +519,7 @@ class Kernel:
                 await self.swap.lru_add_drain(m)
                 await self.drain_all(m)
                 for lv, idx in pages:
-                    await self.swap.cond_resched(m)  # migrate_pages' cond_resched (§10.1)
+                    self.swap.cond_resched(m)  # migrate_pages' cond_resched (§10.1)
                     _, memcg = m.lv_identity(lv)
                     target = m.lv_of(node, memcg)
                     if target == lv:
@@ -554,12 +559,11 @@ class Kernel:
     async def _machine_op(self, m: Machine) -> AsyncIterator[None]:
         """A memory operation that takes no mmap_lock (Reclaim, truncation, hole punch, a
         prefilled file) holds the machine's quiesce lock shared; a quiescent Check takes it
-        exclusively before the mmap_locks, so it never sees one half done (the checker's
+        exclusively, after every mmap_lock, so it never sees one half done (the checker's
         invariants assume nothing in progress, §8.5: a reclaim in flight has locked pages
-        and swap slots not yet in a pte).  The Check takes it after every mmap_lock; none of
-        these operations takes an mmap_lock, and direct reclaim, which runs inside a syscall
-        holding one, does not take this lock."""
-        async with self.locks.hold(f"{keys.machine(m.mid)}:quiesce", "r"):
+        and swap slots not yet in a pte).  None of these operations takes an mmap_lock, and
+        direct reclaim, which runs inside a syscall holding one, does not take this lock."""
+        async with self.locks.hold(quiesce_key(m), "r"):
             yield
 
     async def _direct_reclaim(self, m: Machine, lv: int, need: int) -> int:
@@ -777,7 +781,7 @@ class Kernel:
         try:
             # then the operations that take no mmap_lock (_machine_op): taken last, so that
             # they wait only for the check itself, not for the quiescing of every process
-            async with self.locks.hold(f"{keys.machine(m.mid)}:quiesce", "w"):
+            async with self.locks.hold(quiesce_key(m), "w"):
                 await self.swap.lru_add_drain(m)
                 await self.drain_all(m)
                 return await check_machine(self.store, m, quiescent=True)

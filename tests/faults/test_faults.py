@@ -41,11 +41,8 @@ def durable(tmp_path: Path) -> Iterator[DurableRedis]:
         r.stop()
 
 
-@pytest.fixture
-def workers(durable: DurableRedis, tmp_path: Path) -> Iterator[list[Worker]]:
-    base = free_port_range(2)
-    ws = [Worker(cpu, durable.url, base + cpu, tmp_path / f"cpu{cpu}.log", LEASE_MS)
-          for cpu in range(2)]
+def running(ws: list[Worker]) -> Iterator[list[Worker]]:
+    """Start the workers; stop them when the test is done."""
     try:
         for w in ws:
             w.start()
@@ -53,6 +50,13 @@ def workers(durable: DurableRedis, tmp_path: Path) -> Iterator[list[Worker]]:
     finally:
         for w in ws:
             w.stop()
+
+
+@pytest.fixture
+def workers(durable: DurableRedis, tmp_path: Path) -> Iterator[list[Worker]]:
+    base = free_port_range(2)
+    yield from running([Worker(cpu, durable.url, base + cpu, tmp_path / f"cpu{cpu}.log",
+                               LEASE_MS) for cpu in range(2)])
 
 
 @contextlib.asynccontextmanager
@@ -252,15 +256,8 @@ def test_worker_killed_under_mixed_load_is_recovered(durable: DurableRedis,
 def smp_workers(durable: DurableRedis, tmp_path: Path) -> Iterator[list[Worker]]:
     """Two workers of two CPUs each: CPUs 0-1 and 2-3."""
     base = free_port_range(2)
-    ws = [Worker(2 * i, durable.url, base + i, tmp_path / f"worker{i}.log", LEASE_MS, cpus=2)
-          for i in range(2)]
-    try:
-        for w in ws:
-            w.start()
-        yield ws
-    finally:
-        for w in ws:
-            w.stop()
+    yield from running([Worker(2 * i, durable.url, base + i, tmp_path / f"worker{i}.log",
+                               LEASE_MS, cpus=2) for i in range(2)])
 
 
 def test_worker_of_two_cpus_killed_under_moving_tasks_is_recovered(
